@@ -1,0 +1,14 @@
+//! Code shared by the gptossd supervisor and its stage workers.
+//!
+//! This crate knows the GPT-OSS checkpoint on disk (config, safetensors, MXFP4) and how to make
+//! a random one for tests. It depends on neither tokio nor CUDA: both processes link it.
+
+pub mod checkpoint;
+pub mod config;
+pub mod mxfp4;
+pub mod testmodel;
+pub mod weights;
+
+/// First id past the model's vocabulary: ids at or above it must never reach the embedding
+/// (harmony names reserved tokens up to 201088 inclusive, the model's rows end at 201087).
+pub const VOCAB_EDGE: u32 = 201_088;

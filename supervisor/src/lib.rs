@@ -1,0 +1,1 @@
+//! gptossd supervisor library.
