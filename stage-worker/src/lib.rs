@@ -1,3 +1,5 @@
-//! gptossd stage worker library: the GPT-OSS layer math, the KV pool, the stage loop.
+//! gptossd stage worker library: the GPT-OSS layer math on a backend, the per-stage KV pool.
 
 pub mod cpu;
+pub mod kv;
+pub mod model;

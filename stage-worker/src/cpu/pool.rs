@@ -19,4 +19,11 @@ impl ThreadPool {
     pub fn threads(&self) -> usize {
         self.threads
     }
+
+    /// Runs `f(0..tasks)` and returns when all are done (placeholder: inline).
+    pub fn run(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+        for i in 0..tasks {
+            f(i);
+        }
+    }
 }
