@@ -3,3 +3,4 @@
 pub mod cpu;
 pub mod kv;
 pub mod model;
+pub mod sampler;

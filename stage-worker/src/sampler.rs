@@ -1,0 +1,1093 @@
+//! Token sampling on the last pipeline stage: logits in, one token (and its logprobs) out.
+//!
+//! Owns the sampling parameters and their validation ([`SamplingParams`] → [`Sampler`]), the
+//! draw itself (temperature → top-k → top-p → one uniform number), the logprob report, and the
+//! stop-token set ([`is_stop_token`]). It knows nothing of batches, KV or the tokenizer: the
+//! caller hands it one sequence's logits and the index of the token being generated.
+//!
+//! # Invariants
+//!
+//! * **Replay determinism.** The uniform number behind the `i`-th generated token of a sequence
+//!   is a pure function of `(seed, i)` ([`uniform`]): a ChaCha8 generator seeded with the
+//!   sequence's seed, on stream `i`. Nothing else feeds it — not how many tokens this process
+//!   sampled before, not the other sequences in the batch, not the scratch buffers. A sequence
+//!   re-run from a checkpoint after a worker crash therefore samples the same tokens, provided
+//!   the caller keeps the seed with the sequence. A request without a seed gets one drawn once,
+//!   when the sequence is created ([`SamplingParams::resolved_seed`]); that seed is then part of
+//!   the sequence's state like any user-given one. `i` is the 0-based index of the token among
+//!   the sequence's *generated* tokens (0 for the first token after the prompt).
+//! * **Exact and ordered arithmetic.** Probabilities are computed in f64 from the f32 logits;
+//!   every sum runs in a fixed order (ascending id for whole-vocabulary sums, the candidate
+//!   order below for the nucleus), and the draw scans in the same order as the sum it is
+//!   compared against, so the result never depends on hash or thread order. Across machines
+//!   the only remaining difference is the platform `exp` in its last f64 bit.
+//! * **Candidate order.** Candidates are ranked by logit descending, ties by id ascending; the
+//!   same order drives greedy (argmax, lowest id on ties), top-k, top-p and the top-N logprobs.
+//! * **Vocabulary edge.** Only the first [`VOCAB_EDGE`] logits are candidates, whatever length
+//!   the caller passes: an id ≥ 201088 is never sampled nor reported (reference §8 item 7).
+//! * **Non-finite logits.** NaN counts as −inf (never sampled). If some logits are +inf, they
+//!   share all the probability equally and finite logits get none (the limit of the softmax).
+//!   If no logit is above −inf, sampling returns [`LogitsError::NoCandidate`]; it never panics.
+//!
+//! # Logprobs
+//!
+//! Reported logprobs are the log-softmax of the *raw* logits, before temperature, top-k and
+//! top-p, as OpenAI reports them: they describe the model, not the sampling filter. So a token
+//! sampled at temperature 0.3 still shows the model's own probability, and an alternative that
+//! top-p excluded still appears with its logprob. Impossible tokens (NaN/−inf logits) have
+//! logprob −inf; the API layer decides how to print that.
+//!
+//! # Cost
+//!
+//! One or two `exp` passes over the vocabulary per token. No full sort: greedy is a scan,
+//! top_p = 1 without top_k samples straight from the unsorted softmax, top-k is a partial
+//! selection of k, and top-p ranks candidates in growing chunks (256, ×4 …) by partial
+//! selection until the nucleus mass is reached, so a typical nucleus costs O(vocab).
+
+use std::cmp::Ordering;
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+
+use gptossd_shared::VOCAB_EDGE;
+use rand_chacha::ChaCha8Rng;
+use rand_core::{Rng, SeedableRng};
+use thiserror::Error;
+
+/// `<|endoftext|>`: a stop token (HF generation_config eos).
+pub const ENDOFTEXT: u32 = 199_999;
+/// `<|return|>`: ends the final answer — stop.
+pub const RETURN: u32 = 200_002;
+/// `<|end|>`: ends one message; **not** a stop token (it separates analysis from final).
+pub const END: u32 = 200_007;
+/// `<|call|>`: ends a tool call — stop.
+pub const CALL: u32 = 200_012;
+
+/// The ids that end generation for an assistant turn (reference §5.5, §8 item 6).
+/// Deliberately excludes [`END`] (200007), which harmony's broader `stop_tokens()` contains.
+pub const STOP_TOKENS: [u32; 3] = [RETURN, CALL, ENDOFTEXT];
+
+/// Highest accepted temperature (OpenAI's range is 0..=2).
+pub const MAX_TEMPERATURE: f32 = 2.0;
+/// Most top alternatives a request may ask for (OpenAI's `top_logprobs` limit).
+pub const MAX_LOGPROBS: usize = 20;
+
+/// First chunk size of the progressive top-p ranking; each later chunk is 4× larger.
+const TOP_P_FIRST_CHUNK: usize = 256;
+
+/// Whether sampling `id` ends the sequence: `<|return|>`, `<|call|>` or `<|endoftext|>`.
+pub const fn is_stop_token(id: u32) -> bool {
+    id == RETURN || id == CALL || id == ENDOFTEXT
+}
+
+/// A request's sampling parameters as received; [`Sampler::new`] is the only way to use them,
+/// and it validates them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingParams {
+    /// Logits are divided by this before the softmax; 0 means greedy (argmax). Finite, 0..=2.
+    pub temperature: f32,
+    /// Nucleus mass, in (0, 1]: keep the smallest prefix of the ranked candidates whose
+    /// probability reaches it (at least one token). 1 disables it.
+    pub top_p: f32,
+    /// Keep only the k highest logits (k ≥ 1); `None` disables it. Applied before top-p.
+    pub top_k: Option<usize>,
+    /// The sequence's seed; `None` draws one at creation ([`Self::resolved_seed`]).
+    pub seed: Option<u64>,
+    /// How many top alternatives to report with each token (0..=20); `None` reports none.
+    pub logprobs: Option<usize>,
+}
+
+impl Default for SamplingParams {
+    /// The model card's recommendation: temperature 1, top_p 1, no seed, no logprobs.
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: None,
+            seed: None,
+            logprobs: None,
+        }
+    }
+}
+
+/// A sampling parameter out of range; the message names the field, the limit and the value.
+#[derive(Debug, Clone, Copy, PartialEq, Error)]
+pub enum SamplingError {
+    #[error("temperature must be a finite number between 0 and {MAX_TEMPERATURE}, got {0}")]
+    Temperature(f32),
+    #[error("top_p must be greater than 0 and at most 1, got {0}")]
+    TopP(f32),
+    #[error("top_k must be at least 1 when set, got {0}")]
+    TopK(usize),
+    #[error("logprobs must be at most {MAX_LOGPROBS}, got {0}")]
+    Logprobs(usize),
+}
+
+/// The logits handed to [`Sampler::sample`] admit no token. An engine fault, not a client one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum LogitsError {
+    #[error("no logits to sample from (empty slice)")]
+    Empty,
+    #[error("no candidate token: all {candidates} logits below id {VOCAB_EDGE} are NaN or -inf")]
+    NoCandidate { candidates: usize },
+}
+
+impl SamplingParams {
+    /// Checks every field against its range, naming the first one out of range.
+    pub fn validate(&self) -> Result<(), SamplingError> {
+        let t = self.temperature;
+        if !t.is_finite() || !(0.0..=MAX_TEMPERATURE).contains(&t) {
+            return Err(SamplingError::Temperature(t));
+        }
+        // Written so that NaN fails too.
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(SamplingError::TopP(self.top_p));
+        }
+        if self.top_k == Some(0) {
+            return Err(SamplingError::TopK(0));
+        }
+        if let Some(n) = self.logprobs {
+            if n > MAX_LOGPROBS {
+                return Err(SamplingError::Logprobs(n));
+            }
+        }
+        Ok(())
+    }
+
+    /// The seed to store with a new sequence: the request's, or a fresh random one. Call it
+    /// once per sequence at creation and keep the result; calling it again without a request
+    /// seed gives a different value.
+    pub fn resolved_seed(&self) -> u64 {
+        self.seed.unwrap_or_else(fresh_seed)
+    }
+
+    /// Validates and builds the sequence's sampler with [`Self::resolved_seed`].
+    pub fn sampler(&self) -> Result<Sampler, SamplingError> {
+        Sampler::new(*self, self.resolved_seed())
+    }
+}
+
+/// A random seed for a sequence that came without one. Not cryptographic: SipHash keyed by
+/// std's per-thread random keys (which also differ on every call) over the current time.
+pub fn fresh_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(nanos);
+    h.finish()
+}
+
+/// The uniform number in [0, 1) behind the `index`-th generated token of a sequence seeded
+/// with `seed`: 53 bits of the first u64 of ChaCha8 (seeded by `seed_from_u64(seed)`) on
+/// stream `index`. A pure function of its arguments — the replay rule of this module.
+pub fn uniform(seed: u64, index: u64) -> f64 {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(index);
+    // 2^-53: exact in f64.
+    const SCALE: f64 = 1.0 / (1u64 << 53) as f64;
+    (rng.next_u64() >> 11) as f64 * SCALE
+}
+
+/// One sampled token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    /// The token id, always < [`VOCAB_EDGE`].
+    pub token: u32,
+    /// Its log-probability under the raw logits (temperature-independent, see module doc).
+    pub logprob: f32,
+    /// The top-N alternatives `(id, logprob)`, N = `logprobs` (capped at the candidate count);
+    /// sorted by logprob descending, ties by id ascending. Empty when `logprobs` is `None`.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Reusable buffers for [`Sampler::sample_with`], one per thread; their contents never
+/// influence the result.
+#[derive(Debug, Default)]
+pub struct SampleScratch {
+    /// Temperature-scaled weights `exp((l - max) / T)` by id.
+    weights: Vec<f64>,
+    /// `(logit, id)` candidates being ranked.
+    ranked: Vec<(f32, u32)>,
+}
+
+/// A sequence's validated sampling parameters with its resolved seed. Cheap to copy; keep one
+/// per sequence (and checkpoint `seed()` with it).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampler {
+    params: SamplingParams,
+    seed: u64,
+}
+
+/// Candidate order: logit descending, then id ascending. Logits are sanitised (no NaN, no −0.0),
+/// so this is the numeric order.
+fn rank(a: &(f32, u32), b: &(f32, u32)) -> Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+/// The logits as the sampler sees them: NaN → −inf, −0.0 → +0.0, and, when some are +inf,
+/// those become 0 and all others −inf (the softmax limit). Computed per read, never stored.
+struct Effective<'a> {
+    raw: &'a [f32],
+    has_pos_inf: bool,
+}
+
+impl Effective<'_> {
+    fn get(&self, id: usize) -> f32 {
+        let x = self.raw[id];
+        if x.is_nan() {
+            f32::NEG_INFINITY
+        } else if self.has_pos_inf {
+            if x == f32::INFINITY {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        } else {
+            // Adding +0.0 turns −0.0 into +0.0, so ties at zero rank by id.
+            x + 0.0
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.raw.len()
+    }
+}
+
+impl Sampler {
+    /// Validates `params` and binds the sequence's `seed` (normally `params.resolved_seed()`,
+    /// or the seed restored from a checkpoint).
+    pub fn new(params: SamplingParams, seed: u64) -> Result<Self, SamplingError> {
+        params.validate()?;
+        Ok(Self { params, seed })
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// The seed that, with the token index, fixes every draw of this sequence.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Samples the `index`-th generated token from `logits` (allocating scratch buffers).
+    pub fn sample(&self, logits: &[f32], index: u64) -> Result<Sampled, LogitsError> {
+        self.sample_with(logits, index, &mut SampleScratch::default())
+    }
+
+    /// Samples the `index`-th generated token from `logits`, reusing `scratch`. Only the first
+    /// [`VOCAB_EDGE`] logits are candidates.
+    pub fn sample_with(
+        &self,
+        logits: &[f32],
+        index: u64,
+        scratch: &mut SampleScratch,
+    ) -> Result<Sampled, LogitsError> {
+        if logits.is_empty() {
+            return Err(LogitsError::Empty);
+        }
+        let raw = &logits[..logits.len().min(VOCAB_EDGE as usize)];
+        let eff = Effective {
+            raw,
+            has_pos_inf: raw.contains(&f32::INFINITY),
+        };
+        // Greedy argmax over the effective logits; also the max for the softmaxes.
+        let (best, max) = argmax(&eff);
+        if max == f32::NEG_INFINITY {
+            return Err(LogitsError::NoCandidate {
+                candidates: raw.len(),
+            });
+        }
+        let max64 = f64::from(max);
+        let t = self.params.temperature;
+        let greedy = t == 0.0 || self.params.top_k == Some(1);
+
+        // log Σ exp(l - max) over the raw (temperature-free) logits, ascending id. When T = 1
+        // the same pass fills the sampling weights.
+        let fill = !greedy && t == 1.0;
+        if fill {
+            scratch.weights.clear();
+            scratch.weights.reserve(eff.len());
+        }
+        let mut raw_sum = 0.0f64;
+        for id in 0..eff.len() {
+            let w = (f64::from(eff.get(id)) - max64).exp();
+            raw_sum += w;
+            if fill {
+                scratch.weights.push(w);
+            }
+        }
+        let lse = max64 + raw_sum.ln();
+
+        let token = if greedy {
+            best
+        } else {
+            if !fill {
+                let t64 = f64::from(t);
+                scratch.weights.clear();
+                scratch.weights.extend(
+                    (0..eff.len()).map(|id| ((f64::from(eff.get(id)) - max64) / t64).exp()),
+                );
+            }
+            let u = uniform(self.seed, index);
+            self.draw(&eff, u, scratch)
+        };
+
+        let logprob = (f64::from(eff.get(token as usize)) - lse) as f32;
+        let top = match self.params.logprobs {
+            Some(n) if n > 0 => top_logprobs(&eff, n, lse, &mut scratch.ranked),
+            _ => Vec::new(),
+        };
+        Ok(Sampled {
+            token,
+            logprob,
+            top,
+        })
+    }
+
+    /// Draws with `u` from `scratch.weights` after top-k and top-p.
+    fn draw(&self, eff: &Effective<'_>, u: f64, scratch: &mut SampleScratch) -> u32 {
+        let weights = &scratch.weights;
+        let top_p = f64::from(self.params.top_p);
+        // Candidates, in id order: tokens with non-zero weight (others can never be drawn).
+        let ranked = &mut scratch.ranked;
+        ranked.clear();
+        ranked.extend(
+            (0..weights.len())
+                .filter(|&id| weights[id] > 0.0)
+                .map(|id| (eff.get(id), id as u32)),
+        );
+        let w = |c: &(f32, u32)| weights[c.1 as usize];
+
+        let kept = match self.params.top_k.filter(|&k| k < ranked.len()) {
+            Some(k) => {
+                // Top-k by partial selection; top-p then over the renormalised k.
+                ranked.select_nth_unstable_by(k - 1, rank);
+                ranked.truncate(k);
+                ranked.sort_unstable_by(rank);
+                let total: f64 = ranked.iter().map(w).sum();
+                nucleus_len(ranked, &w, top_p * total)
+            }
+            // The whole softmax: no ranking, the draw scans in id order.
+            None if top_p >= 1.0 => ranked.len(),
+            None => {
+                let total: f64 = ranked.iter().map(w).sum();
+                progressive_nucleus(ranked, &w, top_p * total)
+            }
+        };
+        // The draw scans the kept candidates in the order their mass was summed.
+        let nucleus = &ranked[..kept];
+        let mass: f64 = nucleus.iter().map(w).sum();
+        scan(nucleus.iter().map(|c| (c.1, w(c))), u * mass)
+    }
+}
+
+/// Argmax of the effective logits, lowest id on ties; `(0, −inf)` when none is above −inf.
+fn argmax(eff: &Effective<'_>) -> (u32, f32) {
+    let mut best = 0u32;
+    let mut max = f32::NEG_INFINITY;
+    for id in 0..eff.len() {
+        let x = eff.get(id);
+        if x > max {
+            max = x;
+            best = id as u32;
+        }
+    }
+    (best, max)
+}
+
+/// The first `(id, w)` at which the running sum exceeds `target`. The running sum over the
+/// whole iterator equals the total `target` was scaled from (same terms, same order) and
+/// `target` < total, so a token with positive weight is always found; the fallback (last
+/// positive weight) only guards against a caller breaking that.
+fn scan(items: impl Iterator<Item = (u32, f64)>, target: f64) -> u32 {
+    let mut cum = 0.0f64;
+    let mut last = None;
+    for (id, w) in items {
+        if w > 0.0 {
+            cum += w;
+            last = Some(id);
+            if cum > target {
+                return id;
+            }
+        }
+    }
+    last.unwrap_or(0)
+}
+
+/// Length of the smallest prefix of `ranked` whose weight reaches `target` (at least 1 when
+/// `ranked` is not empty; all of it if rounding keeps the sum below).
+fn nucleus_len(ranked: &[(f32, u32)], w: &impl Fn(&(f32, u32)) -> f64, target: f64) -> usize {
+    let mut cum = 0.0f64;
+    for (i, c) in ranked.iter().enumerate() {
+        cum += w(c);
+        if cum >= target {
+            return i + 1;
+        }
+    }
+    ranked.len()
+}
+
+/// Ranks `ranked` chunk by chunk (partial selection of the best remaining, then a sort of that
+/// chunk) until the weight of the ranked prefix reaches `target`; returns the nucleus length.
+/// `ranked[..len]` is then in candidate order.
+fn progressive_nucleus(
+    ranked: &mut [(f32, u32)],
+    w: &impl Fn(&(f32, u32)) -> f64,
+    target: f64,
+) -> usize {
+    let mut done = 0usize;
+    let mut chunk = TOP_P_FIRST_CHUNK;
+    let mut cum = 0.0f64;
+    while done < ranked.len() {
+        let rest = &mut ranked[done..];
+        let take = chunk.min(rest.len());
+        if take < rest.len() {
+            rest.select_nth_unstable_by(take - 1, rank);
+        }
+        rest[..take].sort_unstable_by(rank);
+        for (i, c) in rest[..take].iter().enumerate() {
+            cum += w(c);
+            if cum >= target {
+                return done + i + 1;
+            }
+        }
+        done += take;
+        chunk = chunk.saturating_mul(4);
+    }
+    ranked.len()
+}
+
+/// The `n` best `(id, logprob)` under the raw log-softmax, candidate order.
+fn top_logprobs(
+    eff: &Effective<'_>,
+    n: usize,
+    lse: f64,
+    ranked: &mut Vec<(f32, u32)>,
+) -> Vec<(u32, f32)> {
+    ranked.clear();
+    ranked.extend((0..eff.len()).map(|id| (eff.get(id), id as u32)));
+    let n = n.min(ranked.len());
+    if n < ranked.len() {
+        ranked.select_nth_unstable_by(n - 1, rank);
+    }
+    let best = &mut ranked[..n];
+    best.sort_unstable_by(rank);
+    best.iter()
+        .map(|&(l, id)| (id, (f64::from(l) - lse) as f32))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32, top_p: f32, top_k: Option<usize>) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            seed: Some(7),
+            logprobs: None,
+        }
+    }
+
+    fn sampler(p: SamplingParams) -> Sampler {
+        Sampler::new(p, p.seed.unwrap_or(0)).expect("valid test params")
+    }
+
+    /// softmax(l / t) in f64.
+    fn softmax(logits: &[f32], t: f64) -> Vec<f64> {
+        let m = logits
+            .iter()
+            .fold(f64::NEG_INFINITY, |a, &b| a.max(f64::from(b)));
+        let e: Vec<f64> = logits
+            .iter()
+            .map(|&l| ((f64::from(l) - m) / t).exp())
+            .collect();
+        let z: f64 = e.iter().sum();
+        e.iter().map(|x| x / z).collect()
+    }
+
+    fn counts(s: &Sampler, logits: &[f32], draws: u64) -> Vec<u64> {
+        let mut c = vec![0u64; logits.len()];
+        let mut scratch = SampleScratch::default();
+        for i in 0..draws {
+            let tok = s
+                .sample_with(logits, i, &mut scratch)
+                .expect("sample")
+                .token;
+            c[tok as usize] += 1;
+        }
+        c
+    }
+
+    /// Every count within 5 standard errors of its expectation.
+    fn assert_matches(c: &[u64], p: &[f64], draws: u64) {
+        let n = draws as f64;
+        for (id, (&k, &pi)) in c.iter().zip(p).enumerate() {
+            let sd = (n * pi * (1.0 - pi)).sqrt().max(1e-9);
+            let z = (k as f64 - n * pi) / sd;
+            assert!(
+                z.abs() < 5.0,
+                "token {id}: {k} draws, expected {:.1} (p={pi:.4}), z={z:.2}",
+                n * pi
+            );
+        }
+    }
+
+    /// A pseudo-random vocabulary-sized logit vector (deterministic, no rng crate needed).
+    fn big_logits(salt: u64) -> Vec<f32> {
+        let mut x = salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..VOCAB_EDGE)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // Roughly uniform in [-8, 8), with a few sharper peaks.
+                let v = (x >> 40) as f32 / (1u64 << 24) as f32 * 16.0 - 8.0;
+                if x % 5000 == 0 {
+                    v + 10.0
+                } else {
+                    v
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stop_tokens_are_return_call_endoftext_not_end() {
+        assert!(is_stop_token(200_002));
+        assert!(is_stop_token(200_012));
+        assert!(is_stop_token(199_999));
+        assert!(!is_stop_token(200_007));
+        assert!(!is_stop_token(END));
+        assert!(!is_stop_token(200_006));
+        assert!(!is_stop_token(0));
+        for id in STOP_TOKENS {
+            assert!(is_stop_token(id));
+        }
+    }
+
+    #[test]
+    fn greedy_picks_argmax_and_lowest_id_on_ties() {
+        let s = sampler(params(0.0, 1.0, None));
+        assert_eq!(s.sample(&[0.1, 3.0, -2.0, 2.9], 0).unwrap().token, 1);
+        assert_eq!(s.sample(&[1.0, 5.0, 2.0, 5.0, 5.0], 0).unwrap().token, 1);
+        // −0.0 and +0.0 tie: lowest id.
+        assert_eq!(s.sample(&[-1.0, -0.0, 0.0], 0).unwrap().token, 1);
+        assert_eq!(s.sample(&[-1.0, 0.0, -0.0], 0).unwrap().token, 1);
+        // Any index, any seed: greedy ignores the draw.
+        for i in 0..50 {
+            assert_eq!(s.sample(&[1.0, 5.0, 2.0, 5.0], i).unwrap().token, 1);
+        }
+    }
+
+    #[test]
+    fn greedy_on_full_vocabulary() {
+        let logits = big_logits(3);
+        let (mut best, mut max) = (0usize, f32::NEG_INFINITY);
+        for (i, &l) in logits.iter().enumerate() {
+            if l > max {
+                best = i;
+                max = l;
+            }
+        }
+        let s = sampler(params(0.0, 1.0, None));
+        assert_eq!(s.sample(&logits, 0).unwrap().token as usize, best);
+    }
+
+    #[test]
+    fn same_seed_and_index_same_token_different_index_differs() {
+        assert_eq!(uniform(42, 5), uniform(42, 5));
+        assert_ne!(uniform(42, 5), uniform(43, 5));
+        let mut us: Vec<u64> = (0..2000).map(|i| uniform(42, i).to_bits()).collect();
+        us.sort_unstable();
+        us.dedup();
+        assert_eq!(us.len(), 2000, "draws for different indices must differ");
+        for i in 0..2000 {
+            let u = uniform(42, i);
+            assert!((0.0..1.0).contains(&u));
+        }
+
+        let logits = [0.0f32; 16];
+        let s = sampler(params(1.0, 1.0, None));
+        let a: Vec<u32> = (0..200)
+            .map(|i| s.sample(&logits, i).unwrap().token)
+            .collect();
+        let b: Vec<u32> = (0..200)
+            .map(|i| s.sample(&logits, i).unwrap().token)
+            .collect();
+        assert_eq!(a, b);
+        let mut distinct = a.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert!(
+            distinct.len() >= 12,
+            "only {} distinct tokens",
+            distinct.len()
+        );
+        let other = sampler(SamplingParams {
+            seed: Some(8),
+            ..params(1.0, 1.0, None)
+        });
+        let c: Vec<u32> = (0..200)
+            .map(|i| other.sample(&logits, i).unwrap().token)
+            .collect();
+        assert_ne!(a, c, "a different seed must give a different sequence");
+    }
+
+    #[test]
+    fn empirical_distribution_matches_softmax() {
+        let logits = [1.0f32, 2.0, 0.5, -1.0, 3.0, 2.0];
+        let draws = 20_000;
+        let c = counts(&sampler(params(1.0, 1.0, None)), &logits, draws);
+        assert_matches(&c, &softmax(&logits, 1.0), draws);
+    }
+
+    #[test]
+    fn temperature_scaling_sharpens() {
+        let logits = [1.0f32, 2.0, 0.5, -1.0, 3.0, 2.0];
+        let draws = 20_000;
+        let hot = counts(&sampler(params(1.0, 1.0, None)), &logits, draws);
+        let cold = counts(&sampler(params(0.5, 1.0, None)), &logits, draws);
+        assert_matches(&cold, &softmax(&logits, 0.5), draws);
+        assert!(
+            cold[4] > hot[4] + 2_000,
+            "argmax {} at T=0.5 vs {} at T=1",
+            cold[4],
+            hot[4]
+        );
+        let flat = counts(&sampler(params(2.0, 1.0, None)), &logits, draws);
+        assert_matches(&flat, &softmax(&logits, 2.0), draws);
+        assert!(flat[4] < hot[4]);
+    }
+
+    #[test]
+    fn top_k_and_top_p_renormalise() {
+        let logits = [1.0f32, 2.0, 0.5, -1.0, 3.0, 2.0];
+        let draws = 20_000;
+        // top_k = 3: ids 4, 1, 5 (tie 1/5 both kept, ranked by id).
+        let c = counts(&sampler(params(1.0, 1.0, Some(3))), &logits, draws);
+        let sub = softmax(&[3.0, 2.0, 2.0], 1.0);
+        let expect = [0.0, sub[1], 0.0, 0.0, sub[0], sub[2]];
+        assert_matches(&c, &expect, draws);
+        // top_k = 2 keeps 4 and the lower id of the tie (1), never 5.
+        let c = counts(&sampler(params(1.0, 1.0, Some(2))), &logits, draws);
+        assert_eq!(c[5], 0);
+        assert_eq!(c[1] + c[4], draws);
+        // top_p: softmax ≈ [.069 .187 .042 .009 .507 .187]: nucleus 0.65 = {4, 1} (1 before 5).
+        let p = softmax(&logits, 1.0);
+        assert!(p[4] < 0.65 && p[4] + p[1] >= 0.65);
+        let c = counts(&sampler(params(1.0, 0.65, None)), &logits, draws);
+        let z = p[4] + p[1];
+        let expect = [0.0, p[1] / z, 0.0, 0.0, p[4] / z, 0.0];
+        assert_matches(&c, &expect, draws);
+        // top_k then top_p on the renormalised top-k distribution.
+        let c = counts(&sampler(params(1.0, 0.65, Some(3))), &logits, draws);
+        let expect = [
+            0.0,
+            sub[1] / (sub[0] + sub[1]),
+            0.0,
+            0.0,
+            sub[0] / (sub[0] + sub[1]),
+            0.0,
+        ];
+        assert!(sub[0] < 0.65 && sub[0] + sub[1] >= 0.65);
+        assert_matches(&c, &expect, draws);
+    }
+
+    #[test]
+    fn top_k_one_equals_greedy() {
+        let logits = big_logits(11);
+        let g = sampler(params(0.0, 1.0, None));
+        let k1 = sampler(params(1.5, 0.9, Some(1)));
+        let want = g.sample(&logits, 0).unwrap().token;
+        for i in 0..5 {
+            assert_eq!(k1.sample(&logits, i).unwrap().token, want);
+        }
+        let small = [2.0f32, 7.0, 7.0, 1.0];
+        for i in 0..100 {
+            assert_eq!(k1.sample(&small, i).unwrap().token, 1);
+        }
+    }
+
+    #[test]
+    fn tiny_top_p_keeps_only_the_top_token() {
+        let s = sampler(params(2.0, 1e-6, None));
+        let logits = [1.0f32, 1.5, 1.4, 0.0];
+        for i in 0..500 {
+            assert_eq!(s.sample(&logits, i).unwrap().token, 1);
+        }
+        let big = big_logits(5);
+        let want = sampler(params(0.0, 1.0, None))
+            .sample(&big, 0)
+            .unwrap()
+            .token;
+        for i in 0..5 {
+            assert_eq!(s.sample(&big, i).unwrap().token, want);
+        }
+    }
+
+    /// Reference nucleus draw with a full sort, same summation orders as the fast path.
+    fn naive_draw(logits: &[f32], t: f64, top_p: f64, top_k: Option<usize>, u: f64) -> u32 {
+        let m = logits
+            .iter()
+            .fold(f64::NEG_INFINITY, |a, &b| a.max(f64::from(b)));
+        let w: Vec<f64> = logits
+            .iter()
+            .map(|&l| ((f64::from(l) - m) / t).exp())
+            .collect();
+        let mut order: Vec<(f32, u32)> = (0..logits.len())
+            .filter(|&i| w[i] > 0.0)
+            .map(|i| (logits[i], i as u32))
+            .collect();
+        order.sort_by(rank);
+        let total: f64 = match top_k {
+            Some(k) => {
+                order.truncate(k);
+                order.iter().map(|c| w[c.1 as usize]).sum()
+            }
+            None => w.iter().sum(),
+        };
+        let mut cum = 0.0;
+        let mut keep = order.len();
+        for (i, c) in order.iter().enumerate() {
+            cum += w[c.1 as usize];
+            if cum >= top_p * total {
+                keep = i + 1;
+                break;
+            }
+        }
+        let nucleus = &order[..keep];
+        let mass: f64 = nucleus.iter().map(|c| w[c.1 as usize]).sum();
+        let mut cum = 0.0;
+        for c in nucleus {
+            cum += w[c.1 as usize];
+            if cum > u * mass {
+                return c.1;
+            }
+        }
+        unreachable!("the scan reaches the mass")
+    }
+
+    #[test]
+    fn fast_paths_match_full_sort_on_full_vocabulary() {
+        let cases: [(f32, f32, Option<usize>); 5] = [
+            (1.0, 0.9, None),
+            (0.7, 0.95, None),
+            (1.3, 0.5, Some(50)),
+            (1.0, 1.0, Some(40)),
+            (1.0, 0.999, None),
+        ];
+        for (n, &(t, p, k)) in cases.iter().enumerate() {
+            let logits = big_logits(100 + n as u64);
+            let s = sampler(params(t, p, k));
+            let mut scratch = SampleScratch::default();
+            for i in 0..6 {
+                let got = s.sample_with(&logits, i, &mut scratch).unwrap().token;
+                let want = naive_draw(&logits, f64::from(t), f64::from(p), k, uniform(7, i));
+                assert_eq!(
+                    got, want,
+                    "case {n} (T={t}, top_p={p}, top_k={k:?}) index {i}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn logprobs_equal_log_softmax_and_are_sorted() {
+        let logits = [1.0f32, 2.0, 0.5, -1.0, 3.0, 2.0, f32::NAN];
+        let m = 3.0f64;
+        let z: f64 = logits[..6].iter().map(|&l| (f64::from(l) - m).exp()).sum();
+        let lp = |id: usize| f64::from(logits[id]) - m - z.ln();
+        // Temperature does not change the reported logprobs.
+        for t in [0.0f32, 0.5, 1.0, 2.0] {
+            let s = sampler(SamplingParams {
+                logprobs: Some(4),
+                ..params(t, 1.0, None)
+            });
+            for i in 0..20 {
+                let out = s.sample(&logits, i).unwrap();
+                assert!((f64::from(out.logprob) - lp(out.token as usize)).abs() < 1e-6);
+                let ids: Vec<u32> = out.top.iter().map(|x| x.0).collect();
+                assert_eq!(ids, [4, 1, 5, 0], "descending, tie 1/5 by id");
+                for &(id, l) in &out.top {
+                    assert!((f64::from(l) - lp(id as usize)).abs() < 1e-6);
+                }
+                assert!(out.top.windows(2).all(|w| w[0].1 >= w[1].1));
+            }
+        }
+        // Asking for more than the vocabulary returns all of it; NaN last with −inf.
+        let s = sampler(SamplingParams {
+            logprobs: Some(20),
+            ..params(1.0, 1.0, None)
+        });
+        let out = s.sample(&logits, 0).unwrap();
+        assert_eq!(out.top.len(), 7);
+        assert_eq!(out.top[6], (6, f32::NEG_INFINITY));
+        // No logprobs requested: empty list, chosen logprob still there.
+        let out = sampler(params(1.0, 1.0, None)).sample(&logits, 0).unwrap();
+        assert!(out.top.is_empty());
+        assert!((f64::from(out.logprob) - lp(out.token as usize)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn logprobs_on_full_vocabulary_match_f64() {
+        let logits = big_logits(9);
+        let m = logits
+            .iter()
+            .fold(f64::NEG_INFINITY, |a, &b| a.max(f64::from(b)));
+        let lse = m + logits
+            .iter()
+            .map(|&l| (f64::from(l) - m).exp())
+            .sum::<f64>()
+            .ln();
+        let mut sorted: Vec<(f32, u32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (l, i as u32))
+            .collect();
+        sorted.sort_by(rank);
+        let s = sampler(SamplingParams {
+            logprobs: Some(MAX_LOGPROBS),
+            ..params(0.8, 0.9, None)
+        });
+        let out = s.sample(&logits, 3).unwrap();
+        assert_eq!(out.top.len(), MAX_LOGPROBS);
+        for (j, &(id, l)) in out.top.iter().enumerate() {
+            assert_eq!(id, sorted[j].1);
+            assert!((f64::from(l) - (f64::from(sorted[j].0) - lse)).abs() < 1e-5);
+        }
+        let chosen = f64::from(logits[out.token as usize]) - lse;
+        assert!((f64::from(out.logprob) - chosen).abs() < 1e-5);
+    }
+
+    #[test]
+    fn ids_at_or_past_vocab_edge_are_never_sampled() {
+        let edge = VOCAB_EDGE as usize;
+        let mut logits = vec![-5.0f32; edge + 16];
+        logits[100] = 0.0;
+        logits[101] = 0.0;
+        for l in &mut logits[edge..] {
+            *l = 100.0;
+        }
+        let greedy = sampler(SamplingParams {
+            logprobs: Some(5),
+            ..params(0.0, 1.0, None)
+        });
+        let out = greedy.sample(&logits, 0).unwrap();
+        assert_eq!(out.token, 100);
+        assert!(out.top.iter().all(|&(id, _)| id < VOCAB_EDGE));
+        for p in [
+            params(1.0, 1.0, None),
+            params(2.0, 0.9, None),
+            params(1.0, 1.0, Some(10)),
+        ] {
+            let s = sampler(p);
+            for i in 0..30 {
+                assert!(s.sample(&logits, i).unwrap().token < VOCAB_EDGE);
+            }
+        }
+        // Only the edge and beyond are finite: nothing to sample.
+        let mut only_past = vec![f32::NEG_INFINITY; edge + 2];
+        only_past[edge] = 1.0;
+        assert_eq!(
+            greedy.sample(&only_past, 0),
+            Err(LogitsError::NoCandidate { candidates: edge })
+        );
+    }
+
+    #[test]
+    fn nan_and_infinite_logits() {
+        let nan = f32::NAN;
+        let ninf = f32::NEG_INFINITY;
+        for p in [
+            params(0.0, 1.0, None),
+            params(1.0, 1.0, None),
+            params(1.0, 0.5, Some(3)),
+        ] {
+            let s = sampler(p);
+            for i in 0..200 {
+                let tok = s.sample(&[nan, 0.0, nan, ninf, 0.0], i).unwrap().token;
+                assert!(tok == 1 || tok == 4, "NaN/−inf token {tok} sampled");
+            }
+            assert_eq!(
+                s.sample(&[nan, ninf, nan], 0),
+                Err(LogitsError::NoCandidate { candidates: 3 })
+            );
+            assert_eq!(s.sample(&[], 0), Err(LogitsError::Empty));
+            // +inf logits take all the mass, shared equally.
+            for i in 0..200 {
+                let tok = s
+                    .sample(&[5.0, f32::INFINITY, nan, f32::INFINITY], i)
+                    .unwrap();
+                assert!(tok.token == 1 || tok.token == 3);
+                assert!((tok.logprob - (-std::f32::consts::LN_2)).abs() < 1e-6);
+            }
+        }
+        // Greedy among +inf: lowest id.
+        let g = sampler(params(0.0, 1.0, None));
+        assert_eq!(
+            g.sample(&[f32::INFINITY, 1.0, f32::INFINITY], 0)
+                .unwrap()
+                .token,
+            0
+        );
+    }
+
+    #[test]
+    fn validation_errors_name_the_field() {
+        let ok = SamplingParams::default();
+        assert_eq!(ok.validate(), Ok(()));
+        let bad = [
+            (
+                SamplingParams {
+                    temperature: -0.1,
+                    ..ok
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    temperature: 2.5,
+                    ..ok
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    temperature: f32::NAN,
+                    ..ok
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    temperature: f32::INFINITY,
+                    ..ok
+                },
+                "temperature",
+            ),
+            (SamplingParams { top_p: 0.0, ..ok }, "top_p"),
+            (SamplingParams { top_p: 1.01, ..ok }, "top_p"),
+            (
+                SamplingParams {
+                    top_p: f32::NAN,
+                    ..ok
+                },
+                "top_p",
+            ),
+            (
+                SamplingParams {
+                    top_k: Some(0),
+                    ..ok
+                },
+                "top_k",
+            ),
+            (
+                SamplingParams {
+                    logprobs: Some(21),
+                    ..ok
+                },
+                "logprobs",
+            ),
+        ];
+        for (p, field) in bad {
+            let err = p.validate().expect_err(field);
+            let msg = err.to_string();
+            assert!(msg.starts_with(field), "{msg:?} should name {field}");
+            assert!(Sampler::new(p, 0).is_err());
+        }
+        assert_eq!(
+            SamplingParams {
+                temperature: 2.5,
+                ..ok
+            }
+            .validate(),
+            Err(SamplingError::Temperature(2.5))
+        );
+        assert!(SamplingError::Logprobs(21).to_string().contains("21"));
+        assert!(SamplingError::Logprobs(21).to_string().contains("20"));
+        // The edges are accepted.
+        for p in [
+            SamplingParams {
+                temperature: 0.0,
+                ..ok
+            },
+            SamplingParams {
+                temperature: 2.0,
+                ..ok
+            },
+            SamplingParams {
+                top_p: 1.0,
+                top_k: Some(1),
+                logprobs: Some(20),
+                ..ok
+            },
+            SamplingParams {
+                top_p: 1e-9,
+                logprobs: Some(0),
+                ..ok
+            },
+        ] {
+            assert_eq!(p.validate(), Ok(()));
+        }
+    }
+
+    #[test]
+    fn seeds_resolve_once() {
+        let given = SamplingParams {
+            seed: Some(99),
+            ..SamplingParams::default()
+        };
+        assert_eq!(given.resolved_seed(), 99);
+        assert_eq!(given.sampler().unwrap().seed(), 99);
+        let unseeded = SamplingParams::default();
+        let a = unseeded.resolved_seed();
+        let b = unseeded.resolved_seed();
+        assert_ne!(a, b, "fresh seeds should differ");
+        // A sampler rebuilt from the stored seed replays exactly.
+        let s = Sampler::new(unseeded, a).unwrap();
+        let restored = Sampler::new(unseeded, s.seed()).unwrap();
+        let logits = [0.3f32, 0.1, 0.2, 0.4, 0.0];
+        for i in 0..50 {
+            assert_eq!(s.sample(&logits, i), restored.sample(&logits, i));
+        }
+    }
+
+    #[test]
+    fn replay_token_alone_equals_token_in_sequence() {
+        // A sequence sampled step by step in a busy process (interleaved with another
+        // sequence, shared scratch) versus each step re-sampled alone after a "crash".
+        let p = SamplingParams {
+            logprobs: Some(3),
+            ..params(0.9, 0.95, Some(64))
+        };
+        let s = Sampler::new(p, 1234).unwrap();
+        let other = Sampler::new(params(1.0, 1.0, None), 5).unwrap();
+        let step_logits = |i: u64| -> Vec<f32> {
+            (0..300)
+                .map(|id| ((id as u64 * 31 + i * 17) % 97) as f32 / 13.0)
+                .collect()
+        };
+        let mut scratch = SampleScratch::default();
+        let mut in_sequence = Vec::new();
+        for i in 0..60u64 {
+            let _ = other
+                .sample_with(&big_logits(i), i * 3, &mut scratch)
+                .unwrap();
+            in_sequence.push(s.sample_with(&step_logits(i), i, &mut scratch).unwrap());
+        }
+        for i in (0..60u64).rev() {
+            let replayed = Sampler::new(p, 1234)
+                .unwrap()
+                .sample(&step_logits(i), i)
+                .unwrap();
+            assert_eq!(
+                replayed, in_sequence[i as usize],
+                "token {i} differs on replay"
+            );
+        }
+    }
+}
