@@ -1,11 +1,13 @@
 //! Code shared by the gptossd supervisor and its stage workers.
 //!
 //! This crate knows the GPT-OSS checkpoint on disk (config, safetensors, MXFP4) and how to make
-//! a random one for tests. It depends on neither tokio nor CUDA: both processes link it.
+//! a random one for tests, and the shared-memory ring that carries activations between processes.
+//! It depends on neither tokio nor CUDA: both processes link it.
 
 pub mod checkpoint;
 pub mod config;
 pub mod mxfp4;
+pub mod ring;
 pub mod testmodel;
 pub mod weights;
 
