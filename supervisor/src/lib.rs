@@ -1,1 +1,3 @@
 //! gptossd supervisor library.
+
+pub mod chat;
