@@ -1,3 +1,4 @@
 //! gptossd supervisor library.
 
 pub mod chat;
+pub mod scheduler;
