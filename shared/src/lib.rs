@@ -7,9 +7,11 @@
 pub mod checkpoint;
 pub mod config;
 pub mod mxfp4;
+pub mod protocol;
 pub mod ring;
 pub mod testmodel;
 pub mod weights;
+pub mod wire;
 
 /// First id past the model's vocabulary: ids at or above it must never reach the embedding
 /// (harmony names reserved tokens up to 201088 inclusive, the model's rows end at 201087).

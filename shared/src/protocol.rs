@@ -57,6 +57,9 @@ pub enum SupervisorMsg {
     Drain,
     /// Exit now (after the current step).
     Shutdown,
+    /// A neighbour was restarted: the descriptor of a new ring for this worker's input
+    /// (`input`) or output follows on the socket (SCM_RIGHTS); the old one is closed.
+    ReplaceRing { input: bool },
 }
 
 /// How the last stage samples a sequence's next token.

@@ -4,3 +4,4 @@ pub mod cpu;
 pub mod kv;
 pub mod model;
 pub mod sampler;
+pub mod worker;

@@ -1,1 +1,163 @@
-fn main() {}
+//! `gptossd-stage`: one pipeline stage worker. Started by the supervisor, never by hand: it
+//! connects to the control socket it is given, says hello, loads its layers, reports, then
+//! computes steps from its input ring into its output ring until told to stop.
+//!
+//! Exit status: 0 after a shutdown, 3 when loading failed (already reported as `LoadFailed`),
+//! 1 on any other error (logged on stderr, which the supervisor keeps a tail of).
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use gptossd_shared::checkpoint::Checkpoint;
+use gptossd_shared::config::ModelConfig;
+use gptossd_shared::protocol::{WorkerMsg, PROTOCOL_VERSION};
+use gptossd_shared::weights::{StageSpan, StageWeights};
+use gptossd_stage::kv::KvConfig;
+use gptossd_stage::model::StageModel;
+use gptossd_stage::worker::{self, Hops, Shared};
+use interprocess::local_socket::traits::Stream as _;
+use interprocess::local_socket::{GenericNamespaced, ToNsName};
+use interprocess::os::unix::uds_local_socket::Stream;
+
+/// Test-only fault injection: `crash-after-load` aborts right after reporting `Loaded`.
+const FAULT_ENV: &str = "GPTOSSD_FAULT";
+
+#[derive(Parser, Debug)]
+#[command(name = "gptossd-stage", about = "gptossd pipeline stage worker (started by gptossd)")]
+struct Args {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    stage: u32,
+    /// First layer (inclusive).
+    #[arg(long)]
+    first_layer: usize,
+    /// Last layer (exclusive).
+    #[arg(long)]
+    end_layer: usize,
+    /// This stage holds the embedding.
+    #[arg(long)]
+    embedding: bool,
+    /// This stage holds the final norm and LM head (and samples).
+    #[arg(long)]
+    head: bool,
+    /// `cpu` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// CPU cores to pin to (comma-separated); empty: no pinning.
+    #[arg(long, value_delimiter = ',')]
+    cpus: Vec<usize>,
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Name of the supervisor's control socket (abstract namespace).
+    #[arg(long)]
+    control: String,
+    /// Inherited descriptor of the input ring.
+    #[arg(long)]
+    ring_in: RawFd,
+    /// Inherited descriptor of the output ring.
+    #[arg(long)]
+    ring_out: RawFd,
+    #[arg(long)]
+    kv_blocks: usize,
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    #[arg(long, default_value_t = 1)]
+    epoch: u64,
+    #[arg(long, default_value_t = 200)]
+    heartbeat_ms: u64,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("gptossd-stage: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let stream = Stream::connect(args.control.as_str().to_ns_name::<GenericNamespaced>()?)
+        .with_context(|| format!("connecting to the control socket {}", args.control))?;
+    let stream = Arc::new(stream);
+    worker::send(
+        &stream,
+        &WorkerMsg::Hello { version: PROTOCOL_VERSION, stage: args.stage, pid: std::process::id() },
+    );
+    let model = match load(&args) {
+        Ok(m) => m,
+        Err(e) => {
+            let reason = format!("stage {}: {e:#}", args.stage);
+            eprintln!("gptossd-stage: {reason}");
+            worker::send(&stream, &WorkerMsg::LoadFailed { reason });
+            return Ok(ExitCode::from(3));
+        }
+    };
+    let (mut model, hops) = model;
+    let kv_bytes = (args.kv_blocks * args.block_size * model.config().kv_dim() * 8 * (args.end_layer - args.first_layer)) as u64;
+    worker::send(
+        &stream,
+        &WorkerMsg::Loaded { weight_bytes: model.weights().bytes() as u64, kv_bytes },
+    );
+    if std::env::var(FAULT_ENV).as_deref() == Ok("crash-after-load") {
+        eprintln!("gptossd-stage: {FAULT_ENV}=crash-after-load: aborting (test fault injection)");
+        std::process::abort();
+    }
+    let shared = Shared::new(args.epoch);
+    {
+        let (s, sh) = (stream.clone(), shared.clone());
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || worker::control_reader(s, sh))?;
+        let (s, sh) = (stream.clone(), shared.clone());
+        let interval = Duration::from_millis(args.heartbeat_ms.max(10));
+        std::thread::Builder::new()
+            .name("heartbeat".into())
+            .spawn(move || worker::heartbeat(s, sh, interval))?;
+    }
+    worker::run(&mut model, hops, &shared).context("compute loop")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn load(args: &Args) -> anyhow::Result<(StageModel, Hops)> {
+    if args.device != "cpu" {
+        bail!("device {:?}: only the cpu backend is built in so far", args.device);
+    }
+    if !args.cpus.is_empty() {
+        let mut set = nix::sched::CpuSet::new();
+        for &c in &args.cpus {
+            set.set(c).with_context(|| format!("cpu {c} is not a valid core index"))?;
+        }
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+            .with_context(|| format!("pinning to cores {:?}", args.cpus))?;
+    }
+    // SAFETY: the supervisor passes these descriptors open (not close-on-exec) for this process
+    // alone, and nothing else in this process owns them.
+    let (fd_in, fd_out) = unsafe { (OwnedFd::from_raw_fd(args.ring_in), OwnedFd::from_raw_fd(args.ring_out)) };
+    let hops = Hops {
+        input: worker::ring_from_inherited(fd_in).context("input ring")?,
+        output: worker::ring_from_inherited(fd_out).context("output ring")?,
+    };
+    let cfg = ModelConfig::load(&args.model)?;
+    if args.first_layer >= args.end_layer || args.end_layer > cfg.num_hidden_layers {
+        bail!(
+            "layers {}..{} are not a range of the model's {} layers",
+            args.first_layer,
+            args.end_layer,
+            cfg.num_hidden_layers
+        );
+    }
+    let ckpt = Checkpoint::open(&args.model)?;
+    let span = StageSpan { layers: args.first_layer..args.end_layer, embedding: args.embedding, head: args.head };
+    let weights = StageWeights::load(&ckpt, &cfg, &span)?;
+    let kv = KvConfig { num_blocks: args.kv_blocks, block_size: args.block_size };
+    Ok((StageModel::new(cfg, weights, kv, args.threads), hops))
+}

@@ -18,7 +18,7 @@ use std::cell::RefCell;
 use gptossd_shared::config::{AttentionKind, ModelConfig, SWIGLU_ALPHA};
 use gptossd_shared::weights::{LayerWeights, StageWeights};
 
-use crate::cpu::{matmul_bf16, matmul_mxfp4, Mxfp4Rows, ThreadPool};
+use crate::cpu::{matmul_bf16, matmul_mxfp4, Bf16Rows, Mxfp4Rows, ThreadPool};
 use crate::kv::{KvConfig, KvPool};
 
 /// A step that cannot run as given.
@@ -251,6 +251,7 @@ struct Scratch {
     /// `[tokens × top_k × hidden]`: each routed expert's output, by route slot.
     routed: Vec<f32>,
     members: Vec<(usize, usize)>,
+    head_in: Vec<f32>,
     head_rows: Vec<f32>,
 }
 
@@ -310,67 +311,107 @@ impl StageModel {
         input: StageInput<'_>,
         out: &mut Vec<f32>,
     ) -> Result<(), StepError> {
-        self.check(batch)?;
-        let h = self.cfg.hidden_size;
-        let n = batch.total_tokens();
-        let mut x = vec![0f32; n * h];
+        let n = batch.total_tokens() * self.cfg.hidden_size;
+        let mut x = vec![0f32; n];
         match input {
-            StageInput::Tokens(ids) => {
-                let emb = self.weights.embedding.as_ref().ok_or(StepError::WrongStage {
-                    what: "has no embedding (it is not the first stage)",
-                })?;
-                if ids.len() != n {
-                    return Err(StepError::InputSize { got: ids.len(), expected: n });
-                }
-                for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
-                    if id as usize >= self.cfg.vocab_size {
-                        return Err(StepError::TokenOutOfRange { id, vocab: self.cfg.vocab_size });
-                    }
-                    let src = &emb[id as usize * h..(id as usize + 1) * h];
-                    for (d, &s) in row.iter_mut().zip(src) {
-                        *d = bf16(s);
-                    }
-                }
-            }
+            StageInput::Tokens(ids) => self.embed(batch, ids, &mut x)?,
             StageInput::Hidden(hs) => {
                 if self.weights.embedding.is_some() {
                     return Err(StepError::WrongStage {
                         what: "is the first stage and takes token ids",
                     });
                 }
-                if hs.len() != n * h {
-                    return Err(StepError::InputSize { got: hs.len(), expected: n * h });
+                if hs.len() != n {
+                    return Err(StepError::InputSize { got: hs.len(), expected: n });
                 }
                 x.copy_from_slice(hs);
             }
         }
+        self.run_layers(batch, &mut x)?;
+        out.clear();
+        if self.is_last() {
+            self.logits(batch, &x, out)?;
+        } else {
+            out.extend_from_slice(&x);
+        }
+        Ok(())
+    }
+
+    /// First stage: the embedding rows of `ids` into `x` (`[tokens × hidden]`).
+    pub fn embed(&self, batch: &StepBatch, ids: &[u32], x: &mut [f32]) -> Result<(), StepError> {
+        let h = self.cfg.hidden_size;
+        let n = batch.total_tokens();
+        let emb = self.weights.embedding.as_ref().ok_or(StepError::WrongStage {
+            what: "has no embedding (it is not the first stage)",
+        })?;
+        if ids.len() != n {
+            return Err(StepError::InputSize { got: ids.len(), expected: n });
+        }
+        if x.len() != n * h {
+            return Err(StepError::InputSize { got: x.len(), expected: n * h });
+        }
+        for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
+            if id as usize >= self.cfg.vocab_size {
+                return Err(StepError::TokenOutOfRange { id, vocab: self.cfg.vocab_size });
+            }
+            let src = &emb[id as usize * h..(id as usize + 1) * h];
+            for (d, &s) in row.iter_mut().zip(src) {
+                *d = bf16(s);
+            }
+        }
+        Ok(())
+    }
+
+    /// This stage's layers, in place on the residual stream `x` (`[tokens × hidden]`): the
+    /// hidden states can live in the next hop's ring slot.
+    pub fn run_layers(&mut self, batch: &StepBatch, x: &mut [f32]) -> Result<(), StepError> {
+        self.check(batch)?;
+        let expected = batch.total_tokens() * self.cfg.hidden_size;
+        if x.len() != expected {
+            return Err(StepError::InputSize { got: x.len(), expected });
+        }
         let max_pos = batch.seqs.iter().map(|s| s.start_pos + s.tokens).max().unwrap_or(0);
         self.rope.extend_to(max_pos);
         for local in 0..self.weights.layers.len() {
-            self.layer(local, batch, &mut x);
+            self.layer(local, batch, x);
         }
+        Ok(())
+    }
+
+    /// Last stage: final norm and LM head for the positions that want logits, into `out`
+    /// (`[batch.logit_rows() × vocab]`).
+    pub fn logits(&mut self, batch: &StepBatch, x: &[f32], out: &mut Vec<f32>) -> Result<(), StepError> {
+        let h = self.cfg.hidden_size;
+        let head = self.weights.head.as_ref().ok_or(StepError::WrongStage {
+            what: "has no LM head (it is not the last stage)",
+        })?;
+        let rows = batch.logit_rows();
+        let picked = grow(&mut self.scratch.head_in, rows * h);
+        let mut offset = 0;
+        let mut r = 0;
+        for s in &batch.seqs {
+            let first = match s.logits {
+                Logits::None => s.tokens,
+                Logits::Last => s.tokens - 1,
+                Logits::All => 0,
+            };
+            let count = s.tokens - first;
+            picked[r * h..(r + count) * h].copy_from_slice(&x[(offset + first) * h..(offset + s.tokens) * h]);
+            r += count;
+            offset += s.tokens;
+        }
+        let normed = grow(&mut self.scratch.head_rows, rows * h);
+        rms_norm(picked, &head.norm, self.cfg.rms_norm_eps, normed);
         out.clear();
-        match &self.weights.head {
-            None => out.extend_from_slice(&x),
-            Some(head) => {
-                let rows = batch.logit_rows();
-                let mut picked = Vec::with_capacity(rows * h);
-                let mut offset = 0;
-                for s in &batch.seqs {
-                    let first = match s.logits {
-                        Logits::None => s.tokens,
-                        Logits::Last => s.tokens - 1,
-                        Logits::All => 0,
-                    };
-                    picked.extend_from_slice(&x[(offset + first) * h..(offset + s.tokens) * h]);
-                    offset += s.tokens;
-                }
-                let normed = grow(&mut self.scratch.head_rows, rows * h);
-                rms_norm(&picked, &head.norm, self.cfg.rms_norm_eps, normed);
-                out.resize(rows * self.cfg.vocab_size, 0.0);
-                matmul_bf16(&self.pool, normed, rows, h, &head.lm_head, self.cfg.vocab_size, None, out);
-            }
-        }
+        out.resize(rows * self.cfg.vocab_size, 0.0);
+        matmul_bf16(
+            &self.pool,
+            normed,
+            rows,
+            Bf16Rows { bits: &head.lm_head, rows: self.cfg.vocab_size, k_dim: h },
+            None,
+            out,
+        );
         Ok(())
     }
 
@@ -415,11 +456,11 @@ impl StageModel {
         let normed = grow(&mut s.normed, n * h);
         rms_norm(x, &lw.input_norm, cfg.rms_norm_eps, normed);
         let q = grow(&mut s.q, n * qd);
-        matmul_bf16(pool, normed, n, h, &lw.attn.q_w, qd, Some(&lw.attn.q_b), q);
+        matmul_bf16(pool, normed, n, Bf16Rows { bits: &lw.attn.q_w, rows: qd, k_dim: h }, Some(&lw.attn.q_b[..]), q);
         let k = grow(&mut s.k, n * kvd);
-        matmul_bf16(pool, normed, n, h, &lw.attn.k_w, kvd, Some(&lw.attn.k_b), k);
+        matmul_bf16(pool, normed, n, Bf16Rows { bits: &lw.attn.k_w, rows: kvd, k_dim: h }, Some(&lw.attn.k_b[..]), k);
         let v = grow(&mut s.v, n * kvd);
-        matmul_bf16(pool, normed, n, h, &lw.attn.v_w, kvd, Some(&lw.attn.v_b), v);
+        matmul_bf16(pool, normed, n, Bf16Rows { bits: &lw.attn.v_w, rows: kvd, k_dim: h }, Some(&lw.attn.v_b[..]), v);
         let mut t = 0;
         for seq in &batch.seqs {
             for i in 0..seq.tokens {
@@ -446,7 +487,7 @@ impl StageModel {
             out: attn,
         });
         let proj = grow(&mut s.proj, n * h);
-        matmul_bf16(pool, attn, n, qd, &lw.attn.o_w, h, Some(&lw.attn.o_b), proj);
+        matmul_bf16(pool, attn, n, Bf16Rows { bits: &lw.attn.o_w, rows: h, k_dim: qd }, Some(&lw.attn.o_b[..]), proj);
         for (xv, pv) in x.iter_mut().zip(proj.iter()) {
             *xv += *pv;
         }
@@ -457,7 +498,7 @@ impl StageModel {
         let e = cfg.num_local_experts;
         let top_k = cfg.num_experts_per_tok;
         let router = grow(&mut s.router, n * e);
-        matmul_bf16(pool, normed, n, h, &lw.moe.router_w, e, Some(&lw.moe.router_b), router);
+        matmul_bf16(pool, normed, n, Bf16Rows { bits: &lw.moe.router_w, rows: e, k_dim: h }, Some(&lw.moe.router_b[..]), router);
         s.routes.clear();
         for logits in router.chunks_exact(e) {
             route(logits, top_k, &mut s.routes);

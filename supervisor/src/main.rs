@@ -1,11 +1,25 @@
 //! `gptossd`: the daemon and its command-line tools.
+//!
+//! Reads like a runbook: parse the arguments into a checked command, run it, and turn any
+//! error into one line on stderr naming the file or flag at fault, with exit status 1
+//! (2 for bad usage, from clap).
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context;
-use clap::{Parser, Subcommand};
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use gptossd::chat::parser::parse_reply;
+use gptossd::chat::render::{Conversation, Message, SystemOptions};
+use gptossd::chat::tokenizer::Tokenizer;
+use gptossd::local_engine::{FinishReason, GenerateOptions, LocalEngine};
+use gptossd::launch::{pipeline_config, LaunchOptions};
+use gptossd::pipeline::{self, Finish, GenEvent, GenRequest};
+use gptossd::{bench, civil_date};
+use gptossd_stage::sampler::STOP_TOKENS;
 use gptossd_shared::testmodel::{write_test_model, Preset};
+use gptossd_stage::sampler::{SamplingParams, Sampler};
 
 #[derive(Parser)]
 #[command(name = "gptossd", version, about = "Local inference daemon for OpenAI's GPT-OSS models")]
@@ -16,6 +30,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate text with a model, in this process.
+    Generate(GenerateArgs),
     /// Write a random checkpoint in the Hugging Face format of openai/gpt-oss-20b.
     MakeTestModel {
         /// tiny, bench or 20b-shape
@@ -26,6 +42,50 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Measure prefill and decode speed and memory on a model.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Model directory (Hugging Face layout). Without it, the tiny test model is made (once)
+    /// in ./models/tiny-seed0 and used.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Raw text to continue (no chat format).
+    #[arg(long, group = "input")]
+    prompt: Option<String>,
+    /// A user message, rendered in the harmony chat format.
+    #[arg(long, group = "input")]
+    chat: Option<String>,
+    /// Prompt token ids, comma-separated.
+    #[arg(long, group = "input", value_delimiter = ',')]
+    prompt_tokens: Option<Vec<u32>>,
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Print one JSON object instead of the text.
+    #[arg(long)]
+    json: bool,
+    /// CPU threads for the kernels (default: all cores; with --stages, per stage).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Run through S stage worker processes (the pipeline) instead of in this process.
+    #[arg(long)]
+    stages: Option<usize>,
+    /// Many requests at once: a file of JSON lines `{"prompt_tokens": [...], "max_tokens": N,
+    /// "temperature": T, "seed": S}`; prints one JSON line per request, in file order.
+    /// Requires --stages (they run concurrently through the scheduler).
+    #[arg(long, group = "input")]
+    requests: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -41,11 +101,260 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Generate(args) => generate(args),
         Command::MakeTestModel { preset, seed, out } => {
             let bytes = write_test_model(preset, seed, &out)
                 .with_context(|| format!("writing the test model to {}", out.display()))?;
             eprintln!("wrote {bytes} bytes of weights to {}", out.display());
             Ok(())
         }
+        Command::Bench(args) => bench::run(&args),
     }
+}
+
+/// The model to use: the given one, or the tiny test model (made on first use).
+fn resolve_model(model: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = model {
+        return Ok(dir);
+    }
+    let dir = Path::new("models").join("tiny-seed0");
+    if dir.join("config.json").is_file() {
+        eprintln!("gptossd: no --model given: using the tiny test model in {}", dir.display());
+    } else {
+        eprintln!(
+            "gptossd: no --model given: making the tiny test model (random weights, seed 0) in {}",
+            dir.display()
+        );
+        write_test_model(Preset::Tiny, 0, &dir)
+            .with_context(|| format!("writing the tiny test model to {}", dir.display()))?;
+    }
+    Ok(dir)
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    if args.stages.is_some() || args.requests.is_some() {
+        return generate_pipeline(args);
+    }
+    let tokenizer = Tokenizer::get();
+    let is_chat = args.chat.is_some();
+    let prompt: Vec<u32> = match (&args.prompt, &args.chat, &args.prompt_tokens) {
+        (Some(text), _, _) => tokenizer.encode(text),
+        (_, Some(text), _) => Conversation {
+            system: SystemOptions {
+                current_date: Some(civil_date(std::time::SystemTime::now())),
+                ..SystemOptions::default()
+            },
+            messages: vec![Message::User(text.clone())],
+            ..Conversation::default()
+        }
+        .render_for_completion(&tokenizer),
+        (_, _, Some(ids)) => ids.clone(),
+        _ => bail!("give one of --prompt TEXT, --chat TEXT, --prompt-tokens 1,2,3 or --requests FILE"),
+    };
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        seed: args.seed,
+        logprobs: None,
+    };
+    let sampler = Sampler::new(params, params.resolved_seed()).context("bad sampling flag")?;
+    let dir = resolve_model(args.model)?;
+    let threads = args.threads.unwrap_or_else(default_threads);
+    let context = prompt.len() + args.max_tokens;
+    let mut engine = LocalEngine::load(&dir, threads, context.max(1))
+        .with_context(|| format!("loading the model in {}", dir.display()))?;
+    let opts = GenerateOptions {
+        max_new_tokens: args.max_tokens,
+        sampler,
+        prefill_chunk: 512,
+    };
+    let stream_text = !args.json && !is_chat;
+    let mut utf8 = gptossd::chat::tokenizer::Utf8Stream::new();
+    let mut stdout = std::io::stdout().lock();
+    let generation = engine
+        .generate(&prompt, &opts, |s| {
+            if stream_text && !Tokenizer::is_special(s.token) {
+                if let Ok(bytes) = tokenizer.token_bytes(s.token) {
+                    let _ = write!(stdout, "{}", utf8.push(&bytes));
+                    let _ = stdout.flush();
+                }
+            }
+        })
+        .context("generation failed")?;
+    let ids: Vec<u32> = generation.tokens.iter().map(|s| s.token).collect();
+    let finish = match generation.finish {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    };
+    if is_chat {
+        let (reply, _) = parse_reply(tokenizer, &ids);
+        if args.json {
+            let out = serde_json::json!({
+                "prompt_tokens": prompt, "tokens": ids, "text": reply.content,
+                "reasoning": reply.reasoning, "finish_reason": finish,
+            });
+            writeln!(stdout, "{out}")?;
+        } else {
+            if !reply.reasoning.is_empty() {
+                eprintln!("[reasoning] {}", reply.reasoning);
+            }
+            writeln!(stdout, "{}", reply.content)?;
+        }
+    } else if args.json {
+        let text_ids: Vec<u32> = ids.iter().copied().filter(|&t| !Tokenizer::is_special(t)).collect();
+        let text = tokenizer.decode(&text_ids).unwrap_or_default();
+        let out = serde_json::json!({
+            "prompt_tokens": prompt, "tokens": ids, "text": text, "finish_reason": finish,
+        });
+        writeln!(stdout, "{out}")?;
+    } else {
+        writeln!(stdout, "{}", utf8.finish())?;
+    }
+    Ok(())
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// One line of a `--requests` file.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestLine {
+    prompt_tokens: Vec<u32>,
+    max_tokens: usize,
+    #[serde(default = "one")]
+    temperature: f32,
+    #[serde(default = "one")]
+    top_p: f32,
+    #[serde(default)]
+    top_k: Option<usize>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    priority: i32,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+/// `generate` through the pipeline: real stage worker processes.
+fn generate_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
+    let tokenizer = Tokenizer::get();
+    let lines: Vec<RequestLine> = match (&args.requests, &args.prompt, &args.prompt_tokens, &args.chat) {
+        (Some(file), _, _, _) => {
+            let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+            text.lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+                .map(|(i, l)| {
+                    serde_json::from_str(l).with_context(|| format!("{}: line {}", file.display(), i + 1))
+                })
+                .collect::<Result<_, _>>()?
+        }
+        (None, p, t, c) => {
+            let prompt = match (p, t, c) {
+                (Some(text), _, _) => tokenizer.encode(text),
+                (_, Some(ids), _) => ids.clone(),
+                (_, _, Some(text)) => Conversation {
+                    system: SystemOptions {
+                        current_date: Some(civil_date(std::time::SystemTime::now())),
+                        ..SystemOptions::default()
+                    },
+                    messages: vec![Message::User(text.clone())],
+                    ..Conversation::default()
+                }
+                .render_for_completion(&tokenizer),
+                _ => bail!("give one of --prompt TEXT, --chat TEXT, --prompt-tokens 1,2,3 or --requests FILE"),
+            };
+            vec![RequestLine {
+                prompt_tokens: prompt,
+                max_tokens: args.max_tokens,
+                temperature: args.temperature,
+                top_p: args.top_p,
+                top_k: args.top_k,
+                seed: args.seed,
+                priority: 0,
+            }]
+        }
+    };
+    let dir = resolve_model(args.model.clone())?;
+    let mut opts = LaunchOptions::new(&dir, args.stages.unwrap_or(1));
+    opts.threads_per_stage = args.threads;
+    let cfg = pipeline_config(&opts).with_context(|| format!("setting up the pipeline for {}", dir.display()))?;
+    let handle = pipeline::start(cfg).context("starting the pipeline")?;
+    handle
+        .wait_ready(std::time::Duration::from_secs(600))
+        .map_err(|e| anyhow::anyhow!("the pipeline did not start: {e}"))?;
+    let mut receivers = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let params = SamplingParams {
+            temperature: line.temperature,
+            top_p: line.top_p,
+            top_k: line.top_k,
+            seed: line.seed,
+            logprobs: None,
+        };
+        let sampler = Sampler::new(params, params.resolved_seed()).with_context(|| format!("request {}", i + 1))?;
+        let req = GenRequest {
+            prompt: line.prompt_tokens.clone(),
+            max_new_tokens: line.max_tokens,
+            sampler,
+            priority: line.priority,
+            stop_tokens: STOP_TOKENS.to_vec(),
+        };
+        let (_, rx) = handle.submit(req).with_context(|| format!("request {}", i + 1))?;
+        receivers.push(rx);
+    }
+    let mut stdout = std::io::stdout().lock();
+    let mut failed = None;
+    for (line, rx) in lines.iter().zip(receivers) {
+        let mut ids = Vec::new();
+        let mut finish = "length";
+        for ev in rx.iter() {
+            match ev {
+                GenEvent::Token { token, .. } => ids.push(token),
+                GenEvent::Finished(f) => {
+                    finish = match f {
+                        Finish::Stop => "stop",
+                        Finish::Length => "length",
+                        Finish::Cancelled => "cancelled",
+                    };
+                    break;
+                }
+                GenEvent::Failed(message) => {
+                    failed = Some(message);
+                    break;
+                }
+            }
+        }
+        let text_ids: Vec<u32> = ids.iter().copied().filter(|&t| !Tokenizer::is_special(t)).collect();
+        let text = tokenizer.decode(&text_ids).unwrap_or_default();
+        if args.json || args.requests.is_some() {
+            let out = serde_json::json!({
+                "prompt_tokens": line.prompt_tokens, "tokens": ids, "text": text, "finish_reason": finish,
+            });
+            writeln!(stdout, "{out}")?;
+        } else {
+            writeln!(stdout, "{text}")?;
+        }
+    }
+    let status = handle.status();
+    handle.shutdown(std::time::Duration::from_secs(5));
+    for s in &status.stages {
+        if s.restarts > 0 {
+            eprintln!(
+                "gptossd: stage {} restarted {} times (last error: {})",
+                s.index,
+                s.restarts,
+                s.last_error.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    if let Some(message) = failed {
+        bail!("generation failed: {message}");
+    }
+    Ok(())
 }

@@ -1,0 +1,366 @@
+//! The stage worker process: one slice of the model's layers, fed by one shared-memory ring
+//! and feeding the next, steered over one control socket.
+//!
+//! Threads: the **compute loop** (this module's [`run`]) takes a step from the input ring,
+//! computes it straight into the output ring's next slot, commits, and repeats; a **control
+//! reader** applies supervisor messages (epoch, drain, shutdown, ring replacement); a
+//! **heartbeat** thread reports progress at a fixed interval, so a stopped or wedged compute
+//! loop is visible to the supervisor even though the process is alive.
+//!
+//! Invariants: steps are handled strictly in ring order (the KV pool relies on it: a step's
+//! writes happen before those of any later step); a step of an older epoch than the current one
+//! is dropped without computing; nothing a peer wrote into a slot is trusted (a bad header fails
+//! the step, it does not crash the worker).
+
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gptossd_shared::protocol::{
+    read_message, read_slot_header, write_message, write_slot_header, SampleSpec, SeqToken,
+    StepHeader, StepOutcome, StepResult, SupervisorMsg, WorkerMsg,
+};
+use gptossd_shared::ring::{recv_fd, Consumer, Producer, Ring, RingError};
+use interprocess::os::unix::uds_local_socket::Stream;
+
+use crate::model::{Logits, SeqStep, StageModel, StepBatch};
+use crate::sampler::{SampleScratch, Sampler, SamplingParams};
+
+/// How long one ring wait lasts before the loop re-checks its flags.
+const POLL: Duration = Duration::from_millis(50);
+
+/// State shared by the worker's threads.
+pub struct Shared {
+    pub epoch: AtomicU64,
+    pub shutdown: AtomicBool,
+    pub steps_done: AtomicU64,
+    /// Step being computed and when it started.
+    pub busy: Mutex<Option<(u64, Instant)>>,
+    /// Replacement rings sent by the supervisor after a neighbour crashed.
+    pub new_in: Mutex<Option<Ring>>,
+    pub new_out: Mutex<Option<Ring>>,
+}
+
+impl Shared {
+    pub fn new(epoch: u64) -> Arc<Self> {
+        Arc::new(Self {
+            epoch: AtomicU64::new(epoch),
+            shutdown: AtomicBool::new(false),
+            steps_done: AtomicU64::new(0),
+            busy: Mutex::new(None),
+            new_in: Mutex::new(None),
+            new_out: Mutex::new(None),
+        })
+    }
+}
+
+/// Which ring a replacement is for.
+#[derive(Debug, Clone, Copy)]
+pub enum Side {
+    In,
+    Out,
+}
+
+/// Reads supervisor messages until the socket closes or a shutdown arrives. A replacement
+/// ring's descriptor follows its [`SupervisorMsg`] on the socket (SCM_RIGHTS).
+pub fn control_reader(stream: Arc<Stream>, shared: Arc<Shared>) {
+    loop {
+        let msg: SupervisorMsg = match read_message(&mut &*stream) {
+            Ok(m) => m,
+            Err(_) => {
+                // The supervisor is gone: nothing more to do.
+                shared.shutdown.store(true, Ordering::SeqCst);
+                return;
+            }
+        };
+        match msg {
+            SupervisorMsg::SetEpoch { epoch } => shared.epoch.store(epoch, Ordering::SeqCst),
+            SupervisorMsg::ReleaseBlocks { .. } => {}
+            SupervisorMsg::Drain => {
+                let _ = write_message(&mut &*stream, &WorkerMsg::Drained);
+            }
+            SupervisorMsg::Shutdown => {
+                shared.shutdown.store(true, Ordering::SeqCst);
+                return;
+            }
+            SupervisorMsg::ReplaceRing { input } => {
+                let ring = recv_fd(&*stream).and_then(Ring::from_fd);
+                match ring {
+                    Ok(ring) => {
+                        let slot = if input { &shared.new_in } else { &shared.new_out };
+                        if let Ok(mut s) = slot.lock() {
+                            *s = Some(ring);
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("gptossd-stage: replacement ring rejected: {e}");
+                        shared.shutdown.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sends a heartbeat every `interval` until shutdown.
+pub fn heartbeat(stream: Arc<Stream>, shared: Arc<Shared>, interval: Duration) {
+    while !shared.shutdown.load(Ordering::SeqCst) {
+        let busy = shared
+            .busy
+            .lock()
+            .ok()
+            .and_then(|b| b.map(|(step, since)| (step, since.elapsed().as_millis() as u64)));
+        let msg = WorkerMsg::Heartbeat {
+            steps_done: shared.steps_done.load(Ordering::SeqCst),
+            busy,
+        };
+        if write_message(&mut &*stream, &msg).is_err() {
+            shared.shutdown.store(true, Ordering::SeqCst);
+            return;
+        }
+        std::thread::sleep(interval);
+    }
+}
+
+/// The rings of this stage and their attached ends.
+pub struct Hops {
+    pub input: Ring,
+    pub output: Ring,
+}
+
+/// Why the compute loop stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum LoopError {
+    #[error("ring: {0}")]
+    Ring(#[from] RingError),
+}
+
+/// The compute loop: until shutdown, take a step, compute it into the next hop, commit.
+pub fn run(model: &mut StageModel, hops: Hops, shared: &Shared) -> Result<(), LoopError> {
+    let mut in_ring = hops.input;
+    let mut out_ring = hops.output;
+    let mut consumer: Option<Consumer> = Some(in_ring.consumer()?);
+    let mut producer: Option<Producer> = Some(out_ring.producer()?);
+    let mut scratch = StepScratch::default();
+    // Set when a ring was found closed: its end is dropped at the top of the next turn.
+    let (mut lost_input, mut lost_output) = (false, false);
+    while !shared.shutdown.load(Ordering::SeqCst) {
+        if std::mem::take(&mut lost_input) {
+            consumer = None;
+        }
+        if std::mem::take(&mut lost_output) {
+            producer = None;
+        }
+        if let Some(ring) = shared.new_in.lock().ok().and_then(|mut s| s.take()) {
+            drop(consumer.take());
+            in_ring = ring;
+            consumer = Some(in_ring.consumer()?);
+        }
+        if let Some(ring) = shared.new_out.lock().ok().and_then(|mut s| s.take()) {
+            drop(producer.take());
+            out_ring = ring;
+            producer = Some(out_ring.producer()?);
+        }
+        let Some(cons) = consumer.as_mut() else {
+            std::thread::sleep(POLL);
+            continue;
+        };
+        let slot = match cons.recv(POLL) {
+            Ok(slot) => slot,
+            Err(RingError::Timeout(_)) => continue,
+            Err(RingError::Closed) | Err(RingError::Stale(_)) => {
+                // The neighbour upstream died; the supervisor sends a replacement.
+                lost_input = true;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let parsed: Result<(StepHeader, usize), _> = read_slot_header(&slot);
+        let Ok((header, payload_at)) = parsed else {
+            eprintln!("gptossd-stage: dropping a slot with an unreadable header");
+            continue;
+        };
+        if header.epoch < shared.epoch.load(Ordering::SeqCst) {
+            continue;
+        }
+        if let Ok(mut b) = shared.busy.lock() {
+            *b = Some((header.step, Instant::now()));
+        }
+        let Some(prod) = producer.as_mut() else {
+            continue;
+        };
+        let written = compute_step(model, &header, &slot[payload_at..], prod, &mut scratch);
+        drop(slot);
+        match written {
+            Ok(()) => {}
+            Err(RingError::Closed) | Err(RingError::Stale(_)) => {
+                lost_output = true;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if let Ok(mut b) = shared.busy.lock() {
+            *b = None;
+        }
+        shared.steps_done.fetch_add(1, Ordering::SeqCst);
+    }
+    Ok(())
+}
+
+/// Buffers reused across steps.
+#[derive(Default)]
+struct StepScratch {
+    x: Vec<f32>,
+    logits: Vec<f32>,
+    sample: SampleScratch,
+}
+
+fn batch_of(header: &StepHeader, last_stage: bool) -> StepBatch {
+    StepBatch {
+        seqs: header
+            .seqs
+            .iter()
+            .map(|s| SeqStep {
+                start_pos: s.start_pos as usize,
+                tokens: s.tokens as usize,
+                blocks: s.blocks.clone(),
+                logits: if last_stage && s.sample.is_some() { Logits::Last } else { Logits::None },
+            })
+            .collect(),
+    }
+}
+
+/// Computes one step into the next hop's slot. A step the model rejects becomes a failed
+/// result (last stage) or is forwarded as a failure marker (an empty-sequence header is not
+/// possible, so the header is forwarded with no payload and the last stage reports it).
+fn compute_step(
+    model: &mut StageModel,
+    header: &StepHeader,
+    payload: &[u8],
+    prod: &mut Producer,
+    scratch: &mut StepScratch,
+) -> Result<(), RingError> {
+    let h = model.config().hidden_size;
+    let n = header.total_tokens();
+    let last = model.is_last();
+    let first = model.weights().embedding.is_some();
+    let batch = batch_of(header, last);
+
+    // Input: token ids on the first hop, hidden states afterwards.
+    let input_ok = if first {
+        payload.len() >= n * 4
+    } else {
+        payload.len() >= n * h * 4
+    };
+
+    if last {
+        let outcome = if !input_ok {
+            StepOutcome::Failed(format!("step {}: payload too short", header.step))
+        } else {
+            scratch.x.clear();
+            scratch.x.resize(n * h, 0.0);
+            let mut result = Ok(());
+            if first {
+                let ids = as_u32(&payload[..n * 4]);
+                result = model.embed(&batch, &ids, &mut scratch.x);
+            } else {
+                copy_f32(&payload[..n * h * 4], &mut scratch.x);
+            }
+            let result = result
+                .and_then(|()| model.run_layers(&batch, &mut scratch.x))
+                .and_then(|()| model.logits(&batch, &scratch.x, &mut scratch.logits));
+            match result {
+                Ok(()) => sample_all(header, &scratch.logits, model.config().vocab_size, &mut scratch.sample),
+                Err(e) => StepOutcome::Failed(format!("step {}: {e}", header.step)),
+            }
+        };
+        let mut slot = prod.reserve(Duration::MAX)?;
+        let result = StepResult { epoch: header.epoch, step: header.step, outcome };
+        let len = write_slot_header(&mut slot, &result).map_err(|e| RingError::Corrupt(e.to_string()))?;
+        return slot.commit(len);
+    }
+
+    let mut slot = prod.reserve(Duration::MAX)?;
+    let offset = write_slot_header(&mut slot, header).map_err(|e| RingError::Corrupt(e.to_string()))?;
+    let x = slot.view_mut::<f32>(offset, n * h)?;
+    let result = if !input_ok {
+        Err(None)
+    } else if first {
+        let ids = as_u32(&payload[..n * 4]);
+        model.embed(&batch, &ids, x).map_err(Some)
+    } else {
+        copy_f32(&payload[..n * h * 4], x);
+        Ok(())
+    }
+    .and_then(|()| model.run_layers(&batch, x).map_err(Some));
+    match result {
+        Ok(()) => slot.commit(offset + n * h * 4),
+        Err(e) => {
+            // Forward the header without hidden states: the next stages see a short payload
+            // and the last stage reports the step as failed.
+            if let Some(e) = e {
+                eprintln!("gptossd-stage: step {} failed: {e}", header.step);
+            }
+            slot.commit(offset)
+        }
+    }
+}
+
+fn sample_all(header: &StepHeader, logits: &[f32], vocab: usize, scratch: &mut SampleScratch) -> StepOutcome {
+    let mut tokens = Vec::new();
+    let mut row = 0;
+    for s in &header.seqs {
+        let Some(spec) = s.sample else { continue };
+        let Some(row_logits) = logits.get(row * vocab..(row + 1) * vocab) else {
+            return StepOutcome::Failed(format!("step {}: missing logits", header.step));
+        };
+        row += 1;
+        match sample_one(&spec, row_logits, scratch) {
+            Ok(t) => tokens.push(SeqToken { seq: s.seq, token: t.0, logprob: t.1, top: t.2 }),
+            Err(e) => return StepOutcome::Failed(format!("step {} sequence {}: {e}", header.step, s.seq)),
+        }
+    }
+    StepOutcome::Tokens(tokens)
+}
+
+type SampledTuple = (u32, f32, Vec<(u32, f32)>);
+
+fn sample_one(spec: &SampleSpec, logits: &[f32], scratch: &mut SampleScratch) -> Result<SampledTuple, String> {
+    let params = SamplingParams {
+        temperature: spec.temperature,
+        top_p: spec.top_p,
+        top_k: if spec.top_k == 0 { None } else { Some(spec.top_k as usize) },
+        seed: Some(spec.seed),
+        logprobs: if spec.logprobs == 0 { None } else { Some(spec.logprobs as usize) },
+    };
+    let sampler = Sampler::new(params, spec.seed).map_err(|e| e.to_string())?;
+    let s = sampler.sample_with(logits, spec.index, scratch).map_err(|e| e.to_string())?;
+    Ok((s.token, s.logprob, s.top))
+}
+
+fn as_u32(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn copy_f32(bytes: &[u8], out: &mut [f32]) {
+    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+        *o = f32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+    }
+}
+
+/// Sends one message on the control socket, ignoring a closed socket (the reader thread
+/// notices that and stops the worker).
+pub fn send(stream: &Stream, msg: &WorkerMsg) {
+    let _ = write_message(&mut &*stream, msg);
+    let _ = (&*stream).flush();
+}
+
+/// Keeps an fd alive (used for the inherited ring descriptors until they are mapped).
+pub fn ring_from_inherited(fd: OwnedFd) -> Result<Ring, RingError> {
+    Ring::from_fd(fd)
+}

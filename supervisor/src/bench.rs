@@ -1,0 +1,222 @@
+//! `gptossd bench`: prefill and decode speed, read bandwidth and peak memory on a model, all
+//! measured in one process so ratios between them are meaningful on a noisy machine.
+//!
+//! Figures (one JSON object per batch size): `prefill_tok_s` (one prompt of `--prompt-len`
+//! tokens), `decode_tok_s` (aggregate over `--batch` sequences decoding together, greedy),
+//! `read_bandwidth_gbs` (a plain read over 512 MiB, measured in the same run),
+//! `bytes_per_decode_token` (weights a batch-1 decode step reads: every layer's attention,
+//! router and top-k experts, the LM head and one embedding row), `roofline_fraction`
+//! (decode bytes/s at batch 1 ÷ read bandwidth), `peak_rss_bytes` (VmHWM).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use gptossd_shared::checkpoint::Checkpoint;
+use gptossd_shared::config::ModelConfig;
+use gptossd_shared::weights::{StageSpan, StageWeights};
+use gptossd_stage::kv::KvConfig;
+use gptossd_stage::model::{Logits, SeqStep, StageInput, StageModel, StepBatch};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    #[arg(long, default_value_t = 512)]
+    pub prompt_len: usize,
+    /// Decode steps timed per batch size.
+    #[arg(long, default_value_t = 16)]
+    pub gen: usize,
+    /// Batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    pub batch: Vec<usize>,
+    /// Pipeline stages (only 1 until the pipeline lands in the bench).
+    #[arg(long, default_value_t = 1)]
+    pub stages: usize,
+    /// Print JSON lines only.
+    #[arg(long)]
+    pub json: bool,
+}
+
+const BLOCK: usize = 16;
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    if args.stages != 1 {
+        bail!("--stages {}: the bench runs one in-process stage for now", args.stages);
+    }
+    let bandwidth = read_bandwidth_gbs();
+    let cfg = ModelConfig::load(&args.model)?;
+    let ckpt = Checkpoint::open(&args.model)?;
+    let weights = StageWeights::load(&ckpt, &cfg, &StageSpan::whole(&cfg))?;
+    let bytes_per_token = decode_bytes_per_token(&weights, &cfg);
+    let max_batch = args.batch.iter().copied().max().unwrap_or(1);
+    let per_seq_blocks = (args.prompt_len + args.gen + 1).div_ceil(BLOCK);
+    let kv = KvConfig {
+        num_blocks: per_seq_blocks * (max_batch + 1),
+        block_size: BLOCK,
+    };
+    let mut model = StageModel::new(cfg.clone(), weights, kv, args.threads);
+    let prompt: Vec<u32> = (0..args.prompt_len as u32).map(|i| (i * 7919 + 13) % 199_000).collect();
+    let mut logits = Vec::new();
+
+    // Prefill of one prompt (sequence slot 0), timed.
+    let table = |s: usize| -> Vec<u32> {
+        ((s * per_seq_blocks) as u32..((s + 1) * per_seq_blocks) as u32).collect()
+    };
+    let t0 = Instant::now();
+    let batch = StepBatch {
+        seqs: vec![SeqStep {
+            start_pos: 0,
+            tokens: prompt.len(),
+            blocks: table(0),
+            logits: Logits::Last,
+        }],
+    };
+    model
+        .forward(&batch, StageInput::Tokens(&prompt), &mut logits)
+        .context("prefill step")?;
+    let prefill_tok_s = prompt.len() as f64 / t0.elapsed().as_secs_f64();
+
+    for &b in &args.batch {
+        // Short prompts for the other sequences (untimed), then `gen` batched decode steps.
+        let short: Vec<u32> = prompt[..prompt.len().min(8)].to_vec();
+        let mut positions = vec![prompt.len(); b];
+        for (s, p) in positions.iter_mut().enumerate().skip(1) {
+            let batch = StepBatch {
+                seqs: vec![SeqStep {
+                    start_pos: 0,
+                    tokens: short.len(),
+                    blocks: table(s),
+                    logits: Logits::Last,
+                }],
+            };
+            model.forward(&batch, StageInput::Tokens(&short), &mut logits)?;
+            *p = short.len();
+        }
+        let mut times = Vec::with_capacity(args.gen);
+        let mut next: Vec<u32> = vec![1000; b];
+        for _ in 0..args.gen {
+            let batch = StepBatch {
+                seqs: (0..b)
+                    .map(|s| SeqStep {
+                        start_pos: positions[s],
+                        tokens: 1,
+                        blocks: table(s),
+                        logits: Logits::Last,
+                    })
+                    .collect(),
+            };
+            let t = Instant::now();
+            model.forward(&batch, StageInput::Tokens(&next), &mut logits)?;
+            times.push(t.elapsed().as_secs_f64());
+            for (s, row) in logits.chunks_exact(cfg.vocab_size).enumerate() {
+                next[s] = argmax(row);
+                positions[s] += 1;
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        let decode_tok_s = b as f64 / median;
+        let out = serde_json::json!({
+            "batch": b,
+            "stages": args.stages,
+            "threads": args.threads,
+            "prompt_len": args.prompt_len,
+            "prefill_tok_s": round(prefill_tok_s),
+            "decode_tok_s": round(decode_tok_s),
+            "decode_step_median_ms": round(median * 1e3),
+            "read_bandwidth_gbs": round(bandwidth),
+            "bytes_per_decode_token": bytes_per_token,
+            "roofline_fraction": if b == 1 { round(bytes_per_token as f64 / median / 1e9 / bandwidth) } else { serde_json::Value::Null },
+            "peak_rss_bytes": peak_rss_bytes(),
+            "checkpoint_bytes": ckpt.payload_bytes(),
+        });
+        println!("{out}");
+    }
+    Ok(())
+}
+
+fn round(x: f64) -> serde_json::Value {
+    serde_json::json!((x * 1000.0).round() / 1000.0)
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Weights one batch-1 decode token reads.
+fn decode_bytes_per_token(w: &StageWeights, cfg: &ModelConfig) -> u64 {
+    let h = cfg.hidden_size as u64;
+    let mut total = h * 2; // one embedding row
+    if let Some(head) = &w.head {
+        total += (head.norm.len() + head.lm_head.len()) as u64 * 2;
+    }
+    let e = cfg.num_local_experts as u64;
+    for l in &w.layers {
+        let a = &l.attn;
+        let dense = l.input_norm.len()
+            + l.post_attn_norm.len()
+            + a.q_w.len()
+            + a.q_b.len()
+            + a.k_w.len()
+            + a.k_b.len()
+            + a.v_w.len()
+            + a.v_b.len()
+            + a.o_w.len()
+            + a.o_b.len()
+            + a.sinks.len()
+            + l.moe.router_w.len()
+            + l.moe.router_b.len();
+        total += dense as u64 * 2;
+        let experts = (l.moe.gate_up.blocks.len()
+            + l.moe.gate_up.scales.len()
+            + l.moe.down.blocks.len()
+            + l.moe.down.scales.len()) as u64
+            + (l.moe.gate_up_b.len() + l.moe.down_b.len()) as u64 * 2;
+        total += experts / e * cfg.num_experts_per_tok as u64;
+    }
+    total
+}
+
+/// GB/s of one thread summing 512 MiB (median of 3 passes).
+fn read_bandwidth_gbs() -> f64 {
+    let words = 512 * 1024 * 1024 / 8;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let mut rates = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let mut acc = [0u64; 8];
+        for chunk in buf.chunks_exact(8) {
+            for (a, &v) in acc.iter_mut().zip(chunk) {
+                *a = a.wrapping_add(v);
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        std::hint::black_box(acc);
+        rates.push((words * 8) as f64 / secs / 1e9);
+    }
+    rates.sort_by(f64::total_cmp);
+    rates[1]
+}
+
+/// Peak resident memory of this process (VmHWM), in bytes; 0 if unknown.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}

@@ -1,0 +1,171 @@
+//! Generation in one process: the whole model as a single stage, one sequence at a time.
+//!
+//! This is the reference path that the pipeline must reproduce token for token: prefill in
+//! chunks, then decode, sampling each token from the last position's logits with the
+//! sequence's seed and the token's index (so the same seed gives the same tokens on any path).
+
+use std::path::Path;
+
+use gptossd_shared::checkpoint::{Checkpoint, CheckpointError};
+use gptossd_shared::config::{ConfigError, ModelConfig};
+use gptossd_shared::weights::{StageSpan, StageWeights};
+use gptossd_shared::VOCAB_EDGE;
+use gptossd_stage::kv::KvConfig;
+use gptossd_stage::model::{Logits, SeqStep, StageInput, StageModel, StepBatch, StepError};
+use gptossd_stage::sampler::{is_stop_token, LogitsError, SampleScratch, Sampled, Sampler};
+
+/// Positions per KV block for the local engine.
+const BLOCK_SIZE: usize = 16;
+
+/// Why a generation could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("prompt token {id} at index {index} is outside the vocabulary (ids < {VOCAB_EDGE})")]
+    TokenOutOfRange { id: u32, index: usize },
+    #[error("prompt ({prompt} tokens) plus max_tokens ({max_new}) exceeds the context ({context})")]
+    TooLong {
+        prompt: usize,
+        max_new: usize,
+        context: usize,
+    },
+    #[error("model step failed: {0}")]
+    Step(#[from] StepError),
+    #[error("sampling failed: {0}")]
+    Sampling(#[from] LogitsError),
+}
+
+/// Why generation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token was generated (it is the last token).
+    Stop,
+    /// `max_new_tokens` were generated.
+    Length,
+}
+
+/// The result of one generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Generated tokens with their logprobs, the stop token included when there is one.
+    pub tokens: Vec<Sampled>,
+    pub finish: FinishReason,
+}
+
+/// Options of one generation.
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampler: Sampler,
+    /// Largest prefill chunk.
+    pub prefill_chunk: usize,
+}
+
+/// The whole model in this process.
+pub struct LocalEngine {
+    model: StageModel,
+    scratch: SampleScratch,
+}
+
+impl LocalEngine {
+    /// Loads the model in `dir` with a KV pool for `max_context` positions.
+    pub fn load(dir: &Path, threads: usize, max_context: usize) -> Result<Self, EngineError> {
+        let cfg = ModelConfig::load(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        let weights = StageWeights::load(&ckpt, &cfg, &StageSpan::whole(&cfg))?;
+        let context = max_context.min(cfg.max_position_embeddings);
+        let kv = KvConfig {
+            num_blocks: context.div_ceil(BLOCK_SIZE),
+            block_size: BLOCK_SIZE,
+        };
+        Ok(Self {
+            model: StageModel::new(cfg, weights, kv, threads),
+            scratch: SampleScratch::default(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    /// Positions the KV pool can hold.
+    pub fn context(&self) -> usize {
+        let kv = self.model.kv_config();
+        kv.num_blocks * kv.block_size
+    }
+
+    /// Generates up to `opts.max_new_tokens` tokens after `prompt`; `on_token` sees each one as
+    /// it is sampled.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        mut on_token: impl FnMut(&Sampled),
+    ) -> Result<Generation, EngineError> {
+        if prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if let Some((index, &id)) = prompt.iter().enumerate().find(|(_, &id)| id >= VOCAB_EDGE) {
+            return Err(EngineError::TokenOutOfRange { id, index });
+        }
+        let context = self.context();
+        if prompt.len() + opts.max_new_tokens > context {
+            return Err(EngineError::TooLong {
+                prompt: prompt.len(),
+                max_new: opts.max_new_tokens,
+                context,
+            });
+        }
+        let blocks: Vec<u32> = (0..self.model.kv_config().num_blocks as u32).collect();
+        let mut logits = Vec::new();
+        let chunk = opts.prefill_chunk.max(1);
+        let mut pos = 0;
+        while pos < prompt.len() {
+            let n = chunk.min(prompt.len() - pos);
+            let last = pos + n == prompt.len();
+            let batch = StepBatch {
+                seqs: vec![SeqStep {
+                    start_pos: pos,
+                    tokens: n,
+                    blocks: blocks.clone(),
+                    logits: if last { Logits::Last } else { Logits::None },
+                }],
+            };
+            self.model
+                .forward(&batch, StageInput::Tokens(&prompt[pos..pos + n]), &mut logits)?;
+            pos += n;
+        }
+        let mut tokens = Vec::with_capacity(opts.max_new_tokens);
+        let mut finish = FinishReason::Length;
+        while tokens.len() < opts.max_new_tokens {
+            let sampled = opts
+                .sampler
+                .sample_with(&logits, tokens.len() as u64, &mut self.scratch)?;
+            on_token(&sampled);
+            let token = sampled.token;
+            tokens.push(sampled);
+            if is_stop_token(token) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            if tokens.len() == opts.max_new_tokens {
+                break;
+            }
+            let batch = StepBatch {
+                seqs: vec![SeqStep {
+                    start_pos: pos,
+                    tokens: 1,
+                    blocks: blocks.clone(),
+                    logits: Logits::Last,
+                }],
+            };
+            self.model.forward(&batch, StageInput::Tokens(&[token]), &mut logits)?;
+            pos += 1;
+        }
+        Ok(Generation { tokens, finish })
+    }
+}
