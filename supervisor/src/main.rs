@@ -86,6 +86,15 @@ struct GenerateArgs {
     /// Requires --stages (they run concurrently through the scheduler).
     #[arg(long, group = "input")]
     requests: Option<PathBuf>,
+    /// With --stages: KV cache size in tokens (all sequences together).
+    #[arg(long, default_value_t = 65_536)]
+    kv_cache_tokens: usize,
+    /// With --stages: most requests waiting for admission; more are rejected.
+    #[arg(long, default_value_t = 256)]
+    max_waiting: usize,
+    /// With --stages: on SIGTERM/SIGINT, how long running requests may take to finish.
+    #[arg(long, default_value_t = 30)]
+    drain_grace_secs: u64,
 }
 
 fn main() -> ExitCode {
@@ -283,11 +292,26 @@ fn generate_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
     let dir = resolve_model(args.model.clone())?;
     let mut opts = LaunchOptions::new(&dir, args.stages.unwrap_or(1));
     opts.threads_per_stage = args.threads;
+    opts.kv_cache_tokens = args.kv_cache_tokens;
+    opts.max_waiting = args.max_waiting;
     let cfg = pipeline_config(&opts).with_context(|| format!("setting up the pipeline for {}", dir.display()))?;
     let handle = pipeline::start(cfg).context("starting the pipeline")?;
     handle
         .wait_ready(std::time::Duration::from_secs(600))
         .map_err(|e| anyhow::anyhow!("the pipeline did not start: {e}"))?;
+    // SIGTERM/SIGINT: drain (running requests finish within the grace period), then exit 0.
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
+        .context("installing signal handlers")?;
+    {
+        let handle = handle.clone();
+        let grace = std::time::Duration::from_secs(args.drain_grace_secs);
+        std::thread::spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                eprintln!("gptossd: signal {sig}: draining (grace {grace:?})");
+                handle.shutdown(grace);
+            }
+        });
+    }
     let mut receivers = Vec::new();
     for (i, line) in lines.iter().enumerate() {
         let params = SamplingParams {

@@ -688,14 +688,8 @@ impl Engine {
         for line in &tail {
             eprintln!("gptossd: [stage {st} stderr] {line}");
         }
-        self.epoch += 1;
-        for (i, s) in self.stages.iter().enumerate() {
-            if i != st {
-                if let Some(c) = &s.control {
-                    let _ = write_message(&mut &**c, &SupervisorMsg::SetEpoch { epoch: self.epoch });
-                }
-            }
-        }
+        self.stages[st].control = None;
+        self.bump_epoch();
         for hop in [st, st + 1] {
             if let Err(e) = self.replace_ring(hop) {
                 self.mark_unhealthy(format!("cannot replace ring {hop}: {e}"));
@@ -730,6 +724,24 @@ impl Engine {
         stage.restarts += 1;
         stage.state = WorkerState::Restarting;
         stage.restart_at = Some(now + backoff);
+    }
+
+    /// Starts a new epoch: every stage skips steps of older ones, results of older ones are
+    /// dropped here.
+    fn bump_epoch(&mut self) {
+        self.epoch += 1;
+        for s in &self.stages {
+            if let Some(c) = &s.control {
+                let _ = write_message(&mut &**c, &SupervisorMsg::SetEpoch { epoch: self.epoch });
+            }
+        }
+    }
+
+    /// Drops every in-flight step and requeues every running sequence (no worker died).
+    fn replay_all(&mut self) {
+        self.bump_epoch();
+        self.scheduler.stage_failed();
+        self.in_flight.clear();
     }
 
     /// Swaps ring `hop` for a new one: the old one is closed (waking whoever waits on it), the
@@ -824,7 +836,11 @@ impl Engine {
                 let by_seq: HashMap<SeqId, &gptossd_shared::protocol::SeqToken> = tokens.iter().map(|t| (t.seq, t)).collect();
                 match self.scheduler.complete_step(step, &pairs) {
                     Ok(events) => self.deliver(events, &by_seq),
-                    Err(e) => eprintln!("gptossd: step {} result rejected: {e}", result.step),
+                    Err(e) => {
+                        // A result that does not match its step: trust nothing in flight.
+                        eprintln!("gptossd: step {} result rejected ({e}); replaying every sequence", result.step);
+                        self.replay_all();
+                    }
                 }
             }
             StepOutcome::Failed(message) => {

@@ -1,0 +1,274 @@
+//! The pipeline, end to end: the real `gptossd` supervisor, real `gptossd-stage` processes,
+//! shared-memory rings, on the tiny model.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+/// `count` requests of different prompt lengths; greedy, or seeded sampling when `seeded`.
+fn requests(count: usize, max_tokens: usize, seeded: bool) -> Vec<serde_json::Value> {
+    (0..count)
+        .map(|i| {
+            let prompt: Vec<u32> = (0..(2 + 3 * i)).map(|j| (1000 + 7919 * i + 31 * j) as u32 % 199_000).collect();
+            if seeded {
+                json!({"prompt_tokens": prompt, "max_tokens": max_tokens, "temperature": 1.0, "seed": 1000 + i})
+            } else {
+                json!({"prompt_tokens": prompt, "max_tokens": max_tokens, "temperature": 0.0})
+            }
+        })
+        .collect()
+}
+
+fn generate_requests(file: &std::path::Path, stages: usize, extra: &[&str]) -> std::process::Output {
+    let model = tiny_model();
+    let mut cmd = command();
+    cmd.arg("generate")
+        .arg("--model")
+        .arg(&model)
+        .arg("--requests")
+        .arg(file)
+        .args(["--stages", &stages.to_string(), "--threads", "1"])
+        .args(extra);
+    run(&mut cmd, Duration::from_secs(120))
+}
+
+fn tokens_of(lines: &[serde_json::Value]) -> Vec<Vec<u64>> {
+    lines
+        .iter()
+        .map(|l| l["tokens"].as_array().expect("tokens").iter().map(|t| t.as_u64().expect("id")).collect())
+        .collect()
+}
+
+#[test]
+fn four_stages_equal_one_stage_and_the_single_process_path() {
+    let model = tiny_model();
+    let mut reqs = requests(8, 12, false);
+    reqs.extend(requests(8, 12, true));
+    let file = requests_file(&reqs);
+    let four = generate_requests(file.path(), 4, &[]);
+    assert!(four.status.success(), "{}", stderr(&four));
+    let one = generate_requests(file.path(), 1, &[]);
+    assert!(one.status.success(), "{}", stderr(&one));
+    let (four, one) = (stdout_lines(&four), stdout_lines(&one));
+    assert_eq!(four.len(), 16);
+    assert_eq!(tokens_of(&four), tokens_of(&one), "4 stages differ from 1 stage");
+    for (req, got) in reqs.iter().zip(&four) {
+        let ids: Vec<String> = req["prompt_tokens"].as_array().expect("prompt").iter().map(|v| v.to_string()).collect();
+        let mut cmd = command();
+        cmd.arg("generate")
+            .arg("--model")
+            .arg(&model)
+            .args(["--prompt-tokens", &ids.join(","), "--max-tokens", "12", "--json", "--threads", "1"])
+            .args(["--temperature", &req["temperature"].to_string()]);
+        if let Some(seed) = req.get("seed") {
+            cmd.args(["--seed", &seed.to_string()]);
+        }
+        let local = run(&mut cmd, Duration::from_secs(60));
+        assert!(local.status.success(), "{}", stderr(&local));
+        let local = stdout_lines(&local);
+        assert_eq!(local[0]["tokens"], got["tokens"], "the pipeline differs from the single-process path for {req}");
+    }
+    assert_nothing_left(&model);
+}
+
+/// The uninterrupted tokens of the crash tests' requests.
+fn baseline(file: &std::path::Path) -> Vec<Vec<u64>> {
+    let out = generate_requests(file, 4, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    tokens_of(&stdout_lines(&out))
+}
+
+/// Starts a 4-stage run of `file` and hands its workers to `act` once they run.
+fn run_and_disturb(file: &std::path::Path, extra: &[&str], act: impl FnOnce(&[(u32, usize)])) -> (std::process::Output, Duration) {
+    let model = tiny_model();
+    let mut cmd = command();
+    cmd.arg("generate")
+        .arg("--model")
+        .arg(&model)
+        .arg("--requests")
+        .arg(file)
+        .args(["--stages", "4", "--threads", "1"])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let start = Instant::now();
+    let child = cmd.spawn().expect("spawn");
+    let workers = wait_for_workers(&model, 4, Duration::from_secs(30));
+    // Let generation get going before disturbing it.
+    std::thread::sleep(Duration::from_millis(800));
+    act(&workers);
+    let out = wait_with_limit(child, Duration::from_secs(120));
+    (out, start.elapsed())
+}
+
+#[test]
+fn kill_9_of_each_stage_mid_generation_loses_and_duplicates_nothing() {
+    let file = requests_file(&requests(8, 250, false));
+    let want = baseline(file.path());
+    for victim in 0..4 {
+        let (out, _) = run_and_disturb(file.path(), &[], |workers| {
+            let (pid, _) = workers.iter().find(|(_, s)| *s == victim).expect("victim stage");
+            signal(*pid, libc::SIGKILL);
+        });
+        assert!(out.status.success(), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains(&format!("stage {victim} restarted 1 times")), "no restart of stage {victim} reported:\n{err}");
+        assert_eq!(tokens_of(&stdout_lines(&out)), want, "kill -9 of stage {victim} changed the tokens");
+        assert_nothing_left(&tiny_model());
+    }
+}
+
+/// A stopped stage is detected by its missing heartbeats within the heartbeat timeout (2 s by
+/// default), killed and restarted; the run then finishes with the uninterrupted tokens.
+#[test]
+fn a_stopped_stage_is_detected_and_recovered() {
+    let file = requests_file(&requests(8, 250, false));
+    let want = baseline(file.path());
+    let (out, elapsed) = run_and_disturb(file.path(), &[], |workers| {
+        let (pid, _) = workers.iter().find(|(_, s)| *s == 2).expect("stage 2");
+        signal(*pid, libc::SIGSTOP);
+    });
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("stage 2 sent no heartbeat"), "{err}");
+    assert!(err.contains("stage 2 restarted 1 times"), "{err}");
+    assert_eq!(tokens_of(&stdout_lines(&out)), want);
+    // Detection bound: 2 s of heartbeat timeout plus restart; the whole run stays well bounded.
+    assert!(elapsed < Duration::from_secs(60), "took {elapsed:?}");
+    assert_nothing_left(&tiny_model());
+}
+
+#[test]
+fn a_stage_that_crashes_at_every_start_ends_unhealthy_with_its_reason() {
+    let file = requests_file(&requests(2, 20, false));
+    let model = tiny_model();
+    let mut cmd = command();
+    cmd.arg("generate")
+        .arg("--model")
+        .arg(&model)
+        .arg("--requests")
+        .arg(file.path())
+        .args(["--stages", "4", "--threads", "1"])
+        .env("GPTOSSD_FAULT_STAGE2", "crash-after-load");
+    let start = Instant::now();
+    let out = run(&mut cmd, Duration::from_secs(60));
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("stage 2 crashed 6 times"), "{err}");
+    assert!(err.contains("crash-after-load"), "the worker's own stderr should be shown:\n{err}");
+    assert!(start.elapsed() < Duration::from_secs(30), "crash loop took {:?}", start.elapsed());
+    assert_nothing_left(&model);
+}
+
+#[test]
+fn a_stage_that_cannot_load_is_reported_without_restarts() {
+    let broken = tempfile::tempdir().expect("tempdir");
+    let dims = gptossd_shared::testmodel::Preset::Tiny.dims();
+    gptossd_shared::testmodel::write_dims(&dims, 0, broken.path()).expect("model");
+    // Point layer 3's sinks at a tensor name that does not exist.
+    let index_path = broken.path().join("model.safetensors.index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index_path).expect("index")).expect("json");
+    let map = index["weight_map"].as_object_mut().expect("map");
+    let file = map.remove("model.layers.3.self_attn.sinks").expect("tensor");
+    map.insert("model.layers.3.self_attn.sinkz".into(), file);
+    std::fs::write(&index_path, index.to_string()).expect("write");
+    let shard = broken.path().join(
+        index["weight_map"]["model.layers.3.self_attn.sinkz"].as_str().expect("shard"),
+    );
+    let bytes = std::fs::read(&shard).expect("read");
+    let at = bytes
+        .windows(30)
+        .position(|w| w == b"model.layers.3.self_attn.sinks")
+        .expect("name in header");
+    let mut patched = bytes.clone();
+    patched[at + 29] = b'z';
+    std::fs::write(&shard, patched).expect("write");
+
+    let reqs = requests_file(&requests(1, 4, false));
+    let mut cmd = command();
+    cmd.arg("generate")
+        .arg("--model")
+        .arg(broken.path())
+        .arg("--requests")
+        .arg(reqs.path())
+        .args(["--stages", "4", "--threads", "1"]);
+    let out = run(&mut cmd, Duration::from_secs(60));
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("cannot load") && err.contains("model.layers.3.self_attn.sinks"), "{err}");
+    assert!(!err.contains("restarted"), "a load failure must not be restarted:\n{err}");
+    assert_nothing_left(broken.path());
+}
+
+#[test]
+fn a_small_kv_pool_preempts_instead_of_failing() {
+    let file = requests_file(&requests(8, 120, false));
+    let want = baseline(file.path());
+    // 8 sequences of up to 143 tokens need ~80 blocks; give them 20 (320 tokens).
+    let out = generate_requests(file.path(), 4, &["--kv-cache-tokens", "320"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let got = tokens_of(&stdout_lines(&out));
+    let want: Vec<Vec<u64>> = want.iter().map(|t| t[..t.len().min(120)].to_vec()).collect();
+    assert_eq!(got, want);
+    assert_nothing_left(&tiny_model());
+}
+
+#[test]
+fn the_waiting_queue_is_bounded() {
+    let file = requests_file(&requests(6, 4, false));
+    let out = generate_requests(file.path(), 2, &["--max-waiting", "2"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("waiting queue is full (2 requests waiting)"), "{err}");
+    assert_nothing_left(&tiny_model());
+}
+
+#[test]
+fn sigterm_drains_running_requests_then_exits_zero() {
+    let file = requests_file(&requests(8, 250, false));
+    let want = baseline(file.path());
+    // A run that gets SIGTERM in the middle finishes what runs, then exits 0.
+    let model = tiny_model();
+    let mut cmd = command();
+    cmd.arg("generate")
+        .arg("--model")
+        .arg(&model)
+        .arg("--requests")
+        .arg(file.path())
+        .args(["--stages", "4", "--threads", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().expect("spawn");
+    wait_for_workers(&model, 4, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    signal(child.id(), libc::SIGTERM);
+    let out = wait_with_limit(child, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("draining"));
+    assert_eq!(tokens_of(&stdout_lines(&out)), want, "drain must let running requests finish");
+    assert_nothing_left(&model);
+}
+
+#[test]
+fn kill_9_of_the_supervisor_leaves_no_worker_behind() {
+    let file = requests_file(&requests(4, 250, false));
+    let model = tiny_model();
+    let mut cmd = command();
+    cmd.arg("generate")
+        .arg("--model")
+        .arg(&model)
+        .arg("--requests")
+        .arg(file.path())
+        .args(["--stages", "4", "--threads", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().expect("spawn");
+    wait_for_workers(&model, 4, Duration::from_secs(30));
+    signal(child.id(), libc::SIGKILL);
+    let _ = child.wait();
+    assert_nothing_left(&model);
+}
