@@ -1,0 +1,632 @@
+//! Raw file + overrides → checked [`Config`]: the defaults, every check, and error messages
+//! that name the key, the value and where it came from.
+
+use std::fmt::Debug;
+use std::net::{IpAddr, Ipv4Addr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::location::{key_path_near, line_column};
+use super::overrides::{apply_overrides, derived_name};
+use super::raw::{At, RawFile, RawModel, RawProfile, RawScheduler, RawServer, RawWorkers, Val};
+use super::{
+    defaults, Config, ConfigError, Device, ModelSettings, ModelSize, Origin, Overrides,
+    ProfileName, ProfileSettings, Profiles, ReasoningEffort, SchedulerSettings, ServerSettings,
+    SizeSetting, WorkerSettings,
+};
+use crate::split::explicit_split;
+
+/// Where a model's layer-dependent settings came from, for the checks that can only run once
+/// the model's `config.json` is known. Not part of the settings: all provenances are equal.
+#[derive(Debug, Clone)]
+pub(super) struct ModelProvenance {
+    stages: Origin,
+    layers: Option<Origin>,
+}
+
+impl PartialEq for ModelProvenance {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+/// The file being checked: names it in errors and turns spans into lines and columns.
+struct Ctx<'a> {
+    file: Option<&'a Path>,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn origin(&self, at: &At) -> Origin {
+        match at {
+            At::Span(span) => {
+                let (line, column) = line_column(self.text, span.start);
+                Origin::File {
+                    path: self.file.map(Path::to_path_buf).unwrap_or_default(),
+                    line,
+                    column,
+                }
+            }
+            At::Flag(flag) => Origin::Flag(flag),
+        }
+    }
+
+    fn default_origin(&self) -> Origin {
+        Origin::Default {
+            file: self.file.map(Path::to_path_buf),
+        }
+    }
+
+    fn origin_of<T>(&self, v: &Option<Val<T>>) -> Origin {
+        v.as_ref()
+            .map_or_else(|| self.default_origin(), |v| self.origin(&v.at))
+    }
+
+    /// The value (or the default) and an error for it.
+    fn invalid(
+        &self,
+        origin: Origin,
+        key: impl Into<String>,
+        value: impl Debug,
+        problem: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            origin,
+            key: key.into(),
+            value: format!("{value:?}"),
+            problem: problem.into(),
+        }
+    }
+
+    /// A count: the value or the default, at least `min`.
+    fn at_least<T>(
+        &self,
+        v: &Option<Val<T>>,
+        default: T,
+        min: T,
+        key: &str,
+    ) -> Result<T, ConfigError>
+    where
+        T: Copy + Ord + Debug,
+    {
+        let value = v.as_ref().map_or(default, |v| v.value);
+        if value < min {
+            return Err(self.invalid(
+                self.origin_of(v),
+                key,
+                value,
+                format!("must be at least {min:?}"),
+            ));
+        }
+        Ok(value)
+    }
+}
+
+fn get<T: Clone>(v: &Option<Val<T>>, default: T) -> T {
+    v.as_ref().map_or(default, |v| v.value.clone())
+}
+
+/// Reads, overrides and checks. `file` is `None` only with empty `text` (no config file).
+pub(super) fn resolve(
+    file: Option<&Path>,
+    text: &str,
+    overrides: &Overrides,
+) -> Result<Config, ConfigError> {
+    let ctx = Ctx { file, text };
+    let mut raw: RawFile = toml::from_str(text).map_err(|e| {
+        let at = e.span().map(|s| s.start);
+        ConfigError::Syntax {
+            path: file.map(Path::to_path_buf).unwrap_or_default(),
+            line_column: at.map(|o| line_column(text, o)),
+            key: at.and_then(|o| key_path_near(text, o)),
+            message: e.message().trim().to_string(),
+        }
+    })?;
+    apply_overrides(&mut raw, overrides)?;
+    check(raw, &ctx)
+}
+
+fn check(raw: RawFile, ctx: &Ctx) -> Result<Config, ConfigError> {
+    let server = check_server(&raw.server, ctx)?;
+    if raw.models.is_empty() {
+        return Err(ConfigError::Missing {
+            origin: ctx.default_origin(),
+            key: "models".into(),
+            problem:
+                "no model configured: add a [[models]] section with a `path`, or pass --model DIR"
+                    .into(),
+        });
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut models: Vec<ModelSettings> = Vec::with_capacity(raw.models.len());
+    for (i, m) in raw.models.iter().enumerate() {
+        let checked = check_model(i, m, cores, ctx)?;
+        if models.iter().any(|o| o.name == checked.name) {
+            let origin = m
+                .value
+                .name
+                .as_ref()
+                .map_or_else(|| ctx.origin(&m.at), |n| ctx.origin(&n.at));
+            return Err(ctx.invalid(
+                origin,
+                format!("models[{i}].name"),
+                &checked.name,
+                "another model is already served under this name; names must be distinct",
+            ));
+        }
+        models.push(checked);
+    }
+    let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+    let profiles = Profiles {
+        latency_first: check_profile(
+            ProfileName::LatencyFirst,
+            &raw.profiles.latency_first,
+            &names,
+            ctx,
+        )?,
+        balanced: check_profile(ProfileName::Balanced, &raw.profiles.balanced, &names, ctx)?,
+        quality_first: check_profile(
+            ProfileName::QualityFirst,
+            &raw.profiles.quality_first,
+            &names,
+            ctx,
+        )?,
+    };
+    let scheduler = check_scheduler(&raw.scheduler, ctx)?;
+    let workers = check_workers(&raw.workers, ctx)?;
+    Ok(Config {
+        file: ctx.file.map(Path::to_path_buf),
+        server,
+        models,
+        profiles,
+        scheduler,
+        workers,
+    })
+}
+
+fn check_server(s: &RawServer, ctx: &Ctx) -> Result<ServerSettings, ConfigError> {
+    let host_text = get(&s.host, defaults::HOST.to_string());
+    let host = if host_text == "localhost" {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        host_text.parse::<IpAddr>().map_err(|_| {
+            ctx.invalid(
+                ctx.origin_of(&s.host),
+                "server.host",
+                &host_text,
+                "not an IP address (or \"localhost\"); the API listens on an address, not a name",
+            )
+        })?
+    };
+    let port = ctx.at_least(&s.port, defaults::PORT, 1, "server.port")?;
+    let control_socket = get(&s.control_socket, PathBuf::from(defaults::CONTROL_SOCKET));
+    if control_socket.as_os_str().is_empty() {
+        return Err(ctx.invalid(
+            ctx.origin_of(&s.control_socket),
+            "server.control_socket",
+            &control_socket,
+            "must not be empty",
+        ));
+    }
+    Ok(ServerSettings {
+        host,
+        port,
+        control_socket,
+        max_body_bytes: ctx.at_least(
+            &s.max_body_bytes,
+            defaults::MAX_BODY_BYTES,
+            1,
+            "server.max_body_bytes",
+        )?,
+        request_timeout: Duration::from_secs(ctx.at_least(
+            &s.request_timeout_secs,
+            defaults::REQUEST_TIMEOUT_SECS,
+            1,
+            "server.request_timeout_secs",
+        )?),
+    })
+}
+
+/// A served model name: not empty, no white space or control characters.
+fn name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("must not be empty")
+    } else if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Some("must not contain spaces or control characters")
+    } else {
+        None
+    }
+}
+
+fn check_model(
+    i: usize,
+    raw: &Val<RawModel>,
+    cores: usize,
+    ctx: &Ctx,
+) -> Result<ModelSettings, ConfigError> {
+    let m = &raw.value;
+    let Some(path_val) = &m.path else {
+        return Err(ConfigError::Missing {
+            origin: ctx.origin(&raw.at),
+            key: format!("models[{i}].path"),
+            problem: "every [[models]] entry needs the model directory".into(),
+        });
+    };
+    let path = path_val.value.clone();
+    if path.as_os_str().is_empty() {
+        return Err(ctx.invalid(
+            ctx.origin(&path_val.at),
+            format!("models[{i}].path"),
+            &path,
+            "must not be empty",
+        ));
+    }
+    let name = match &m.name {
+        Some(n) => {
+            if let Some(problem) = name_problem(&n.value) {
+                return Err(ctx.invalid(
+                    ctx.origin(&n.at),
+                    format!("models[{i}].name"),
+                    &n.value,
+                    problem,
+                ));
+            }
+            n.value.clone()
+        }
+        None => match derived_name(&path).filter(|n| name_problem(n).is_none()) {
+            Some(n) => n,
+            None => {
+                return Err(ctx.invalid(
+                    ctx.origin(&path_val.at),
+                    format!("models[{i}].path"),
+                    &path,
+                    "no served name can be derived from this path: set `name`",
+                ))
+            }
+        },
+    };
+    let key = |k: &str| format!("models.{name}.{k}");
+
+    let size = match m.size.as_ref().map(|v| v.value.as_str()) {
+        None | Some("auto") => SizeSetting::Auto,
+        Some("20b") => SizeSetting::Fixed(ModelSize::B20),
+        Some("120b") => SizeSetting::Fixed(ModelSize::B120),
+        Some(other) => {
+            return Err(ctx.invalid(
+                ctx.origin_of(&m.size),
+                key("size"),
+                other,
+                "expected \"20b\", \"120b\" or \"auto\"",
+            ))
+        }
+    };
+
+    for (k, list_len, origin) in [
+        (
+            "devices",
+            m.devices.as_ref().map(|d| d.value.len()),
+            ctx.origin_of(&m.devices),
+        ),
+        (
+            "layers",
+            m.layers.as_ref().map(|l| l.value.len()),
+            ctx.origin_of(&m.layers),
+        ),
+    ] {
+        if list_len == Some(0) {
+            return Err(ctx.invalid(
+                origin,
+                key(k),
+                Vec::<String>::new(),
+                "is empty: give one entry per stage",
+            ));
+        }
+    }
+    let (stages, stages_origin) = match (&m.stages, &m.devices, &m.layers) {
+        (Some(s), _, _) => (s.value, ctx.origin(&s.at)),
+        (None, Some(d), _) => (d.value.len(), ctx.origin(&d.at)),
+        (None, None, Some(l)) => (l.value.len(), ctx.origin(&l.at)),
+        (None, None, None) => (defaults::STAGES, ctx.default_origin()),
+    };
+    if stages == 0 {
+        return Err(ctx.invalid(stages_origin, key("stages"), 0, "must be at least 1"));
+    }
+    let per_stage = |k: &str,
+                     len: usize,
+                     origin: Origin,
+                     value: &dyn Debug|
+     -> Result<(), ConfigError> {
+        if len == stages {
+            return Ok(());
+        }
+        Err(ctx.invalid(
+            origin,
+            key(k),
+            value,
+            format!("has {len} entries for {stages} stages (`stages` from {stages_origin}); give one per stage"),
+        ))
+    };
+
+    let devices = match &m.devices {
+        None => vec![Device::Cpu { cores: None }; stages],
+        Some(list) => {
+            let texts: Vec<&str> = list.value.iter().map(|d| d.value.as_str()).collect();
+            per_stage("devices", list.value.len(), ctx.origin(&list.at), &texts)?;
+            list.value
+                .iter()
+                .enumerate()
+                .map(|(j, d)| {
+                    d.value.parse::<Device>().map_err(|e| {
+                        ctx.invalid(
+                            ctx.origin(&d.at),
+                            format!("models.{name}.devices[{j}]"),
+                            &d.value,
+                            e.to_string(),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        }
+    };
+
+    let layers = match &m.layers {
+        None => None,
+        Some(l) => {
+            per_stage("layers", l.value.len(), ctx.origin(&l.at), &l.value)?;
+            if let Some(stage) = l.value.iter().position(|&n| n == 0) {
+                return Err(ctx.invalid(
+                    ctx.origin(&l.at),
+                    key("layers"),
+                    &l.value,
+                    format!("stage {stage} has 0 layers; every stage needs at least one"),
+                ));
+            }
+            Some(l.value.clone())
+        }
+    };
+
+    let threads_per_stage = ctx.at_least(
+        &m.threads_per_stage,
+        (cores / stages).max(1),
+        1,
+        &key("threads_per_stage"),
+    )?;
+    let block_size = ctx.at_least(&m.block_size, defaults::BLOCK_SIZE, 1, &key("block_size"))?;
+    let kv_blocks = match (&m.kv_blocks, &m.kv_cache_tokens) {
+        (Some(b), Some(_)) => {
+            return Err(ctx.invalid(
+                ctx.origin(&b.at),
+                key("kv_blocks"),
+                b.value,
+                "set either kv_blocks or kv_cache_tokens, not both",
+            ))
+        }
+        (Some(_), None) => ctx.at_least(&m.kv_blocks, 1, 1, &key("kv_blocks"))?,
+        (None, _) => ctx
+            .at_least(
+                &m.kv_cache_tokens,
+                defaults::KV_CACHE_TOKENS,
+                1,
+                &key("kv_cache_tokens"),
+            )?
+            .div_ceil(block_size),
+    };
+
+    Ok(ModelSettings {
+        name,
+        path,
+        size,
+        stages,
+        devices,
+        layers,
+        threads_per_stage,
+        kv_blocks,
+        block_size,
+        provenance: ModelProvenance {
+            stages: stages_origin,
+            layers: m.layers.as_ref().map(|l| ctx.origin(&l.at)),
+        },
+    })
+}
+
+/// The layer-count checks of [`ModelSettings::check_layers`]; the explicit split when the
+/// model has `layers`.
+pub(super) fn check_layers(
+    m: &ModelSettings,
+    layers: usize,
+) -> Result<Option<Vec<Range<usize>>>, ConfigError> {
+    if m.stages > layers {
+        return Err(ConfigError::Invalid {
+            origin: m.provenance.stages.clone(),
+            key: format!("models.{}.stages", m.name),
+            value: m.stages.to_string(),
+            problem: format!(
+                "more stages than the model's {layers} layers (every stage needs a layer)"
+            ),
+        });
+    }
+    let Some(counts) = &m.layers else {
+        return Ok(None);
+    };
+    explicit_split(counts, layers)
+        .map(Some)
+        .map_err(|e| ConfigError::Invalid {
+            origin: m
+                .provenance
+                .layers
+                .clone()
+                .unwrap_or(Origin::Default { file: None }),
+            key: format!("models.{}.layers", m.name),
+            value: format!("{counts:?}"),
+            problem: e.to_string(),
+        })
+}
+
+fn check_profile(
+    p: ProfileName,
+    raw: &RawProfile,
+    models: &[&str],
+    ctx: &Ctx,
+) -> Result<ProfileSettings, ConfigError> {
+    let (max_batch, window_ms, max_new_tokens, effort) = match p {
+        ProfileName::LatencyFirst => (32, 4, 512, ReasoningEffort::Low),
+        ProfileName::Balanced => (48, 6, 1024, ReasoningEffort::Medium),
+        ProfileName::QualityFirst => (8, 12, 2048, ReasoningEffort::High),
+    };
+    let key = |k: &str| format!("profiles.{p}.{k}");
+    let model_ref = |v: &Option<Val<String>>, k: &str| -> Result<Option<String>, ConfigError> {
+        let Some(v) = v else { return Ok(None) };
+        if !models.contains(&v.value.as_str()) {
+            return Err(ctx.invalid(
+                ctx.origin(&v.at),
+                key(k),
+                &v.value,
+                format!(
+                    "no [[models]] entry is served under this name (configured: {})",
+                    models.join(", ")
+                ),
+            ));
+        }
+        Ok(Some(v.value.clone()))
+    };
+    let model = model_ref(&raw.model, "model")?;
+    let fallback = model_ref(&raw.fallback, "fallback")?;
+    if fallback.is_some() && fallback == model {
+        return Err(ctx.invalid(
+            ctx.origin_of(&raw.fallback),
+            key("fallback"),
+            fallback.unwrap_or_default(),
+            "is the profile's own `model`; a fallback must be another model",
+        ));
+    }
+    let reasoning_effort = match raw.reasoning_effort.as_ref().map(|v| v.value.as_str()) {
+        None => effort,
+        Some("low") => ReasoningEffort::Low,
+        Some("medium") => ReasoningEffort::Medium,
+        Some("high") => ReasoningEffort::High,
+        Some(other) => {
+            return Err(ctx.invalid(
+                ctx.origin_of(&raw.reasoning_effort),
+                key("reasoning_effort"),
+                other,
+                "expected \"low\", \"medium\" or \"high\"",
+            ))
+        }
+    };
+    Ok(ProfileSettings {
+        model,
+        fallback,
+        max_batch: ctx.at_least(&raw.max_batch, max_batch, 1, &key("max_batch"))?,
+        prefill_window: Duration::from_millis(get(&raw.prefill_window_ms, window_ms)),
+        max_new_tokens: ctx.at_least(
+            &raw.max_new_tokens,
+            max_new_tokens,
+            1,
+            &key("max_new_tokens"),
+        )?,
+        reasoning_effort,
+    })
+}
+
+fn check_scheduler(s: &RawScheduler, ctx: &Ctx) -> Result<SchedulerSettings, ConfigError> {
+    let default_profile = match &s.default_profile {
+        None => defaults::DEFAULT_PROFILE,
+        Some(v) => v.value.parse().map_err(|_| {
+            ctx.invalid(
+                ctx.origin(&v.at),
+                "scheduler.default_profile",
+                &v.value,
+                "not a profile (expected latency_first, balanced or quality_first)",
+            )
+        })?,
+    };
+    let max_in_flight = match &s.max_in_flight {
+        None => None,
+        Some(_) => Some(ctx.at_least(&s.max_in_flight, 1, 1, "scheduler.max_in_flight")?),
+    };
+    Ok(SchedulerSettings {
+        default_profile,
+        auto_profile: get(&s.auto_profile, defaults::AUTO_PROFILE),
+        max_waiting: ctx.at_least(
+            &s.max_waiting,
+            defaults::MAX_WAITING,
+            1,
+            "scheduler.max_waiting",
+        )?,
+        max_tokens_per_step: ctx.at_least(
+            &s.max_tokens_per_step,
+            defaults::MAX_TOKENS_PER_STEP,
+            1,
+            "scheduler.max_tokens_per_step",
+        )?,
+        max_in_flight,
+    })
+}
+
+fn check_workers(w: &RawWorkers, ctx: &Ctx) -> Result<WorkerSettings, ConfigError> {
+    let ms = |v: &Option<Val<u64>>, default: u64, k: &str| -> Result<u64, ConfigError> {
+        ctx.at_least(v, default, 1, &format!("workers.{k}"))
+    };
+    let interval = ms(
+        &w.heartbeat_interval_ms,
+        defaults::HEARTBEAT_INTERVAL_MS,
+        "heartbeat_interval_ms",
+    )?;
+    let timeout = ms(
+        &w.heartbeat_timeout_ms,
+        defaults::HEARTBEAT_TIMEOUT_MS,
+        "heartbeat_timeout_ms",
+    )?;
+    if timeout <= interval {
+        return Err(ctx.invalid(
+            ctx.origin_of(&w.heartbeat_timeout_ms),
+            "workers.heartbeat_timeout_ms",
+            timeout,
+            format!("must be more than workers.heartbeat_interval_ms ({interval})"),
+        ));
+    }
+    let backoff_initial = ms(
+        &w.restart_backoff_initial_ms,
+        defaults::RESTART_BACKOFF_INITIAL_MS,
+        "restart_backoff_initial_ms",
+    )?;
+    let backoff_max = ms(
+        &w.restart_backoff_max_ms,
+        defaults::RESTART_BACKOFF_MAX_MS,
+        "restart_backoff_max_ms",
+    )?;
+    if backoff_max < backoff_initial {
+        return Err(ctx.invalid(
+            ctx.origin_of(&w.restart_backoff_max_ms),
+            "workers.restart_backoff_max_ms",
+            backoff_max,
+            format!("must be at least workers.restart_backoff_initial_ms ({backoff_initial})"),
+        ));
+    }
+    Ok(WorkerSettings {
+        heartbeat_interval: Duration::from_millis(interval),
+        heartbeat_timeout: Duration::from_millis(timeout),
+        step_deadline: Duration::from_millis(ms(
+            &w.step_deadline_ms,
+            defaults::STEP_DEADLINE_MS,
+            "step_deadline_ms",
+        )?),
+        restart_backoff_initial: Duration::from_millis(backoff_initial),
+        restart_backoff_max: Duration::from_millis(backoff_max),
+        crash_loop_limit: ctx.at_least(
+            &w.crash_loop_limit,
+            defaults::CRASH_LOOP_LIMIT,
+            1,
+            "workers.crash_loop_limit",
+        )?,
+        crash_loop_window: Duration::from_secs(ctx.at_least(
+            &w.crash_loop_window_secs,
+            defaults::CRASH_LOOP_WINDOW_SECS,
+            1,
+            "workers.crash_loop_window_secs",
+        )?),
+        drain_grace: Duration::from_secs(get(&w.drain_grace_secs, defaults::DRAIN_GRACE_SECS)),
+        stderr_tail_lines: get(&w.stderr_tail_lines, defaults::STDERR_TAIL_LINES),
+    })
+}

@@ -1,0 +1,647 @@
+//! The daemon's configuration: one TOML file (`--config FILE` or `$GPTOSSD_CONFIG`), plus a
+//! few command-line overrides, resolved once into a checked [`Config`].
+//!
+//! # What it owns
+//!
+//! The file's schema (the private `raw` structs: every key optional, unknown keys refused), the
+//! defaults ([`defaults`], also written out in `packaging/gptossd.toml`), the checks, and the
+//! command-line overrides ([`Overrides`]). Parse, don't validate: only the checked [`Config`]
+//! leaves this module, and it cannot be built any other way.
+//!
+//! # Invariants of a [`Config`]
+//!
+//! - At least one model; model names are distinct, not empty, without spaces.
+//! - Every model has `stages ≥ 1`, exactly one device per stage, and (when given) one explicit
+//!   layer count ≥ 1 per stage. Whether `stages ≤ layers` and the explicit counts add up to the
+//!   layer count is only known once the model's `config.json` is read:
+//!   [`ModelSettings::check_layers`] and [`ModelSettings::layer_split`] do that part.
+//! - Every profile's `model` and `fallback` name a configured model, and differ.
+//! - Every count that sizes something (batch, queue, blocks, threads…) is ≥ 1;
+//!   `heartbeat_timeout > heartbeat_interval`; `restart_backoff_max ≥ restart_backoff_initial`.
+//!
+//! # Errors
+//!
+//! A [`ConfigError`] names the file (with line and column where the value was written), the key
+//! path (`models.gpt-oss-20b.stages`, `server.port`…) and the value, or the command-line flag
+//! that set it. Syntax and type errors come from the TOML parser, with the key path worked out
+//! from the text around the position it reports.
+//!
+//! It reads the config file and nothing else: no model files, no devices, no sockets. The one
+//! fact it takes from the machine is the number of cores, for the `threads_per_stage` default.
+
+mod check;
+mod device;
+mod location;
+mod overrides;
+mod raw;
+#[cfg(test)]
+mod tests;
+
+use std::ffi::OsStr;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use gptossd_shared::config::ModelConfig;
+
+pub use self::device::{Device, DeviceParseError};
+pub use crate::chat::ReasoningEffort;
+use crate::split::{split_layers, CostModel};
+
+/// The environment variable naming the config file when `--config` is not given.
+pub const CONFIG_ENV: &str = "GPTOSSD_CONFIG";
+
+/// Where the Debian package installs the documented default config file.
+pub const PACKAGED_CONFIG_PATH: &str = "/etc/gptossd/gptossd.toml";
+
+/// The config file to read: the `--config` flag's value, else `$GPTOSSD_CONFIG` (when set and
+/// not empty), else none (the daemon then needs `--model`).
+pub fn config_path(flag: Option<&Path>) -> Option<PathBuf> {
+    config_path_from(flag, std::env::var_os(CONFIG_ENV).as_deref())
+}
+
+/// [`config_path`] with the environment variable's value passed in.
+pub fn config_path_from(flag: Option<&Path>, env: Option<&OsStr>) -> Option<PathBuf> {
+    match (flag, env) {
+        (Some(path), _) => Some(path.to_path_buf()),
+        (None, Some(v)) if !v.is_empty() => Some(PathBuf::from(v)),
+        (None, _) => None,
+    }
+}
+
+/// Every default, in one place. `packaging/gptossd.toml` shows the same values (a test checks
+/// that uncommenting its settings changes nothing).
+pub mod defaults {
+    use super::ProfileName;
+
+    /// `server.host`: loopback only; never a public address by default.
+    pub const HOST: &str = "127.0.0.1";
+    /// `server.port`.
+    pub const PORT: u16 = 8080;
+    /// `server.control_socket`.
+    pub const CONTROL_SOCKET: &str = "/run/gptossd/control.sock";
+    /// `server.max_body_bytes`: 4 MiB.
+    pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+    /// `server.request_timeout_secs`.
+    pub const REQUEST_TIMEOUT_SECS: u64 = 10;
+
+    /// `models.stages`, when neither `devices` nor `layers` gives the count.
+    pub const STAGES: usize = 4;
+    /// `models.kv_cache_tokens`: positions of KV cache per stage pool.
+    pub const KV_CACHE_TOKENS: usize = 65_536;
+    /// `models.block_size`: positions per KV block.
+    pub const BLOCK_SIZE: usize = 16;
+
+    /// `scheduler.default_profile`.
+    pub const DEFAULT_PROFILE: ProfileName = ProfileName::Balanced;
+    /// `scheduler.auto_profile`.
+    pub const AUTO_PROFILE: bool = false;
+    /// `scheduler.max_waiting`.
+    pub const MAX_WAITING: usize = 256;
+    /// `scheduler.max_tokens_per_step`.
+    pub const MAX_TOKENS_PER_STEP: usize = 512;
+
+    /// `workers.heartbeat_interval_ms`.
+    pub const HEARTBEAT_INTERVAL_MS: u64 = 200;
+    /// `workers.heartbeat_timeout_ms`.
+    pub const HEARTBEAT_TIMEOUT_MS: u64 = 2_000;
+    /// `workers.step_deadline_ms`.
+    pub const STEP_DEADLINE_MS: u64 = 30_000;
+    /// `workers.restart_backoff_initial_ms`.
+    pub const RESTART_BACKOFF_INITIAL_MS: u64 = 100;
+    /// `workers.restart_backoff_max_ms`.
+    pub const RESTART_BACKOFF_MAX_MS: u64 = 5_000;
+    /// `workers.crash_loop_limit`.
+    pub const CRASH_LOOP_LIMIT: u32 = 5;
+    /// `workers.crash_loop_window_secs`.
+    pub const CRASH_LOOP_WINDOW_SECS: u64 = 60;
+    /// `workers.drain_grace_secs`.
+    pub const DRAIN_GRACE_SECS: u64 = 30;
+    /// `workers.stderr_tail_lines`.
+    pub const STDERR_TAIL_LINES: usize = 50;
+}
+
+/// Command-line flags that override the file, applied after it is read and before it is
+/// checked (so an override is checked like a value in the file, and errors name the flag).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `--port`: replaces `server.port`.
+    pub port: Option<u16>,
+    /// `--stages`: replaces every model's `stages` (a model with explicit `devices` or
+    /// `layers` of another length is then an error).
+    pub stages: Option<usize>,
+    /// `--model DIR`: with no `[[models]]` in the file, adds one with every default; with one,
+    /// replaces its `path` (its name, when derived from the path, follows, and profiles naming
+    /// it follow too); with several, replaces the `path` of the one `--served-model-name`
+    /// names.
+    pub model: Option<PathBuf>,
+    /// `--served-model-name`: the name the API serves the model under (with one model, renames
+    /// it, and profiles naming it follow).
+    pub served_model_name: Option<String>,
+}
+
+/// Where a value that failed a check came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// Written in the config file, at a 1-based line and column.
+    File {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+    },
+    /// Given on the command line.
+    Flag(&'static str),
+    /// Not written anywhere: the documented default, or derived from other settings.
+    Default { file: Option<PathBuf> },
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File { path, line, column } => write!(f, "{}:{line}:{column}", path.display()),
+            Origin::Flag(flag) => write!(f, "command line {flag}"),
+            Origin::Default { file: Some(path) } => write!(f, "{} (default value)", path.display()),
+            Origin::Default { file: None } => f.write_str("default value"),
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: cannot read the config file: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Not TOML, a value of the wrong type, or an unknown key (from the TOML parser).
+    #[error("{}", syntax_message(path, *line_column, key.as_deref(), message))]
+    Syntax {
+        path: PathBuf,
+        /// 1-based, where the parser says.
+        line_column: Option<(usize, usize)>,
+        /// The key path around that position (`server.port`, `models[0].stages`), best effort.
+        key: Option<String>,
+        message: String,
+    },
+    /// A value of the right type that does not make sense.
+    #[error("{origin}: `{key}` = {value}: {problem}")]
+    Invalid {
+        origin: Origin,
+        /// The key path, e.g. `models.gpt-oss-20b.stages`.
+        key: String,
+        /// The value as written (TOML-like).
+        value: String,
+        problem: String,
+    },
+    /// A required setting that is not there.
+    #[error("{origin}: `{key}` is missing: {problem}")]
+    Missing {
+        origin: Origin,
+        key: String,
+        problem: String,
+    },
+}
+
+fn syntax_message(
+    path: &Path,
+    line_column: Option<(usize, usize)>,
+    key: Option<&str>,
+    message: &str,
+) -> String {
+    let mut s = path.display().to_string();
+    if let Some((line, column)) = line_column {
+        s += &format!(":{line}:{column}");
+    }
+    if let Some(key) = key {
+        s += &format!(": `{key}`");
+    }
+    format!("{s}: {message}")
+}
+
+/// The checked configuration. Built only by [`Config::resolve`] and its shorthands.
+///
+/// Equality compares the settings, not where they came from.
+#[derive(Debug, Clone)]
+pub struct Config {
+    file: Option<PathBuf>,
+    server: ServerSettings,
+    models: Vec<ModelSettings>,
+    profiles: Profiles,
+    scheduler: SchedulerSettings,
+    workers: WorkerSettings,
+}
+
+impl PartialEq for Config {
+    fn eq(&self, other: &Self) -> bool {
+        self.server == other.server
+            && self.models == other.models
+            && self.profiles == other.profiles
+            && self.scheduler == other.scheduler
+            && self.workers == other.workers
+    }
+}
+
+impl Config {
+    /// Reads the config file (when there is one), applies the overrides and checks the result.
+    pub fn resolve(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        match file {
+            None => check::resolve(None, "", overrides),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                check::resolve(Some(path), &text, overrides)
+            }
+        }
+    }
+
+    /// Checks config text; `path` names the file in errors.
+    pub fn parse(text: &str, path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
+        check::resolve(Some(path), text, overrides)
+    }
+
+    /// Every default, serving the model in `path` (the daemon started with `--model DIR` and
+    /// no config file). `name`: the served model name, by default the directory's name.
+    pub fn default_for_model(path: &Path, name: Option<&str>) -> Result<Self, ConfigError> {
+        let overrides = Overrides {
+            model: Some(path.to_path_buf()),
+            served_model_name: name.map(str::to_string),
+            ..Overrides::default()
+        };
+        Self::resolve(None, &overrides)
+    }
+
+    /// The file it was read from, if any.
+    pub fn file(&self) -> Option<&Path> {
+        self.file.as_deref()
+    }
+
+    /// `[server]`.
+    pub fn server(&self) -> &ServerSettings {
+        &self.server
+    }
+
+    /// `[[models]]`, in file order (at least one).
+    pub fn models(&self) -> &[ModelSettings] {
+        &self.models
+    }
+
+    /// The model served under `name`.
+    pub fn model(&self, name: &str) -> Option<&ModelSettings> {
+        self.models.iter().find(|m| m.name == name)
+    }
+
+    /// `[profiles.*]`.
+    pub fn profiles(&self) -> &Profiles {
+        &self.profiles
+    }
+
+    /// One profile's settings.
+    pub fn profile(&self, name: ProfileName) -> &ProfileSettings {
+        self.profiles.get(name)
+    }
+
+    /// `[scheduler]`.
+    pub fn scheduler(&self) -> &SchedulerSettings {
+        &self.scheduler
+    }
+
+    /// `[workers]`.
+    pub fn workers(&self) -> &WorkerSettings {
+        &self.workers
+    }
+
+    /// Which models serve `profile`. `size_of` gives each model's size: its `size` setting, or
+    /// for `auto` what its `config.json` says ([`ModelSettings::resolve_size`]).
+    ///
+    /// The primary model is the profile's `model`, else the first model of the profile's
+    /// preferred size ([`ProfileName::preferred_size`]), else the first model. The fallback is
+    /// the profile's `fallback`, else for `quality_first` the first 20b model other than the
+    /// primary; never the primary itself.
+    pub fn profile_models(
+        &self,
+        profile: ProfileName,
+        size_of: impl Fn(&ModelSettings) -> ModelSize,
+    ) -> ProfileModels<'_> {
+        let settings = self.profiles.get(profile);
+        let of_size = |size: ModelSize, except: Option<&str>| {
+            self.models
+                .iter()
+                .find(|m| size_of(m) == size && Some(m.name.as_str()) != except)
+        };
+        let primary = settings
+            .model
+            .as_deref()
+            .and_then(|n| self.model(n))
+            .or_else(|| of_size(profile.preferred_size(), None))
+            .unwrap_or(&self.models[0]);
+        let fallback = match settings.fallback.as_deref() {
+            Some(n) => self.model(n),
+            None if profile == ProfileName::QualityFirst => {
+                of_size(ModelSize::B20, Some(&primary.name))
+            }
+            None => None,
+        }
+        .filter(|f| f.name != primary.name);
+        ProfileModels { primary, fallback }
+    }
+}
+
+/// The models a profile runs on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProfileModels<'a> {
+    pub primary: &'a ModelSettings,
+    /// Used when the primary is not loaded or unhealthy.
+    pub fallback: Option<&'a ModelSettings>,
+}
+
+/// `[server]`: the HTTP listener and the control socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// `host`: the address the HTTP API listens on; an IP address or `"localhost"` (taken as
+    /// 127.0.0.1). Default `"127.0.0.1"` ([`defaults::HOST`]): never a public address unless
+    /// the operator writes one.
+    pub host: IpAddr,
+    /// `port`: 1–65535. Default 8080.
+    pub port: u16,
+    /// `control_socket`: the Unix socket for administration (mode 0660). Default
+    /// `/run/gptossd/control.sock`.
+    pub control_socket: PathBuf,
+    /// `max_body_bytes`: the largest request body accepted (413 beyond). Default 4 MiB
+    /// (4,194,304).
+    pub max_body_bytes: usize,
+    /// `request_timeout_secs`: how long reading a request body may take. Default 10 s.
+    pub request_timeout: Duration,
+}
+
+impl ServerSettings {
+    /// The address to bind the HTTP listener to.
+    pub fn listen_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.host, self.port)
+    }
+}
+
+/// A model family size: which of the two GPT-OSS models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ModelSize {
+    /// gpt-oss-20b (24 layers, 32 experts).
+    B20,
+    /// gpt-oss-120b (36 layers, 128 experts).
+    B120,
+}
+
+impl ModelSize {
+    /// `"20b"` or `"120b"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelSize::B20 => "20b",
+            ModelSize::B120 => "120b",
+        }
+    }
+
+    /// The size a `config.json` describes: 120b from 36 layers or 128 experts up, else 20b
+    /// (test models included).
+    pub fn detect(cfg: &ModelConfig) -> Self {
+        if cfg.num_hidden_layers >= 36 || cfg.num_local_experts >= 128 {
+            ModelSize::B120
+        } else {
+            ModelSize::B20
+        }
+    }
+}
+
+impl fmt::Display for ModelSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The `size` setting of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeSetting {
+    /// `"auto"`: from the model's `config.json` ([`ModelSize::detect`]).
+    Auto,
+    /// `"20b"` or `"120b"`, as the operator says (not checked against `config.json`).
+    Fixed(ModelSize),
+}
+
+/// One `[[models]]` entry: a model and how its pipeline is laid out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSettings {
+    /// `name`: the served model name (`model` in API requests). Default: the last component of
+    /// `path`.
+    pub name: String,
+    /// `path`: the model directory (Hugging Face layout). Required.
+    pub path: PathBuf,
+    /// `size`: `"20b"`, `"120b"` or `"auto"` (from `config.json`'s layer and expert counts).
+    /// Default `"auto"`. Profiles pick models by size.
+    pub size: SizeSetting,
+    /// `stages`: pipeline stages (worker processes), ≥ 1 and ≤ the model's layers. Default:
+    /// the length of `devices` or `layers` when given, else 4.
+    pub stages: usize,
+    /// `devices`: one per stage: `"cpu"`, `"cpu:0-3"` (a core set: ranges and commas, e.g.
+    /// `"cpu:0,2,4-7"`) or `"cuda:N"`. Default: `"cpu"` for every stage.
+    pub devices: Vec<Device>,
+    /// `layers`: explicit layer counts per stage (e.g. `[7, 7, 7, 3]`), adding up to the
+    /// model's layers; overrides the cost model. Default: none, the split minimising the
+    /// slowest stage's decode traffic ([`crate::split`]).
+    pub layers: Option<Vec<usize>>,
+    /// `threads_per_stage`: CPU threads per stage worker. Default: the cores available to the
+    /// daemon divided by `stages`, at least 1.
+    pub threads_per_stage: usize,
+    /// `kv_blocks` (or `kv_cache_tokens`, in positions, rounded up to whole blocks; not both):
+    /// the KV pool of every stage, in blocks. Default: 65,536 tokens, i.e. 4,096 blocks of 16.
+    pub kv_blocks: usize,
+    /// `block_size`: positions per KV block. Default 16.
+    pub block_size: usize,
+    provenance: check::ModelProvenance,
+}
+
+impl ModelSettings {
+    /// Positions the KV pool of a stage holds.
+    pub fn kv_cache_tokens(&self) -> usize {
+        self.kv_blocks * self.block_size
+    }
+
+    /// The model's size: the `size` setting, or what `cfg` says for `"auto"`.
+    pub fn resolve_size(&self, cfg: &ModelConfig) -> ModelSize {
+        match self.size {
+            SizeSetting::Fixed(size) => size,
+            SizeSetting::Auto => ModelSize::detect(cfg),
+        }
+    }
+
+    /// Checks the settings that depend on the model's layer count: `stages ≤ layers`, and that
+    /// explicit `layers` counts add up to it.
+    pub fn check_layers(&self, layers: usize) -> Result<(), ConfigError> {
+        check::check_layers(self, layers).map(|_| ())
+    }
+
+    /// The layers of each stage: the explicit `layers` counts, or the split minimising the
+    /// largest stage's decode traffic for `cfg` ([`split_layers`]).
+    pub fn layer_split(&self, cfg: &ModelConfig) -> Result<Vec<Range<usize>>, ConfigError> {
+        let layers = cfg.num_hidden_layers;
+        match check::check_layers(self, layers)? {
+            Some(split) => Ok(split),
+            None => Ok(split_layers(
+                layers,
+                self.stages,
+                &CostModel::from_model_config(cfg),
+            )),
+        }
+    }
+}
+
+/// The three serving profiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ProfileName {
+    LatencyFirst,
+    Balanced,
+    QualityFirst,
+}
+
+impl ProfileName {
+    /// All profiles, in table order.
+    pub const ALL: [ProfileName; 3] = [Self::LatencyFirst, Self::Balanced, Self::QualityFirst];
+
+    /// The name used in the config file and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LatencyFirst => "latency_first",
+            Self::Balanced => "balanced",
+            Self::QualityFirst => "quality_first",
+        }
+    }
+
+    /// The model size a profile runs on unless its `model` says otherwise: 120b for
+    /// `quality_first`, 20b for the others.
+    pub fn preferred_size(self) -> ModelSize {
+        match self {
+            Self::QualityFirst => ModelSize::B120,
+            Self::LatencyFirst | Self::Balanced => ModelSize::B20,
+        }
+    }
+}
+
+impl fmt::Display for ProfileName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A name that is not a profile.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown profile {0:?} (expected latency_first, balanced or quality_first)")]
+pub struct UnknownProfile(pub String);
+
+impl FromStr for ProfileName {
+    type Err = UnknownProfile;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| UnknownProfile(s.to_string()))
+    }
+}
+
+/// `[profiles.latency_first]`, `[profiles.balanced]`, `[profiles.quality_first]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profiles {
+    pub latency_first: ProfileSettings,
+    pub balanced: ProfileSettings,
+    pub quality_first: ProfileSettings,
+}
+
+impl Profiles {
+    /// One profile's settings.
+    pub fn get(&self, name: ProfileName) -> &ProfileSettings {
+        match name {
+            ProfileName::LatencyFirst => &self.latency_first,
+            ProfileName::Balanced => &self.balanced,
+            ProfileName::QualityFirst => &self.quality_first,
+        }
+    }
+}
+
+/// One profile. Defaults (DESIGN.md's table):
+///
+/// | profile | max_batch | prefill_window_ms | max_new_tokens | reasoning_effort |
+/// |---|---|---|---|---|
+/// | latency_first | 32 | 4 | 512 | low |
+/// | balanced | 48 | 6 | 1024 | medium |
+/// | quality_first | 8 | 12 | 2048 | high |
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileSettings {
+    /// `model`: the served name of the model this profile runs on. Default: none, chosen by
+    /// size ([`Config::profile_models`]: a 120b model for `quality_first`, a 20b one otherwise).
+    pub model: Option<String>,
+    /// `fallback`: the model used when `model` is not loaded or unhealthy. Default: none,
+    /// except that `quality_first` falls back to a 20b model.
+    pub fallback: Option<String>,
+    /// `max_batch`: most sequences in one step, ≥ 1.
+    pub max_batch: usize,
+    /// `prefill_window_ms`: how long a new request may wait for companions before its prefill.
+    pub prefill_window: Duration,
+    /// `max_new_tokens`: the generation limit when a request names none, ≥ 1.
+    pub max_new_tokens: usize,
+    /// `reasoning_effort`: `"low"`, `"medium"` or `"high"` when a request names none.
+    pub reasoning_effort: ReasoningEffort,
+}
+
+/// `[scheduler]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedulerSettings {
+    /// `default_profile`: the profile of a request that names none. Default `"balanced"`.
+    pub default_profile: ProfileName,
+    /// `auto_profile`: choose a profile from the prompt length and max tokens when a request
+    /// names none (instead of `default_profile`). Default false.
+    pub auto_profile: bool,
+    /// `max_waiting`: the bounded queue; past it requests are rejected (429/503 with
+    /// Retry-After). Default 256.
+    pub max_waiting: usize,
+    /// `max_tokens_per_step`: prefill chunk plus decode tokens in one step. Default 512.
+    pub max_tokens_per_step: usize,
+    /// `max_in_flight`: micro-batches in the pipeline at once. Default: none, meaning the
+    /// model's stage count ([`SchedulerSettings::max_in_flight_for`]).
+    pub max_in_flight: Option<usize>,
+}
+
+impl SchedulerSettings {
+    /// The micro-batches in flight for `model`: `max_in_flight`, or its stage count.
+    pub fn max_in_flight_for(&self, model: &ModelSettings) -> usize {
+        self.max_in_flight.unwrap_or(model.stages)
+    }
+}
+
+/// `[workers]`: stage worker supervision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerSettings {
+    /// `heartbeat_interval_ms`: how often a worker is pinged. Default 200 ms.
+    pub heartbeat_interval: Duration,
+    /// `heartbeat_timeout_ms`: silence after which a worker is killed and restarted; more than
+    /// the interval. Default 2000 ms.
+    pub heartbeat_timeout: Duration,
+    /// `step_deadline_ms`: the longest one step may take on a stage. Default 30000 ms.
+    pub step_deadline: Duration,
+    /// `restart_backoff_initial_ms`: the first restart delay, doubled on each crash. Default
+    /// 100 ms.
+    pub restart_backoff_initial: Duration,
+    /// `restart_backoff_max_ms`: the longest restart delay, ≥ the initial one. Default 5000 ms.
+    pub restart_backoff_max: Duration,
+    /// `crash_loop_limit`: this many crashes within `crash_loop_window_secs` mark the model
+    /// unhealthy. Default 5.
+    pub crash_loop_limit: u32,
+    /// `crash_loop_window_secs`. Default 60 s.
+    pub crash_loop_window: Duration,
+    /// `drain_grace_secs`: how long requests in progress may finish on SIGTERM (0: none).
+    /// Default 30 s.
+    pub drain_grace: Duration,
+    /// `stderr_tail_lines`: lines of a worker's stderr kept to log when it crashes. Default 50.
+    pub stderr_tail_lines: usize,
+}
