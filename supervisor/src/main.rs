@@ -334,11 +334,12 @@ fn generate_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
     }
     let mut stdout = std::io::stdout().lock();
     let mut failed = None;
-    for (line, rx) in lines.iter().zip(receivers) {
+    for (line, mut rx) in lines.iter().zip(receivers) {
         let mut ids = Vec::new();
         let mut finish = "length";
-        for ev in rx.iter() {
+        while let Some(ev) = rx.blocking_recv() {
             match ev {
+                GenEvent::Scheduled => {}
                 GenEvent::Token { token, .. } => ids.push(token),
                 GenEvent::Finished(f) => {
                     finish = match f {

@@ -90,9 +90,12 @@ pub enum Finish {
     Cancelled,
 }
 
-/// What a request's receiver sees, in order: tokens, then exactly one `Finished` or `Failed`.
+/// What a request's receiver sees, in order: `Scheduled` (its first step launched), tokens,
+/// then exactly one `Finished` or `Failed`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenEvent {
+    /// The request left the waiting queue: its first step was sent down the pipeline.
+    Scheduled,
     Token { index: u64, token: u32, logprob: f32, top: Vec<(u32, f32)> },
     Finished(Finish),
     Failed(String),
@@ -139,8 +142,14 @@ pub struct PipelineStatus {
     pub scheduler: SchedulerStats,
 }
 
+/// The receiving end of a request's events (usable from async code with `recv().await`, and
+/// from threads with `blocking_recv()`).
+pub type GenReceiver = tokio::sync::mpsc::UnboundedReceiver<GenEvent>;
+type GenSender = tokio::sync::mpsc::UnboundedSender<GenEvent>;
+
 enum Event {
-    Submit { id: SeqId, req: GenRequest, tx: Sender<GenEvent>, ack: Sender<Result<(), SubmitError>> },
+    Submit { id: SeqId, req: GenRequest, tx: GenSender, ack: Sender<Result<(), SubmitError>> },
+    SetBatching { max_batch_seqs: usize, prefill_window: Duration },
     Cancel { id: SeqId },
     RestartStage { stage: usize },
     Shutdown { grace: Duration, done: Sender<()> },
@@ -161,9 +170,9 @@ pub struct PipelineHandle {
 impl PipelineHandle {
     /// Queues a request; its events arrive on the returned receiver. Dropping the receiver
     /// cancels the request.
-    pub fn submit(&self, req: GenRequest) -> Result<(SeqId, Receiver<GenEvent>), SubmitError> {
+    pub fn submit(&self, req: GenRequest) -> Result<(SeqId, GenReceiver), SubmitError> {
         let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let (ack_tx, ack_rx) = mpsc::channel();
         self.tx
             .send(Event::Submit { id, req, tx, ack: ack_tx })
@@ -176,6 +185,11 @@ impl PipelineHandle {
     /// once, or when its in-flight step comes back.
     pub fn cancel(&self, id: SeqId) {
         let _ = self.tx.send(Event::Cancel { id });
+    }
+
+    /// Switches the batching limits (the active profile's max batch and prefill window).
+    pub fn set_batching(&self, max_batch_seqs: usize, prefill_window: Duration) {
+        let _ = self.tx.send(Event::SetBatching { max_batch_seqs, prefill_window });
     }
 
     /// Kills and restarts one stage (an administrative action; requests pause and resume).
@@ -343,8 +357,9 @@ struct Stage {
 }
 
 struct Request {
-    tx: Sender<GenEvent>,
+    tx: GenSender,
     sampler: Sampler,
+    scheduled: bool,
 }
 
 struct Engine {
@@ -473,6 +488,9 @@ impl Engine {
                 let _ = ack.send(self.submit(id, req, tx));
             }
             Event::Cancel { id } => self.cancel(id),
+            Event::SetBatching { max_batch_seqs, prefill_window } => {
+                self.scheduler.set_batching(max_batch_seqs, prefill_window);
+            }
             Event::RestartStage { stage } => {
                 if stage < self.stages.len() {
                     self.stage_failed(stage, "restarted by an administrator".into());
@@ -517,7 +535,7 @@ impl Engine {
         self.stages.iter().position(|s| s.process.as_ref().is_some_and(|p| p.pid == pid))
     }
 
-    fn submit(&mut self, id: SeqId, req: GenRequest, tx: Sender<GenEvent>) -> Result<(), SubmitError> {
+    fn submit(&mut self, id: SeqId, req: GenRequest, tx: GenSender) -> Result<(), SubmitError> {
         if self.draining.is_some() {
             return Err(SubmitError::Draining);
         }
@@ -535,7 +553,7 @@ impl Engine {
             priority: req.priority,
             arrival: Instant::now(),
         })?;
-        self.requests.insert(id, Request { tx, sampler: req.sampler });
+        self.requests.insert(id, Request { tx, sampler: req.sampler, scheduled: false });
         Ok(())
     }
 
@@ -805,6 +823,14 @@ impl Engine {
                     })
                     .collect(),
             };
+            for p in &plan.seqs {
+                if let Some(r) = self.requests.get_mut(&p.id) {
+                    if !r.scheduled {
+                        r.scheduled = true;
+                        let _ = r.tx.send(GenEvent::Scheduled);
+                    }
+                }
+            }
             let tokens: Vec<u32> = plan.seqs.iter().flat_map(|p| p.tokens.iter().copied()).collect();
             self.in_flight.insert(plan.id.0, plan.seqs.iter().map(|p| p.id).collect());
             if let Err(e) = self.send_step(&header, &tokens) {

@@ -426,6 +426,16 @@ impl Scheduler {
         &self.cfg
     }
 
+    /// Changes the batching limits of the active profile (a runtime switch of the default
+    /// profile). Applies from the next step; running sequences are not disturbed. Zero values
+    /// are ignored (the limits must stay at least 1).
+    pub fn set_batching(&mut self, max_batch_seqs: usize, prefill_window: Duration) {
+        if max_batch_seqs > 0 {
+            self.cfg.max_batch_seqs = max_batch_seqs;
+        }
+        self.cfg.prefill_window = prefill_window;
+    }
+
     /// Queues a request, or says why not. Checks, in order: an empty prompt, zero
     /// `max_new_tokens`, a duplicate id, prompt + `max_new_tokens` over `max_context`, a need
     /// for more blocks than the whole pool, a full queue.
