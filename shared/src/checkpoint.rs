@@ -275,7 +275,10 @@ impl Checkpoint {
 
     /// Total payload bytes of all tensors (for memory and bandwidth figures).
     pub fn payload_bytes(&self) -> u64 {
-        self.tensors.values().map(|t| (t.end - t.start) as u64).sum()
+        self.tensors
+            .values()
+            .map(|t| (t.end - t.start) as u64)
+            .sum()
     }
 }
 
@@ -314,7 +317,9 @@ fn read_index(path: &Path) -> Result<Vec<String>, CheckpointError> {
             .as_str()
             .ok_or_else(|| bad(format!("`{tensor}` maps to a non-string")))?;
         if file.contains('/') || file.contains("..") {
-            return Err(bad(format!("`{tensor}` maps outside the directory: {file}")));
+            return Err(bad(format!(
+                "`{tensor}` maps outside the directory: {file}"
+            )));
         }
         if !names.iter().any(|n| n == file) {
             names.push(file.to_string());

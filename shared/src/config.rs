@@ -145,7 +145,10 @@ impl ModelConfig {
         };
         if let Some(t) = &raw.model_type {
             if t != "gpt_oss" {
-                return Err(invalid("model_type", format!("expected \"gpt_oss\", got {t:?}")));
+                return Err(invalid(
+                    "model_type",
+                    format!("expected \"gpt_oss\", got {t:?}"),
+                ));
             }
         }
         if let Some(q) = &raw.quantization_config {
@@ -180,7 +183,10 @@ impl ModelConfig {
             ));
         }
         if head_dim % 2 != 0 {
-            return Err(invalid("head_dim", format!("must be even for RoPE, got {head_dim}")));
+            return Err(invalid(
+                "head_dim",
+                format!("must be even for RoPE, got {head_dim}"),
+            ));
         }
         if hidden_size % 32 != 0 || intermediate_size % 32 != 0 {
             return Err(invalid(
@@ -196,7 +202,13 @@ impl ModelConfig {
         }
         let layer_types = match raw.layer_types {
             None => (0..num_hidden_layers)
-                .map(|i| if i % 2 == 0 { AttentionKind::Sliding } else { AttentionKind::Full })
+                .map(|i| {
+                    if i % 2 == 0 {
+                        AttentionKind::Sliding
+                    } else {
+                        AttentionKind::Full
+                    }
+                })
                 .collect(),
             Some(types) => {
                 if types.len() != num_hidden_layers {
@@ -210,7 +222,10 @@ impl ModelConfig {
                     .map(|t| match t.as_str() {
                         "sliding_attention" => Ok(AttentionKind::Sliding),
                         "full_attention" => Ok(AttentionKind::Full),
-                        other => Err(invalid("layer_types", format!("unknown layer type {other:?}"))),
+                        other => Err(invalid(
+                            "layer_types",
+                            format!("unknown layer type {other:?}"),
+                        )),
                     })
                     .collect::<Result<_, _>>()?
             }
@@ -218,21 +233,36 @@ impl ModelConfig {
         let (rope_key, raw_rope) = match (raw.rope_scaling, raw.rope_parameters) {
             (Some(r), _) => ("rope_scaling", r),
             (None, Some(r)) => ("rope_parameters", r),
-            (None, None) => return Err(invalid("rope_scaling", "missing (neither rope_scaling nor rope_parameters)".into())),
+            (None, None) => {
+                return Err(invalid(
+                    "rope_scaling",
+                    "missing (neither rope_scaling nor rope_parameters)".into(),
+                ))
+            }
         };
         let rope_type = raw_rope.rope_type.or(raw_rope.kind);
         if rope_type.as_deref() != Some("yarn") {
-            return Err(invalid(rope_key, format!("rope_type must be \"yarn\", got {rope_type:?}")));
+            return Err(invalid(
+                rope_key,
+                format!("rope_type must be \"yarn\", got {rope_type:?}"),
+            ));
         }
         let theta = raw_rope
             .rope_theta
             .or(raw.rope_theta)
             .ok_or_else(|| invalid("rope_theta", "missing".into()))?;
-        let factor = raw_rope.factor.ok_or_else(|| invalid(rope_key, "missing `factor`".into()))?;
+        let factor = raw_rope
+            .factor
+            .ok_or_else(|| invalid(rope_key, "missing `factor`".into()))?;
         let original = raw_rope
             .original_max_position_embeddings
             .or(raw.initial_context_length)
-            .ok_or_else(|| invalid(rope_key, "missing `original_max_position_embeddings`".into()))?;
+            .ok_or_else(|| {
+                invalid(
+                    rope_key,
+                    "missing `original_max_position_embeddings`".into(),
+                )
+            })?;
         let rope = Rope {
             theta,
             factor,
@@ -241,9 +271,23 @@ impl ModelConfig {
             original_max_position_embeddings: original,
             truncate: raw_rope.truncate.unwrap_or(true),
         };
-        for (key, v) in [("rope_theta", rope.theta), ("factor", rope.factor), ("original_max_position_embeddings", rope.original_max_position_embeddings)] {
+        for (key, v) in [
+            ("rope_theta", rope.theta),
+            ("factor", rope.factor),
+            (
+                "original_max_position_embeddings",
+                rope.original_max_position_embeddings,
+            ),
+        ] {
             if !(v.is_finite() && v > 0.0) {
-                return Err(invalid(if key == "rope_theta" { "rope_theta" } else { rope_key }, format!("{key} must be a positive number, got {v}")));
+                return Err(invalid(
+                    if key == "rope_theta" {
+                        "rope_theta"
+                    } else {
+                        rope_key
+                    },
+                    format!("{key} must be a positive number, got {v}"),
+                ));
             }
         }
         let max_position_embeddings = raw
@@ -252,7 +296,10 @@ impl ModelConfig {
         let swiglu_limit = raw.swiglu_limit.unwrap_or(7.0);
         let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-5);
         if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
-            return Err(invalid("rms_norm_eps", format!("must be positive, got {rms_norm_eps}")));
+            return Err(invalid(
+                "rms_norm_eps",
+                format!("must be positive, got {rms_norm_eps}"),
+            ));
         }
         Ok(Self {
             num_hidden_layers,
@@ -327,7 +374,10 @@ mod tests {
     fn accepts_rope_parameters_spelling() {
         let text = HUB_20B
             .replace("\"rope_scaling\"", "\"rope_parameters\"")
-            .replace("\"rope_type\": \"yarn\"", "\"rope_type\": \"yarn\", \"rope_theta\": 150000")
+            .replace(
+                "\"rope_type\": \"yarn\"",
+                "\"rope_type\": \"yarn\", \"rope_theta\": 150000",
+            )
             .replace("\"rope_theta\": 150000, \"router", "\"router");
         let c = ModelConfig::parse(&text, Path::new("config.json")).expect("valid");
         assert_eq!(c.rope.theta, 150000.0);
@@ -337,10 +387,17 @@ mod tests {
     #[test]
     fn names_the_key_of_a_bad_value() {
         let text = HUB_20B.replace("\"num_key_value_heads\": 8", "\"num_key_value_heads\": 7");
-        let e = ModelConfig::parse(&text, Path::new("/m/config.json")).unwrap_err().to_string();
-        assert!(e.contains("/m/config.json") && e.contains("num_key_value_heads"), "{e}");
+        let e = ModelConfig::parse(&text, Path::new("/m/config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/m/config.json") && e.contains("num_key_value_heads"),
+            "{e}"
+        );
         let text = HUB_20B.replace("\"quant_method\": \"mxfp4\"", "\"quant_method\": \"gptq\"");
-        let e = ModelConfig::parse(&text, Path::new("config.json")).unwrap_err().to_string();
+        let e = ModelConfig::parse(&text, Path::new("config.json"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("quant_method") && e.contains("gptq"), "{e}");
     }
 

@@ -169,11 +169,17 @@ pub fn payload_offset(header_len: usize) -> usize {
 }
 
 /// Writes a framed header at the start of `slot`; returns the payload offset.
-pub fn write_slot_header<T: Serialize>(slot: &mut [u8], header: &T) -> Result<usize, ProtocolError> {
+pub fn write_slot_header<T: Serialize>(
+    slot: &mut [u8],
+    header: &T,
+) -> Result<usize, ProtocolError> {
     let body = wire::encode(header)?;
     let offset = payload_offset(body.len());
     if slot.len() < offset {
-        return Err(ProtocolError::SlotTooSmall { have: slot.len(), need: offset });
+        return Err(ProtocolError::SlotTooSmall {
+            have: slot.len(),
+            need: offset,
+        });
     }
     slot[..4].copy_from_slice(&(body.len() as u32).to_le_bytes());
     slot[4..4 + body.len()].copy_from_slice(&body);
@@ -181,15 +187,21 @@ pub fn write_slot_header<T: Serialize>(slot: &mut [u8], header: &T) -> Result<us
 }
 
 /// Reads the framed header at the start of `slot`; returns it and the payload offset.
-pub fn read_slot_header<T: serde::de::DeserializeOwned>(slot: &[u8]) -> Result<(T, usize), ProtocolError> {
-    let len_bytes: [u8; 4] = slot
-        .get(..4)
-        .and_then(|b| b.try_into().ok())
-        .ok_or(ProtocolError::SlotTooSmall { have: slot.len(), need: 4 })?;
+pub fn read_slot_header<T: serde::de::DeserializeOwned>(
+    slot: &[u8],
+) -> Result<(T, usize), ProtocolError> {
+    let len_bytes: [u8; 4] =
+        slot.get(..4)
+            .and_then(|b| b.try_into().ok())
+            .ok_or(ProtocolError::SlotTooSmall {
+                have: slot.len(),
+                need: 4,
+            })?;
     let len = u32::from_le_bytes(len_bytes) as usize;
-    let body = slot
-        .get(4..4 + len)
-        .ok_or(ProtocolError::SlotTooSmall { have: slot.len(), need: 4 + len })?;
+    let body = slot.get(4..4 + len).ok_or(ProtocolError::SlotTooSmall {
+        have: slot.len(),
+        need: 4 + len,
+    })?;
     Ok((wire::decode(body)?, payload_offset(len)))
 }
 
@@ -201,9 +213,18 @@ mod tests {
     fn control_messages_round_trip() {
         let mut buf = Vec::new();
         let msgs = vec![
-            WorkerMsg::Hello { version: PROTOCOL_VERSION, stage: 2, pid: 77 },
-            WorkerMsg::Heartbeat { steps_done: 9, busy: Some((4, 12)) },
-            WorkerMsg::LoadFailed { reason: "no file".into() },
+            WorkerMsg::Hello {
+                version: PROTOCOL_VERSION,
+                stage: 2,
+                pid: 77,
+            },
+            WorkerMsg::Heartbeat {
+                steps_done: 9,
+                busy: Some((4, 12)),
+            },
+            WorkerMsg::LoadFailed {
+                reason: "no file".into(),
+            },
         ];
         for m in &msgs {
             write_message(&mut buf, m).expect("write");
@@ -213,7 +234,10 @@ mod tests {
             let got: WorkerMsg = read_message(&mut r).expect("read");
             assert_eq!(&got, m);
         }
-        assert!(read_message::<WorkerMsg>(&mut r).is_err(), "end of stream is an error");
+        assert!(
+            read_message::<WorkerMsg>(&mut r).is_err(),
+            "end of stream is an error"
+        );
     }
 
     #[test]
@@ -221,7 +245,13 @@ mod tests {
         let h = StepHeader {
             epoch: 1,
             step: 5,
-            seqs: vec![StepSeq { seq: 3, start_pos: 10, tokens: 1, blocks: vec![1, 2], sample: None }],
+            seqs: vec![StepSeq {
+                seq: 3,
+                start_pos: 10,
+                tokens: 1,
+                blocks: vec![1, 2],
+                sample: None,
+            }],
         };
         let mut slot = vec![0u8; 256];
         let off = write_slot_header(&mut slot, &h).expect("write");
@@ -236,7 +266,10 @@ mod tests {
     #[test]
     fn corrupt_length_is_an_error_not_an_allocation() {
         let frame = [0xff, 0xff, 0xff, 0x7f, 1, 2, 3];
-        assert!(matches!(read_message::<WorkerMsg>(&mut &frame[..]), Err(ProtocolError::TooLarge(_))));
+        assert!(matches!(
+            read_message::<WorkerMsg>(&mut &frame[..]),
+            Err(ProtocolError::TooLarge(_))
+        ));
         assert!(read_slot_header::<StepHeader>(&frame).is_err());
     }
 }

@@ -36,7 +36,9 @@ impl std::str::FromStr for Preset {
             "tiny" => Ok(Preset::Tiny),
             "bench" => Ok(Preset::Bench),
             "20b-shape" => Ok(Preset::Shape20b),
-            other => Err(format!("unknown preset {other:?} (expected tiny, bench or 20b-shape)")),
+            other => Err(format!(
+                "unknown preset {other:?} (expected tiny, bench or 20b-shape)"
+            )),
         }
     }
 }
@@ -88,7 +90,11 @@ impl Preset {
                 // Small enough that the tiny model is split over several shards, like the hub's.
                 shard_bytes: 20_000_000,
             },
-            Preset::Bench => Dims { layers: 4, shard_bytes: 2_500_000_000, ..real },
+            Preset::Bench => Dims {
+                layers: 4,
+                shard_bytes: 2_500_000_000,
+                ..real
+            },
             Preset::Shape20b => real,
         }
     }
@@ -203,17 +209,57 @@ fn tensors(d: &Dims, seed: u64) -> Vec<LazyTensor> {
         2 * d.intermediate,
     );
     let inv = |n: usize| 1.0 / (n as f32).sqrt();
-    let mut t = vec![bf16_t("model.embed_tokens.weight".into(), vec![d.vocab, h], 0.0, 1.0)];
+    let mut t = vec![bf16_t(
+        "model.embed_tokens.weight".into(),
+        vec![d.vocab, h],
+        0.0,
+        1.0,
+    )];
     for l in 0..d.layers {
         let p = format!("model.layers.{l}");
-        t.push(bf16_t(format!("{p}.input_layernorm.weight"), vec![h], 1.0, 0.1));
-        t.push(bf16_t(format!("{p}.post_attention_layernorm.weight"), vec![h], 1.0, 0.1));
-        for (name, rows, cols) in [("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, q)] {
-            t.push(bf16_t(format!("{p}.self_attn.{name}.weight"), vec![rows, cols], 0.0, inv(cols)));
-            t.push(bf16_t(format!("{p}.self_attn.{name}.bias"), vec![rows], 0.0, 0.1));
+        t.push(bf16_t(
+            format!("{p}.input_layernorm.weight"),
+            vec![h],
+            1.0,
+            0.1,
+        ));
+        t.push(bf16_t(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            1.0,
+            0.1,
+        ));
+        for (name, rows, cols) in [
+            ("q_proj", q, h),
+            ("k_proj", kv, h),
+            ("v_proj", kv, h),
+            ("o_proj", h, q),
+        ] {
+            t.push(bf16_t(
+                format!("{p}.self_attn.{name}.weight"),
+                vec![rows, cols],
+                0.0,
+                inv(cols),
+            ));
+            t.push(bf16_t(
+                format!("{p}.self_attn.{name}.bias"),
+                vec![rows],
+                0.0,
+                0.1,
+            ));
         }
-        t.push(bf16_t(format!("{p}.self_attn.sinks"), vec![d.heads], 0.0, 1.0));
-        t.push(bf16_t(format!("{p}.mlp.router.weight"), vec![e, h], 0.0, inv(h)));
+        t.push(bf16_t(
+            format!("{p}.self_attn.sinks"),
+            vec![d.heads],
+            0.0,
+            1.0,
+        ));
+        t.push(bf16_t(
+            format!("{p}.mlp.router.weight"),
+            vec![e, h],
+            0.0,
+            inv(h),
+        ));
         t.push(bf16_t(format!("{p}.mlp.router.bias"), vec![e], 0.0, 0.1));
         for (name, rows, cols) in [("gate_up_proj", i2, h), ("down_proj", h, d.intermediate)] {
             t.push(LazyTensor {
@@ -232,19 +278,35 @@ fn tensors(d: &Dims, seed: u64) -> Vec<LazyTensor> {
                 },
                 seed,
             });
-            t.push(bf16_t(format!("{p}.mlp.experts.{name}_bias"), vec![e, rows], 0.0, 0.1));
+            t.push(bf16_t(
+                format!("{p}.mlp.experts.{name}_bias"),
+                vec![e, rows],
+                0.0,
+                0.1,
+            ));
         }
     }
     t.push(bf16_t("model.norm.weight".into(), vec![h], 1.0, 0.1));
     // Logits with a spread of a few units: greedy choices are not near-ties.
-    t.push(bf16_t("lm_head.weight".into(), vec![d.vocab, h], 0.0, 4.0 * inv(h)));
+    t.push(bf16_t(
+        "lm_head.weight".into(),
+        vec![d.vocab, h],
+        0.0,
+        4.0 * inv(h),
+    ));
     t
 }
 
 /// The config.json of a generated model: the hub's keys, with the preset's sizes.
 pub fn config_json(d: &Dims) -> serde_json::Value {
     let layer_types: Vec<&str> = (0..d.layers)
-        .map(|i| if i % 2 == 0 { "sliding_attention" } else { "full_attention" })
+        .map(|i| {
+            if i % 2 == 0 {
+                "sliding_attention"
+            } else {
+                "full_attention"
+            }
+        })
         .collect();
     serde_json::json!({
         "architectures": ["GptOssForCausalLM"],
@@ -418,13 +480,17 @@ mod tests {
         let ck = Checkpoint::open(a.path()).expect("open");
         let w = StageWeights::load(&ck, &cfg, &StageSpan::whole(&cfg)).expect("weights");
         assert_eq!(w.layers.len(), 4);
-        let index = std::fs::read_to_string(a.path().join("model.safetensors.index.json")).expect("index");
+        let index =
+            std::fs::read_to_string(a.path().join("model.safetensors.index.json")).expect("index");
         assert!(index.contains("model-00001-of-"), "several shards expected");
         for entry in std::fs::read_dir(a.path()).expect("dir") {
             let name = entry.expect("entry").file_name();
             let x = std::fs::read(a.path().join(&name)).expect("read a");
             let y = std::fs::read(b.path().join(&name)).expect("read b");
-            assert!(x == y, "{name:?} differs between two runs with the same seed");
+            assert!(
+                x == y,
+                "{name:?} differs between two runs with the same seed"
+            );
         }
     }
 

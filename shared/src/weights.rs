@@ -156,7 +156,11 @@ impl StageWeights {
     }
 }
 
-fn load_layer(ckpt: &Checkpoint, cfg: &ModelConfig, i: usize) -> Result<LayerWeights, CheckpointError> {
+fn load_layer(
+    ckpt: &Checkpoint,
+    cfg: &ModelConfig,
+    i: usize,
+) -> Result<LayerWeights, CheckpointError> {
     let h = cfg.hidden_size;
     let q = cfg.q_dim();
     let kv = cfg.kv_dim();
@@ -167,9 +171,14 @@ fn load_layer(ckpt: &Checkpoint, cfg: &ModelConfig, i: usize) -> Result<LayerWei
         Ok(ckpt.bf16(&format!("{p}.{name}"), shape)?.data)
     };
     let experts = |name: &str, rows: usize, cols: usize| -> Result<Mxfp4Experts, CheckpointError> {
-        let blocks: Tensor<u8> =
-            ckpt.u8(&format!("{p}.mlp.experts.{name}_blocks"), &[e, rows, cols / 32, 16])?;
-        let scales: Tensor<u8> = ckpt.u8(&format!("{p}.mlp.experts.{name}_scales"), &[e, rows, cols / 32])?;
+        let blocks: Tensor<u8> = ckpt.u8(
+            &format!("{p}.mlp.experts.{name}_blocks"),
+            &[e, rows, cols / 32, 16],
+        )?;
+        let scales: Tensor<u8> = ckpt.u8(
+            &format!("{p}.mlp.experts.{name}_scales"),
+            &[e, rows, cols / 32],
+        )?;
         Ok(Mxfp4Experts {
             experts: e,
             rows,

@@ -22,7 +22,8 @@ fn config() -> bincode::config::Configuration {
 
 /// Encodes `value`, appending to `out`.
 pub fn encode_into<T: Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), WireError> {
-    let bytes = bincode::serde::encode_to_vec(value, config()).map_err(|e| WireError::Encode(e.to_string()))?;
+    let bytes = bincode::serde::encode_to_vec(value, config())
+        .map_err(|e| WireError::Encode(e.to_string()))?;
     out.extend_from_slice(&bytes);
     Ok(())
 }
@@ -34,9 +35,13 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, WireError> {
 
 /// Decodes a whole buffer; trailing bytes are an error.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
-    let (value, used) = bincode::serde::decode_from_slice(bytes, config()).map_err(|e| WireError::Decode(e.to_string()))?;
+    let (value, used) = bincode::serde::decode_from_slice(bytes, config())
+        .map_err(|e| WireError::Decode(e.to_string()))?;
     if used != bytes.len() {
-        return Err(WireError::Decode(format!("{} trailing bytes", bytes.len() - used)));
+        return Err(WireError::Decode(format!(
+            "{} trailing bytes",
+            bytes.len() - used
+        )));
     }
     Ok(value)
 }

@@ -28,7 +28,10 @@ use interprocess::os::unix::uds_local_socket::Stream;
 const FAULT_ENV: &str = "GPTOSSD_FAULT";
 
 #[derive(Parser, Debug)]
-#[command(name = "gptossd-stage", about = "gptossd pipeline stage worker (started by gptossd)")]
+#[command(
+    name = "gptossd-stage",
+    about = "gptossd pipeline stage worker (started by gptossd)"
+)]
 struct Args {
     #[arg(long)]
     model: PathBuf,
@@ -90,7 +93,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let stream = Arc::new(stream);
     worker::send(
         &stream,
-        &WorkerMsg::Hello { version: PROTOCOL_VERSION, stage: args.stage, pid: std::process::id() },
+        &WorkerMsg::Hello {
+            version: PROTOCOL_VERSION,
+            stage: args.stage,
+            pid: std::process::id(),
+        },
     );
     let model = match load(&args) {
         Ok(m) => m,
@@ -102,10 +109,17 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     };
     let (mut model, hops) = model;
-    let kv_bytes = (args.kv_blocks * args.block_size * model.config().kv_dim() * 8 * (args.end_layer - args.first_layer)) as u64;
+    let kv_bytes = (args.kv_blocks
+        * args.block_size
+        * model.config().kv_dim()
+        * 8
+        * (args.end_layer - args.first_layer)) as u64;
     worker::send(
         &stream,
-        &WorkerMsg::Loaded { weight_bytes: model.weights().bytes() as u64, kv_bytes },
+        &WorkerMsg::Loaded {
+            weight_bytes: model.weights().bytes() as u64,
+            kv_bytes,
+        },
     );
     if std::env::var(FAULT_ENV).as_deref() == Ok("crash-after-load") {
         eprintln!("gptossd-stage: {FAULT_ENV}=crash-after-load: aborting (test fault injection)");
@@ -129,19 +143,28 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 fn load(args: &Args) -> anyhow::Result<(StageModel, Hops)> {
     if args.device != "cpu" {
-        bail!("device {:?}: only the cpu backend is built in so far", args.device);
+        bail!(
+            "device {:?}: only the cpu backend is built in so far",
+            args.device
+        );
     }
     if !args.cpus.is_empty() {
         let mut set = nix::sched::CpuSet::new();
         for &c in &args.cpus {
-            set.set(c).with_context(|| format!("cpu {c} is not a valid core index"))?;
+            set.set(c)
+                .with_context(|| format!("cpu {c} is not a valid core index"))?;
         }
         nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
             .with_context(|| format!("pinning to cores {:?}", args.cpus))?;
     }
     // SAFETY: the supervisor passes these descriptors open (not close-on-exec) for this process
     // alone, and nothing else in this process owns them.
-    let (fd_in, fd_out) = unsafe { (OwnedFd::from_raw_fd(args.ring_in), OwnedFd::from_raw_fd(args.ring_out)) };
+    let (fd_in, fd_out) = unsafe {
+        (
+            OwnedFd::from_raw_fd(args.ring_in),
+            OwnedFd::from_raw_fd(args.ring_out),
+        )
+    };
     let hops = Hops {
         input: worker::ring_from_inherited(fd_in).context("input ring")?,
         output: worker::ring_from_inherited(fd_out).context("output ring")?,
@@ -156,8 +179,15 @@ fn load(args: &Args) -> anyhow::Result<(StageModel, Hops)> {
         );
     }
     let ckpt = Checkpoint::open(&args.model)?;
-    let span = StageSpan { layers: args.first_layer..args.end_layer, embedding: args.embedding, head: args.head };
+    let span = StageSpan {
+        layers: args.first_layer..args.end_layer,
+        embedding: args.embedding,
+        head: args.head,
+    };
     let weights = StageWeights::load(&ckpt, &cfg, &span)?;
-    let kv = KvConfig { num_blocks: args.kv_blocks, block_size: args.block_size };
+    let kv = KvConfig {
+        num_blocks: args.kv_blocks,
+        block_size: args.block_size,
+    };
     Ok((StageModel::new(cfg, weights, kv, args.threads), hops))
 }

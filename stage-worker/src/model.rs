@@ -123,7 +123,9 @@ impl Rope {
         let half = d / 2;
         // As transformers' `_compute_yarn_parameters`: f32 frequencies, f64 correction range.
         let correction = |rotations: f64| {
-            d as f64 * (r.original_max_position_embeddings / (rotations * 2.0 * std::f64::consts::PI)).ln()
+            d as f64
+                * (r.original_max_position_embeddings / (rotations * 2.0 * std::f64::consts::PI))
+                    .ln()
                 / (2.0 * r.theta.ln())
         };
         let mut low = correction(r.beta_fast);
@@ -134,7 +136,11 @@ impl Rope {
         }
         let low = low.max(0.0);
         let high = high.min(d as f64 - 1.0);
-        let span = if low == high { high + 0.001 - low } else { high - low };
+        let span = if low == high {
+            high + 0.001 - low
+        } else {
+            high - low
+        };
         let inv_freq = (0..half)
             .map(|i| {
                 let pos_freq = (r.theta as f32).powf((2 * i) as f32 / d as f32);
@@ -145,7 +151,11 @@ impl Rope {
                 interpolation * (1.0 - extrapolation_factor) + extrapolation * extrapolation_factor
             })
             .collect();
-        let concentration = if r.factor <= 1.0 { 1.0 } else { (0.1 * r.factor.ln() + 1.0) as f32 };
+        let concentration = if r.factor <= 1.0 {
+            1.0
+        } else {
+            (0.1 * r.factor.ln() + 1.0) as f32
+        };
         Self {
             inv_freq,
             concentration,
@@ -165,8 +175,10 @@ impl Rope {
         for p in have..positions {
             for &f in &self.inv_freq {
                 let angle = p as f32 * f;
-                self.cos.push((angle as f64).cos() as f32 * self.concentration);
-                self.sin.push((angle as f64).sin() as f32 * self.concentration);
+                self.cos
+                    .push((angle as f64).cos() as f32 * self.concentration);
+                self.sin
+                    .push((angle as f64).sin() as f32 * self.concentration);
             }
         }
     }
@@ -322,7 +334,10 @@ impl StageModel {
                     });
                 }
                 if hs.len() != n {
-                    return Err(StepError::InputSize { got: hs.len(), expected: n });
+                    return Err(StepError::InputSize {
+                        got: hs.len(),
+                        expected: n,
+                    });
                 }
                 x.copy_from_slice(hs);
             }
@@ -341,18 +356,31 @@ impl StageModel {
     pub fn embed(&self, batch: &StepBatch, ids: &[u32], x: &mut [f32]) -> Result<(), StepError> {
         let h = self.cfg.hidden_size;
         let n = batch.total_tokens();
-        let emb = self.weights.embedding.as_ref().ok_or(StepError::WrongStage {
-            what: "has no embedding (it is not the first stage)",
-        })?;
+        let emb = self
+            .weights
+            .embedding
+            .as_ref()
+            .ok_or(StepError::WrongStage {
+                what: "has no embedding (it is not the first stage)",
+            })?;
         if ids.len() != n {
-            return Err(StepError::InputSize { got: ids.len(), expected: n });
+            return Err(StepError::InputSize {
+                got: ids.len(),
+                expected: n,
+            });
         }
         if x.len() != n * h {
-            return Err(StepError::InputSize { got: x.len(), expected: n * h });
+            return Err(StepError::InputSize {
+                got: x.len(),
+                expected: n * h,
+            });
         }
         for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
             if id as usize >= self.cfg.vocab_size {
-                return Err(StepError::TokenOutOfRange { id, vocab: self.cfg.vocab_size });
+                return Err(StepError::TokenOutOfRange {
+                    id,
+                    vocab: self.cfg.vocab_size,
+                });
             }
             let src = &emb[id as usize * h..(id as usize + 1) * h];
             for (d, &s) in row.iter_mut().zip(src) {
@@ -368,9 +396,17 @@ impl StageModel {
         self.check(batch)?;
         let expected = batch.total_tokens() * self.cfg.hidden_size;
         if x.len() != expected {
-            return Err(StepError::InputSize { got: x.len(), expected });
+            return Err(StepError::InputSize {
+                got: x.len(),
+                expected,
+            });
         }
-        let max_pos = batch.seqs.iter().map(|s| s.start_pos + s.tokens).max().unwrap_or(0);
+        let max_pos = batch
+            .seqs
+            .iter()
+            .map(|s| s.start_pos + s.tokens)
+            .max()
+            .unwrap_or(0);
         self.rope.extend_to(max_pos);
         for local in 0..self.weights.layers.len() {
             self.layer(local, batch, x);
@@ -380,7 +416,12 @@ impl StageModel {
 
     /// Last stage: final norm and LM head for the positions that want logits, into `out`
     /// (`[batch.logit_rows() × vocab]`).
-    pub fn logits(&mut self, batch: &StepBatch, x: &[f32], out: &mut Vec<f32>) -> Result<(), StepError> {
+    pub fn logits(
+        &mut self,
+        batch: &StepBatch,
+        x: &[f32],
+        out: &mut Vec<f32>,
+    ) -> Result<(), StepError> {
         let h = self.cfg.hidden_size;
         let head = self.weights.head.as_ref().ok_or(StepError::WrongStage {
             what: "has no LM head (it is not the last stage)",
@@ -396,7 +437,8 @@ impl StageModel {
                 Logits::All => 0,
             };
             let count = s.tokens - first;
-            picked[r * h..(r + count) * h].copy_from_slice(&x[(offset + first) * h..(offset + s.tokens) * h]);
+            picked[r * h..(r + count) * h]
+                .copy_from_slice(&x[(offset + first) * h..(offset + s.tokens) * h]);
             r += count;
             offset += s.tokens;
         }
@@ -408,7 +450,11 @@ impl StageModel {
             &self.pool,
             normed,
             rows,
-            Bf16Rows { bits: &head.lm_head, rows: self.cfg.vocab_size, k_dim: h },
+            Bf16Rows {
+                bits: &head.lm_head,
+                rows: self.cfg.vocab_size,
+                k_dim: h,
+            },
             None,
             out,
         );
@@ -436,8 +482,15 @@ impl StageModel {
                     pos: end - 1,
                 });
             }
-            if let Some(&block) = s.blocks[..=need].iter().find(|&&b| b as usize >= num_blocks) {
-                return Err(StepError::BlockOutOfRange { seq: i, block, num_blocks });
+            if let Some(&block) = s.blocks[..=need]
+                .iter()
+                .find(|&&b| b as usize >= num_blocks)
+            {
+                return Err(StepError::BlockOutOfRange {
+                    seq: i,
+                    block,
+                    num_blocks,
+                });
             }
         }
         Ok(())
@@ -456,11 +509,44 @@ impl StageModel {
         let normed = grow(&mut s.normed, n * h);
         rms_norm(x, &lw.input_norm, cfg.rms_norm_eps, normed);
         let q = grow(&mut s.q, n * qd);
-        matmul_bf16(pool, normed, n, Bf16Rows { bits: &lw.attn.q_w, rows: qd, k_dim: h }, Some(&lw.attn.q_b[..]), q);
+        matmul_bf16(
+            pool,
+            normed,
+            n,
+            Bf16Rows {
+                bits: &lw.attn.q_w,
+                rows: qd,
+                k_dim: h,
+            },
+            Some(&lw.attn.q_b[..]),
+            q,
+        );
         let k = grow(&mut s.k, n * kvd);
-        matmul_bf16(pool, normed, n, Bf16Rows { bits: &lw.attn.k_w, rows: kvd, k_dim: h }, Some(&lw.attn.k_b[..]), k);
+        matmul_bf16(
+            pool,
+            normed,
+            n,
+            Bf16Rows {
+                bits: &lw.attn.k_w,
+                rows: kvd,
+                k_dim: h,
+            },
+            Some(&lw.attn.k_b[..]),
+            k,
+        );
         let v = grow(&mut s.v, n * kvd);
-        matmul_bf16(pool, normed, n, Bf16Rows { bits: &lw.attn.v_w, rows: kvd, k_dim: h }, Some(&lw.attn.v_b[..]), v);
+        matmul_bf16(
+            pool,
+            normed,
+            n,
+            Bf16Rows {
+                bits: &lw.attn.v_w,
+                rows: kvd,
+                k_dim: h,
+            },
+            Some(&lw.attn.v_b[..]),
+            v,
+        );
         let mut t = 0;
         for seq in &batch.seqs {
             for i in 0..seq.tokens {
@@ -468,8 +554,13 @@ impl StageModel {
                 self.rope.apply(&mut q[t * qd..(t + 1) * qd], pos);
                 self.rope.apply(&mut k[t * kvd..(t + 1) * kvd], pos);
                 if let Some((block, slot)) = self.kv.locate(&seq.blocks, pos) {
-                    self.kv
-                        .store(local, block, slot, &k[t * kvd..(t + 1) * kvd], &v[t * kvd..(t + 1) * kvd]);
+                    self.kv.store(
+                        local,
+                        block,
+                        slot,
+                        &k[t * kvd..(t + 1) * kvd],
+                        &v[t * kvd..(t + 1) * kvd],
+                    );
                 }
                 t += 1;
             }
@@ -487,7 +578,18 @@ impl StageModel {
             out: attn,
         });
         let proj = grow(&mut s.proj, n * h);
-        matmul_bf16(pool, attn, n, Bf16Rows { bits: &lw.attn.o_w, rows: h, k_dim: qd }, Some(&lw.attn.o_b[..]), proj);
+        matmul_bf16(
+            pool,
+            attn,
+            n,
+            Bf16Rows {
+                bits: &lw.attn.o_w,
+                rows: h,
+                k_dim: qd,
+            },
+            Some(&lw.attn.o_b[..]),
+            proj,
+        );
         for (xv, pv) in x.iter_mut().zip(proj.iter()) {
             *xv += *pv;
         }
@@ -498,7 +600,18 @@ impl StageModel {
         let e = cfg.num_local_experts;
         let top_k = cfg.num_experts_per_tok;
         let router = grow(&mut s.router, n * e);
-        matmul_bf16(pool, normed, n, Bf16Rows { bits: &lw.moe.router_w, rows: e, k_dim: h }, Some(&lw.moe.router_b[..]), router);
+        matmul_bf16(
+            pool,
+            normed,
+            n,
+            Bf16Rows {
+                bits: &lw.moe.router_w,
+                rows: e,
+                k_dim: h,
+            },
+            Some(&lw.moe.router_b[..]),
+            router,
+        );
         s.routes.clear();
         for logits in router.chunks_exact(e) {
             route(logits, top_k, &mut s.routes);
@@ -531,7 +644,10 @@ impl StageModel {
             let gu_bias = &lw.moe.gate_up_b[expert * 2 * inter..(expert + 1) * 2 * inter];
             matmul_mxfp4(pool, gathered, m, gu_rows, Some(gu_bias), gate_up);
             let act = grow(&mut s.act, m * inter);
-            for (pairs, a) in gate_up.chunks_exact(2 * inter).zip(act.chunks_exact_mut(inter)) {
+            for (pairs, a) in gate_up
+                .chunks_exact(2 * inter)
+                .zip(act.chunks_exact_mut(inter))
+            {
                 swiglu(pairs, cfg.swiglu_limit, a);
             }
             let dn = &lw.moe.down;
@@ -575,7 +691,11 @@ fn route(logits: &[f32], top_k: usize, routes: &mut Vec<(usize, f32)>) {
     let max = logits[chosen[0]];
     let exps: Vec<f32> = chosen.iter().map(|&i| (logits[i] - max).exp()).collect();
     let sum: f32 = exps.iter().sum();
-    let mut picked: Vec<(usize, f32)> = chosen.iter().zip(&exps).map(|(&i, &x)| (i, x / sum)).collect();
+    let mut picked: Vec<(usize, f32)> = chosen
+        .iter()
+        .zip(&exps)
+        .map(|(&i, &x)| (i, x / sum))
+        .collect();
     picked.sort_by_key(|&(i, _)| i);
     routes.extend(picked);
 }
@@ -629,7 +749,9 @@ fn attention(a: AttentionArgs<'_>) {
                 scores.clear();
                 let mut max = sink;
                 for j in lo..=pos {
-                    let Some((block, slot)) = a.kv.locate(&seq.blocks, j) else { continue };
+                    let Some((block, slot)) = a.kv.locate(&seq.blocks, j) else {
+                        continue;
+                    };
                     let kr = &a.kv.key(a.local, block, slot)[kv_head * d..(kv_head + 1) * d];
                     let dot: f32 = qh.iter().zip(kr).map(|(x, y)| x * y).sum();
                     let l = dot * scale;
@@ -649,7 +771,9 @@ fn attention(a: AttentionArgs<'_>) {
                 let dst = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(base), d) };
                 dst.fill(0.0);
                 for (jj, j) in (lo..=pos).enumerate() {
-                    let Some((block, slot)) = a.kv.locate(&seq.blocks, j) else { continue };
+                    let Some((block, slot)) = a.kv.locate(&seq.blocks, j) else {
+                        continue;
+                    };
                     let p = scores[jj] / denom;
                     let vr = &a.kv.value(a.local, block, slot)[kv_head * d..(kv_head + 1) * d];
                     for (o, &vv) in dst.iter_mut().zip(vr) {

@@ -89,7 +89,11 @@ pub fn control_reader(stream: Arc<Stream>, shared: Arc<Shared>) {
                 let ring = recv_fd(&*stream).and_then(Ring::from_fd);
                 match ring {
                     Ok(ring) => {
-                        let slot = if input { &shared.new_in } else { &shared.new_out };
+                        let slot = if input {
+                            &shared.new_in
+                        } else {
+                            &shared.new_out
+                        };
                         if let Ok(mut s) = slot.lock() {
                             *s = Some(ring);
                         }
@@ -226,7 +230,11 @@ fn batch_of(header: &StepHeader, last_stage: bool) -> StepBatch {
                 start_pos: s.start_pos as usize,
                 tokens: s.tokens as usize,
                 blocks: s.blocks.clone(),
-                logits: if last_stage && s.sample.is_some() { Logits::Last } else { Logits::None },
+                logits: if last_stage && s.sample.is_some() {
+                    Logits::Last
+                } else {
+                    Logits::None
+                },
             })
             .collect(),
     }
@@ -272,18 +280,29 @@ fn compute_step(
                 .and_then(|()| model.run_layers(&batch, &mut scratch.x))
                 .and_then(|()| model.logits(&batch, &scratch.x, &mut scratch.logits));
             match result {
-                Ok(()) => sample_all(header, &scratch.logits, model.config().vocab_size, &mut scratch.sample),
+                Ok(()) => sample_all(
+                    header,
+                    &scratch.logits,
+                    model.config().vocab_size,
+                    &mut scratch.sample,
+                ),
                 Err(e) => StepOutcome::Failed(format!("step {}: {e}", header.step)),
             }
         };
         let mut slot = prod.reserve(Duration::MAX)?;
-        let result = StepResult { epoch: header.epoch, step: header.step, outcome };
-        let len = write_slot_header(&mut slot, &result).map_err(|e| RingError::Corrupt(e.to_string()))?;
+        let result = StepResult {
+            epoch: header.epoch,
+            step: header.step,
+            outcome,
+        };
+        let len =
+            write_slot_header(&mut slot, &result).map_err(|e| RingError::Corrupt(e.to_string()))?;
         return slot.commit(len);
     }
 
     let mut slot = prod.reserve(Duration::MAX)?;
-    let offset = write_slot_header(&mut slot, header).map_err(|e| RingError::Corrupt(e.to_string()))?;
+    let offset =
+        write_slot_header(&mut slot, header).map_err(|e| RingError::Corrupt(e.to_string()))?;
     let x = slot.view_mut::<f32>(offset, n * h)?;
     let result = if !input_ok {
         Err(None)
@@ -308,7 +327,12 @@ fn compute_step(
     }
 }
 
-fn sample_all(header: &StepHeader, logits: &[f32], vocab: usize, scratch: &mut SampleScratch) -> StepOutcome {
+fn sample_all(
+    header: &StepHeader,
+    logits: &[f32],
+    vocab: usize,
+    scratch: &mut SampleScratch,
+) -> StepOutcome {
     let mut tokens = Vec::new();
     let mut row = 0;
     for s in &header.seqs {
@@ -318,8 +342,15 @@ fn sample_all(header: &StepHeader, logits: &[f32], vocab: usize, scratch: &mut S
         };
         row += 1;
         match sample_one(&spec, row_logits, scratch) {
-            Ok(t) => tokens.push(SeqToken { seq: s.seq, token: t.0, logprob: t.1, top: t.2 }),
-            Err(e) => return StepOutcome::Failed(format!("step {} sequence {}: {e}", header.step, s.seq)),
+            Ok(t) => tokens.push(SeqToken {
+                seq: s.seq,
+                token: t.0,
+                logprob: t.1,
+                top: t.2,
+            }),
+            Err(e) => {
+                return StepOutcome::Failed(format!("step {} sequence {}: {e}", header.step, s.seq))
+            }
         }
     }
     StepOutcome::Tokens(tokens)
@@ -327,16 +358,30 @@ fn sample_all(header: &StepHeader, logits: &[f32], vocab: usize, scratch: &mut S
 
 type SampledTuple = (u32, f32, Vec<(u32, f32)>);
 
-fn sample_one(spec: &SampleSpec, logits: &[f32], scratch: &mut SampleScratch) -> Result<SampledTuple, String> {
+fn sample_one(
+    spec: &SampleSpec,
+    logits: &[f32],
+    scratch: &mut SampleScratch,
+) -> Result<SampledTuple, String> {
     let params = SamplingParams {
         temperature: spec.temperature,
         top_p: spec.top_p,
-        top_k: if spec.top_k == 0 { None } else { Some(spec.top_k as usize) },
+        top_k: if spec.top_k == 0 {
+            None
+        } else {
+            Some(spec.top_k as usize)
+        },
         seed: Some(spec.seed),
-        logprobs: if spec.logprobs == 0 { None } else { Some(spec.logprobs as usize) },
+        logprobs: if spec.logprobs == 0 {
+            None
+        } else {
+            Some(spec.logprobs as usize)
+        },
     };
     let sampler = Sampler::new(params, spec.seed).map_err(|e| e.to_string())?;
-    let s = sampler.sample_with(logits, spec.index, scratch).map_err(|e| e.to_string())?;
+    let s = sampler
+        .sample_with(logits, spec.index, scratch)
+        .map_err(|e| e.to_string())?;
     Ok((s.token, s.logprob, s.top))
 }
 

@@ -9,7 +9,9 @@ use gptossd_stage::model::{Logits, StageInput, StepBatch};
 const VOCAB: usize = 201_088;
 
 fn prompt(seed: u32, len: usize) -> Vec<u32> {
-    (0..len as u32).map(|i| (seed * 7919 + i * 104_729) % 199_000).collect()
+    (0..len as u32)
+        .map(|i| (seed * 7919 + i * 104_729) % 199_000)
+        .collect()
 }
 
 /// Logits of every position of `tokens`, fed in chunks of the given sizes.
@@ -39,7 +41,10 @@ fn prefill_chunking_and_decode_give_identical_bits() {
     assert_eq!(whole.len(), 21 * VOCAB);
     assert!(whole.iter().all(|v| v.is_finite()));
     let one_by_one = logits_chunked(&tokens, &[1; 21], 1);
-    assert!(whole == one_by_one, "token-by-token decode differs from one prefill");
+    assert!(
+        whole == one_by_one,
+        "token-by-token decode differs from one prefill"
+    );
     let uneven = logits_chunked(&tokens, &[5, 1, 9, 6], 1);
     assert!(whole == uneven, "chunked prefill differs from one prefill");
 }
@@ -73,25 +78,42 @@ fn batching_with_other_sequences_gives_identical_bits() {
     };
     let ids: Vec<u32> = a.iter().chain(&b).chain(&c).copied().collect();
     let mut out = Vec::new();
-    m.forward(&batch, StageInput::Tokens(&ids), &mut out).expect("step");
-    assert!(out[..11 * VOCAB] == alone_a[..], "a batched differs from a alone");
-    assert!(out[11 * VOCAB..28 * VOCAB] == alone_b[..], "b batched differs from b alone");
+    m.forward(&batch, StageInput::Tokens(&ids), &mut out)
+        .expect("step");
+    assert!(
+        out[..11 * VOCAB] == alone_a[..],
+        "a batched differs from a alone"
+    );
+    assert!(
+        out[11 * VOCAB..28 * VOCAB] == alone_b[..],
+        "b batched differs from b alone"
+    );
 
     // Then a decode step of a mixed with a prefill chunk of a new sequence d.
     let d = prompt(6, 9);
     let next_a = 42u32;
     let td = blocks(30, 4);
     let batch = StepBatch {
-        seqs: vec![chunk(11, 1, &ta, Logits::Last), chunk(0, 9, &td, Logits::Last)],
+        seqs: vec![
+            chunk(11, 1, &ta, Logits::Last),
+            chunk(0, 9, &td, Logits::Last),
+        ],
     };
     let ids: Vec<u32> = std::iter::once(next_a).chain(d.iter().copied()).collect();
-    m.forward(&batch, StageInput::Tokens(&ids), &mut out).expect("step");
+    m.forward(&batch, StageInput::Tokens(&ids), &mut out)
+        .expect("step");
     let mut a2 = a.clone();
     a2.push(next_a);
     let alone_a2 = logits_chunked(&a2, &[12], 1);
-    assert!(out[..VOCAB] == alone_a2[11 * VOCAB..], "decode of a in a mixed batch differs");
+    assert!(
+        out[..VOCAB] == alone_a2[11 * VOCAB..],
+        "decode of a in a mixed batch differs"
+    );
     let alone_d = logits_chunked(&d, &[9], 1);
-    assert!(out[VOCAB..] == alone_d[8 * VOCAB..], "prefill of d in a mixed batch differs");
+    assert!(
+        out[VOCAB..] == alone_d[8 * VOCAB..],
+        "prefill of d in a mixed batch differs"
+    );
 }
 
 #[test]
@@ -100,22 +122,41 @@ fn split_stages_equal_one_stage() {
     let tokens = prompt(7, 10);
     let whole = logits_chunked(&tokens, &[10], 1);
     let mut first = stage(
-        Some(StageSpan { layers: 0..1, embedding: true, head: false }),
+        Some(StageSpan {
+            layers: 0..1,
+            embedding: true,
+            head: false,
+        }),
         1,
     );
     let mut middle = stage(
-        Some(StageSpan { layers: 1..3, embedding: false, head: false }),
+        Some(StageSpan {
+            layers: 1..3,
+            embedding: false,
+            head: false,
+        }),
         1,
     );
     let mut last = stage(
-        Some(StageSpan { layers: 3..4, embedding: false, head: true }),
+        Some(StageSpan {
+            layers: 3..4,
+            embedding: false,
+            head: true,
+        }),
         1,
     );
     let table = blocks(0, 1);
-    let batch = StepBatch { seqs: vec![chunk(0, 10, &table, Logits::All)] };
+    let batch = StepBatch {
+        seqs: vec![chunk(0, 10, &table, Logits::All)],
+    };
     let (mut h1, mut h2, mut logits) = (Vec::new(), Vec::new(), Vec::new());
-    first.forward(&batch, StageInput::Tokens(&tokens), &mut h1).expect("stage 0");
-    middle.forward(&batch, StageInput::Hidden(&h1), &mut h2).expect("stage 1");
-    last.forward(&batch, StageInput::Hidden(&h2), &mut logits).expect("stage 2");
+    first
+        .forward(&batch, StageInput::Tokens(&tokens), &mut h1)
+        .expect("stage 0");
+    middle
+        .forward(&batch, StageInput::Hidden(&h1), &mut h2)
+        .expect("stage 1");
+    last.forward(&batch, StageInput::Hidden(&h2), &mut logits)
+        .expect("stage 2");
     assert!(logits == whole);
 }

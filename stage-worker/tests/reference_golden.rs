@@ -18,7 +18,8 @@ const VOCAB: usize = 201_088;
 const TOLERANCE: f32 = 1e-3;
 
 fn golden() -> serde_json::Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/golden_tiny_seed0.json");
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/golden_tiny_seed0.json");
     let text = std::fs::read_to_string(&path).expect("golden file");
     serde_json::from_str(&text).expect("golden JSON")
 }
@@ -45,10 +46,17 @@ fn argmax(row: &[f32]) -> u32 {
 fn regenerated_checkpoint_is_the_golden_one() {
     let g = golden();
     let dir = tiny_model_dir();
-    for (file, want) in g["generator"]["checkpoint_sha256"].as_object().expect("hashes") {
+    for (file, want) in g["generator"]["checkpoint_sha256"]
+        .as_object()
+        .expect("hashes")
+    {
         let bytes = std::fs::read(dir.join(file)).expect("checkpoint file");
         let got = format!("{:x}", Sha256::digest(&bytes));
-        assert_eq!(&got, want.as_str().expect("hash"), "{file} differs: the generator changed, regenerate the golden file");
+        assert_eq!(
+            &got,
+            want.as_str().expect("hash"),
+            "{file} differs: the generator changed, regenerate the golden file"
+        );
     }
 }
 
@@ -64,20 +72,29 @@ fn logits_and_greedy_tokens_match_transformers() {
         let batch = StepBatch {
             seqs: vec![chunk(0, tokens.len(), &table, Logits::All)],
         };
-        m.forward(&batch, StageInput::Tokens(&tokens), &mut logits).expect("prefill");
+        m.forward(&batch, StageInput::Tokens(&tokens), &mut logits)
+            .expect("prefill");
         let top20 = p["top20"].as_array().expect("top20");
         assert_eq!(top20.len(), tokens.len());
         for (pos, reference) in top20.iter().enumerate() {
             let row = &logits[pos * VOCAB..(pos + 1) * VOCAB];
             let reference = reference.as_array().expect("pairs");
             let ref_top = reference[0][0].as_u64().expect("id") as u32;
-            assert_eq!(argmax(row), ref_top, "prompt {pi} position {pos}: argmax differs");
+            assert_eq!(
+                argmax(row),
+                ref_top,
+                "prompt {pi} position {pos}: argmax differs"
+            );
             for pair in reference {
                 let id = pair[0].as_u64().expect("id") as usize;
                 let want = pair[1].as_f64().expect("logit") as f32;
                 let diff = (row[id] - want).abs();
                 worst = worst.max(diff);
-                assert!(diff <= TOLERANCE, "prompt {pi} position {pos} token {id}: ours {} reference {want}", row[id]);
+                assert!(
+                    diff <= TOLERANCE,
+                    "prompt {pi} position {pos} token {id}: ours {} reference {want}",
+                    row[id]
+                );
             }
         }
 
@@ -85,17 +102,19 @@ fn logits_and_greedy_tokens_match_transformers() {
         let want = ids(&p["greedy"]);
         let mut got = Vec::new();
         let mut next = argmax(&logits[(tokens.len() - 1) * VOCAB..]);
-        let mut pos = tokens.len();
-        for _ in 0..want.len() {
+        for pos in tokens.len()..tokens.len() + want.len() {
             got.push(next);
             let batch = StepBatch {
                 seqs: vec![chunk(pos, 1, &table, Logits::Last)],
             };
-            m.forward(&batch, StageInput::Tokens(&[next]), &mut logits).expect("decode");
+            m.forward(&batch, StageInput::Tokens(&[next]), &mut logits)
+                .expect("decode");
             next = argmax(&logits);
-            pos += 1;
         }
-        assert_eq!(got, want, "prompt {pi}: greedy tokens differ from transformers");
+        assert_eq!(
+            got, want,
+            "prompt {pi}: greedy tokens differ from transformers"
+        );
     }
     println!("max |Δlogit| against transformers over the reference top-20: {worst:.3e}");
 }
