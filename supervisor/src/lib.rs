@@ -1,5 +1,6 @@
 //! gptossd supervisor library.
 
+pub mod api;
 pub mod chat;
 pub mod config;
 pub mod scheduler;
