@@ -22,7 +22,11 @@ fn requests(count: usize, max_tokens: usize, seeded: bool) -> Vec<serde_json::Va
         .collect()
 }
 
-fn generate_requests(file: &std::path::Path, stages: usize, extra: &[&str]) -> std::process::Output {
+fn generate_requests(
+    file: &std::path::Path,
+    stages: usize,
+    extra: &[&str],
+) -> std::process::Output {
     let model = tiny_model();
     let mut cmd = command();
     cmd.arg("generate")
@@ -38,7 +42,14 @@ fn generate_requests(file: &std::path::Path, stages: usize, extra: &[&str]) -> s
 fn tokens_of(lines: &[serde_json::Value]) -> Vec<Vec<u64>> {
     lines
         .iter()
-        .map(|l| l["tokens"].as_array().expect("tokens").iter().map(|t| t.as_u64().expect("id")).collect())
+        .map(|l| {
+            l["tokens"]
+                .as_array()
+                .expect("tokens")
+                .iter()
+                .map(|t| t.as_u64().expect("id"))
+                .collect()
+        })
         .collect()
 }
 
@@ -54,14 +65,31 @@ fn four_stages_equal_one_stage_and_the_single_process_path() {
     assert!(one.status.success(), "{}", stderr(&one));
     let (four, one) = (stdout_lines(&four), stdout_lines(&one));
     assert_eq!(four.len(), 16);
-    assert_eq!(tokens_of(&four), tokens_of(&one), "4 stages differ from 1 stage");
+    assert_eq!(
+        tokens_of(&four),
+        tokens_of(&one),
+        "4 stages differ from 1 stage"
+    );
     for (req, got) in reqs.iter().zip(&four) {
-        let ids: Vec<String> = req["prompt_tokens"].as_array().expect("prompt").iter().map(|v| v.to_string()).collect();
+        let ids: Vec<String> = req["prompt_tokens"]
+            .as_array()
+            .expect("prompt")
+            .iter()
+            .map(|v| v.to_string())
+            .collect();
         let mut cmd = command();
         cmd.arg("generate")
             .arg("--model")
             .arg(&model)
-            .args(["--prompt-tokens", &ids.join(","), "--max-tokens", "12", "--json", "--threads", "1"])
+            .args([
+                "--prompt-tokens",
+                &ids.join(","),
+                "--max-tokens",
+                "12",
+                "--json",
+                "--threads",
+                "1",
+            ])
             .args(["--temperature", &req["temperature"].to_string()]);
         if let Some(seed) = req.get("seed") {
             cmd.args(["--seed", &seed.to_string()]);
@@ -69,7 +97,10 @@ fn four_stages_equal_one_stage_and_the_single_process_path() {
         let local = run(&mut cmd, Duration::from_secs(60));
         assert!(local.status.success(), "{}", stderr(&local));
         let local = stdout_lines(&local);
-        assert_eq!(local[0]["tokens"], got["tokens"], "the pipeline differs from the single-process path for {req}");
+        assert_eq!(
+            local[0]["tokens"], got["tokens"],
+            "the pipeline differs from the single-process path for {req}"
+        );
     }
     assert_nothing_left(&model);
 }
@@ -82,7 +113,11 @@ fn baseline(file: &std::path::Path) -> Vec<Vec<u64>> {
 }
 
 /// Starts a 4-stage run of `file` and hands its workers to `act` once they run.
-fn run_and_disturb(file: &std::path::Path, extra: &[&str], act: impl FnOnce(&[(u32, usize)])) -> (std::process::Output, Duration) {
+fn run_and_disturb(
+    file: &std::path::Path,
+    extra: &[&str],
+    act: impl FnOnce(&[(u32, usize)]),
+) -> (std::process::Output, Duration) {
     let model = tiny_model();
     let mut cmd = command();
     cmd.arg("generate")
@@ -110,13 +145,23 @@ fn kill_9_of_each_stage_mid_generation_loses_and_duplicates_nothing() {
     let want = baseline(file.path());
     for victim in 0..4 {
         let (out, _) = run_and_disturb(file.path(), &[], |workers| {
-            let (pid, _) = workers.iter().find(|(_, s)| *s == victim).expect("victim stage");
+            let (pid, _) = workers
+                .iter()
+                .find(|(_, s)| *s == victim)
+                .expect("victim stage");
             signal(*pid, libc::SIGKILL);
         });
         assert!(out.status.success(), "{}", stderr(&out));
         let err = stderr(&out);
-        assert!(err.contains(&format!("stage {victim} restarted 1 times")), "no restart of stage {victim} reported:\n{err}");
-        assert_eq!(tokens_of(&stdout_lines(&out)), want, "kill -9 of stage {victim} changed the tokens");
+        assert!(
+            err.contains(&format!("stage {victim} restarted 1 times")),
+            "no restart of stage {victim} reported:\n{err}"
+        );
+        assert_eq!(
+            tokens_of(&stdout_lines(&out)),
+            want,
+            "kill -9 of stage {victim} changed the tokens"
+        );
         assert_nothing_left(&tiny_model());
     }
 }
@@ -158,8 +203,15 @@ fn a_stage_that_crashes_at_every_start_ends_unhealthy_with_its_reason() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("stage 2 crashed 6 times"), "{err}");
-    assert!(err.contains("crash-after-load"), "the worker's own stderr should be shown:\n{err}");
-    assert!(start.elapsed() < Duration::from_secs(30), "crash loop took {:?}", start.elapsed());
+    assert!(
+        err.contains("crash-after-load"),
+        "the worker's own stderr should be shown:\n{err}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "crash loop took {:?}",
+        start.elapsed()
+    );
     assert_nothing_left(&model);
 }
 
@@ -173,11 +225,15 @@ fn a_stage_that_cannot_load_is_reported_without_restarts() {
     let mut index: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&index_path).expect("index")).expect("json");
     let map = index["weight_map"].as_object_mut().expect("map");
-    let file = map.remove("model.layers.3.self_attn.sinks").expect("tensor");
+    let file = map
+        .remove("model.layers.3.self_attn.sinks")
+        .expect("tensor");
     map.insert("model.layers.3.self_attn.sinkz".into(), file);
     std::fs::write(&index_path, index.to_string()).expect("write");
     let shard = broken.path().join(
-        index["weight_map"]["model.layers.3.self_attn.sinkz"].as_str().expect("shard"),
+        index["weight_map"]["model.layers.3.self_attn.sinkz"]
+            .as_str()
+            .expect("shard"),
     );
     let bytes = std::fs::read(&shard).expect("read");
     let at = bytes
@@ -199,8 +255,14 @@ fn a_stage_that_cannot_load_is_reported_without_restarts() {
     let out = run(&mut cmd, Duration::from_secs(60));
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("cannot load") && err.contains("model.layers.3.self_attn.sinks"), "{err}");
-    assert!(!err.contains("restarted"), "a load failure must not be restarted:\n{err}");
+    assert!(
+        err.contains("cannot load") && err.contains("model.layers.3.self_attn.sinks"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("restarted"),
+        "a load failure must not be restarted:\n{err}"
+    );
     assert_nothing_left(broken.path());
 }
 
@@ -212,7 +274,10 @@ fn a_small_kv_pool_preempts_instead_of_failing() {
     let out = generate_requests(file.path(), 4, &["--kv-cache-tokens", "320"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let got = tokens_of(&stdout_lines(&out));
-    let want: Vec<Vec<u64>> = want.iter().map(|t| t[..t.len().min(120)].to_vec()).collect();
+    let want: Vec<Vec<u64>> = want
+        .iter()
+        .map(|t| t[..t.len().min(120)].to_vec())
+        .collect();
     assert_eq!(got, want);
     assert_nothing_left(&tiny_model());
 }
@@ -223,7 +288,10 @@ fn the_waiting_queue_is_bounded() {
     let out = generate_requests(file.path(), 2, &["--max-waiting", "2"]);
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("waiting queue is full (2 requests waiting)"), "{err}");
+    assert!(
+        err.contains("waiting queue is full (2 requests waiting)"),
+        "{err}"
+    );
     assert_nothing_left(&tiny_model());
 }
 
@@ -249,7 +317,11 @@ fn sigterm_drains_running_requests_then_exits_zero() {
     let out = wait_with_limit(child, Duration::from_secs(60));
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("draining"));
-    assert_eq!(tokens_of(&stdout_lines(&out)), want, "drain must let running requests finish");
+    assert_eq!(
+        tokens_of(&stdout_lines(&out)),
+        want,
+        "drain must let running requests finish"
+    );
     assert_nothing_left(&model);
 }
 

@@ -45,7 +45,10 @@ const BLOCK: usize = 16;
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if args.stages != 1 {
-        bail!("--stages {}: the bench runs one in-process stage for now", args.stages);
+        bail!(
+            "--stages {}: the bench runs one in-process stage for now",
+            args.stages
+        );
     }
     let bandwidth = read_bandwidth_gbs();
     let cfg = ModelConfig::load(&args.model)?;
@@ -59,7 +62,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         block_size: BLOCK,
     };
     let mut model = StageModel::new(cfg.clone(), weights, kv, args.threads);
-    let prompt: Vec<u32> = (0..args.prompt_len as u32).map(|i| (i * 7919 + 13) % 199_000).collect();
+    let prompt: Vec<u32> = (0..args.prompt_len as u32)
+        .map(|i| (i * 7919 + 13) % 199_000)
+        .collect();
     let mut logits = Vec::new();
 
     // Prefill of one prompt (sequence slot 0), timed.

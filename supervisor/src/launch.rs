@@ -79,7 +79,10 @@ pub fn stage_binary() -> Result<PathBuf, LaunchError> {
     if bin.is_file() {
         Ok(bin)
     } else {
-        Err(LaunchError::StageBinary(format!("{} does not exist (set {STAGE_BIN_ENV})", bin.display())))
+        Err(LaunchError::StageBinary(format!(
+            "{} does not exist (set {STAGE_BIN_ENV})",
+            bin.display()
+        )))
     }
 }
 
@@ -88,11 +91,16 @@ pub fn pipeline_config(opts: &LaunchOptions) -> Result<PipelineConfig, LaunchErr
     let cfg = ModelConfig::load(&opts.model)?;
     let layers = cfg.num_hidden_layers;
     if opts.stages == 0 || opts.stages > layers {
-        return Err(LaunchError::Stages { stages: opts.stages, layers });
+        return Err(LaunchError::Stages {
+            stages: opts.stages,
+            layers,
+        });
     }
     let splits = split_layers(layers, opts.stages, &CostModel::from_model_config(&cfg));
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = opts.threads_per_stage.unwrap_or((cores / opts.stages).max(1));
+    let threads = opts
+        .threads_per_stage
+        .unwrap_or((cores / opts.stages).max(1));
     let num_blocks = opts.kv_cache_tokens.div_ceil(opts.block_size);
     let binary = stage_binary()?;
     let s = opts.stages;
@@ -143,4 +151,79 @@ pub fn pipeline_config(opts: &LaunchOptions) -> Result<PipelineConfig, LaunchErr
         crash_loop_window: Duration::from_secs(60),
         stderr_tail_lines: 50,
     })
+}
+
+/// Builds the pipeline of one configured model from the daemon's configuration.
+pub fn pipeline_config_for_model(
+    model: &crate::config::ModelSettings,
+    config: &crate::config::Config,
+    max_batch_seqs: usize,
+    prefill_window: Duration,
+) -> Result<(PipelineConfig, ModelConfig), LaunchError> {
+    use crate::config::Device;
+    let cfg = ModelConfig::load(&model.path)?;
+    let splits = model
+        .layer_split(&cfg)
+        .map_err(|e| LaunchError::StageBinary(e.to_string()))?;
+    let binary = stage_binary()?;
+    let s = splits.len();
+    let workers = config.workers();
+    let stages = splits
+        .iter()
+        .enumerate()
+        .map(|(k, range)| {
+            let (device, cpus) = match model.devices.get(k) {
+                Some(Device::Cpu { cores }) => {
+                    ("cpu".to_string(), cores.clone().unwrap_or_default())
+                }
+                Some(Device::Cuda { ordinal }) => (format!("cuda:{ordinal}"), Vec::new()),
+                None => ("cpu".to_string(), Vec::new()),
+            };
+            WorkerSpec {
+                binary: binary.clone(),
+                model: model.path.clone(),
+                stage: k,
+                layers: range.clone(),
+                embedding: k == 0,
+                head: k == s - 1,
+                device,
+                cpus,
+                threads: model.threads_per_stage,
+                kv_blocks: model.kv_blocks,
+                block_size: model.block_size,
+                heartbeat_ms: workers.heartbeat_interval.as_millis() as u64,
+                extra_env: std::env::var(format!("GPTOSSD_FAULT_STAGE{k}"))
+                    .ok()
+                    .map(|f| vec![("GPTOSSD_FAULT".to_string(), f)])
+                    .unwrap_or_default(),
+            }
+        })
+        .collect();
+    let sched = config.scheduler();
+    let pipeline = PipelineConfig {
+        model: model.path.clone(),
+        hidden_size: cfg.hidden_size,
+        vocab_size: cfg.vocab_size,
+        stage_binary: binary,
+        stages,
+        scheduler: SchedulerConfig {
+            max_batch_seqs,
+            max_tokens_per_step: sched.max_tokens_per_step,
+            prefill_window,
+            max_waiting: sched.max_waiting,
+            max_in_flight: sched.max_in_flight_for(model),
+            block_size: model.block_size,
+            num_blocks: model.kv_blocks,
+            max_context: cfg.max_position_embeddings.min(model.kv_cache_tokens()),
+        },
+        heartbeat_timeout: workers.heartbeat_timeout,
+        load_timeout: Duration::from_secs(600),
+        step_deadline: workers.step_deadline,
+        backoff_initial: workers.restart_backoff_initial,
+        backoff_max: workers.restart_backoff_max,
+        crash_loop_limit: workers.crash_loop_limit as usize,
+        crash_loop_window: workers.crash_loop_window,
+        stderr_tail_lines: workers.stderr_tail_lines,
+    };
+    Ok((pipeline, cfg))
 }

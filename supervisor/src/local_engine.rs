@@ -28,7 +28,9 @@ pub enum EngineError {
     EmptyPrompt,
     #[error("prompt token {id} at index {index} is outside the vocabulary (ids < {VOCAB_EDGE})")]
     TokenOutOfRange { id: u32, index: usize },
-    #[error("prompt ({prompt} tokens) plus max_tokens ({max_new}) exceeds the context ({context})")]
+    #[error(
+        "prompt ({prompt} tokens) plus max_tokens ({max_new}) exceeds the context ({context})"
+    )]
     TooLong {
         prompt: usize,
         max_new: usize,
@@ -135,16 +137,19 @@ impl LocalEngine {
                     logits: if last { Logits::Last } else { Logits::None },
                 }],
             };
-            self.model
-                .forward(&batch, StageInput::Tokens(&prompt[pos..pos + n]), &mut logits)?;
+            self.model.forward(
+                &batch,
+                StageInput::Tokens(&prompt[pos..pos + n]),
+                &mut logits,
+            )?;
             pos += n;
         }
         let mut tokens = Vec::with_capacity(opts.max_new_tokens);
         let mut finish = FinishReason::Length;
         while tokens.len() < opts.max_new_tokens {
-            let sampled = opts
-                .sampler
-                .sample_with(&logits, tokens.len() as u64, &mut self.scratch)?;
+            let sampled =
+                opts.sampler
+                    .sample_with(&logits, tokens.len() as u64, &mut self.scratch)?;
             on_token(&sampled);
             let token = sampled.token;
             tokens.push(sampled);
@@ -163,7 +168,8 @@ impl LocalEngine {
                     logits: Logits::Last,
                 }],
             };
-            self.model.forward(&batch, StageInput::Tokens(&[token]), &mut logits)?;
+            self.model
+                .forward(&batch, StageInput::Tokens(&[token]), &mut logits)?;
             pos += 1;
         }
         Ok(Generation { tokens, finish })

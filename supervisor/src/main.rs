@@ -13,16 +13,20 @@ use clap::{Args, Parser, Subcommand};
 use gptossd::chat::parser::parse_reply;
 use gptossd::chat::render::{Conversation, Message, SystemOptions};
 use gptossd::chat::tokenizer::Tokenizer;
-use gptossd::local_engine::{FinishReason, GenerateOptions, LocalEngine};
 use gptossd::launch::{pipeline_config, LaunchOptions};
+use gptossd::local_engine::{FinishReason, GenerateOptions, LocalEngine};
 use gptossd::pipeline::{self, Finish, GenEvent, GenRequest};
 use gptossd::{bench, civil_date};
-use gptossd_stage::sampler::STOP_TOKENS;
 use gptossd_shared::testmodel::{write_test_model, Preset};
-use gptossd_stage::sampler::{SamplingParams, Sampler};
+use gptossd_stage::sampler::STOP_TOKENS;
+use gptossd_stage::sampler::{Sampler, SamplingParams};
 
 #[derive(Parser)]
-#[command(name = "gptossd", version, about = "Local inference daemon for OpenAI's GPT-OSS models")]
+#[command(
+    name = "gptossd",
+    version,
+    about = "Local inference daemon for OpenAI's GPT-OSS models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,6 +34,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon: the OpenAI-compatible HTTP API on localhost and the control socket.
+    Serve(ServeArgs),
     /// Generate text with a model, in this process.
     Generate(GenerateArgs),
     /// Write a random checkpoint in the Hugging Face format of openai/gpt-oss-20b.
@@ -44,6 +50,24 @@ enum Command {
     },
     /// Measure prefill and decode speed and memory on a model.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The config file (default: $GPTOSSD_CONFIG; without either, built-in defaults).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Serve this model directory (overrides the file's model path). Without a model anywhere,
+    /// the tiny test model is made in ./models/tiny-seed0 and served.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The name clients use for --model (default: the directory's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    #[arg(long)]
+    port: Option<u16>,
+    #[arg(long)]
+    stages: Option<usize>,
 }
 
 #[derive(Args)]
@@ -99,6 +123,9 @@ struct GenerateArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Serve(args) = cli.command {
+        return serve(args);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -118,6 +145,73 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(&args),
+        Command::Serve(_) => Ok(()),
+    }
+}
+
+/// Exit status for a configuration that cannot be used (EX_CONFIG-like; sysexits' 64 family).
+const EXIT_CONFIG: u8 = 64;
+
+fn serve(args: ServeArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GPTOSSD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let file = gptossd::config::config_path(args.config.as_deref());
+    let mut overrides = gptossd::config::Overrides {
+        port: args.port,
+        stages: args.stages,
+        model: args.model.clone(),
+        served_model_name: args.served_model_name.clone(),
+    };
+    let mut test_model = false;
+    if file.is_none() && args.model.is_none() {
+        match resolve_model(None) {
+            Ok(dir) => {
+                tracing::warn!(path = %dir.display(), "no model configured: serving the tiny test model (random weights)");
+                overrides.model = Some(dir);
+                test_model = true;
+            }
+            Err(e) => {
+                eprintln!("gptossd: error: {e:#}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
+    let config = match gptossd::config::Config::resolve(file.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gptossd: configuration error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let models = match gptossd::server::start_models(&config, test_model) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("gptossd: error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    tracing::info!(models = %gptossd::server::describe(&models), "starting");
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gptossd: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(gptossd::server::serve(config, models)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gptossd: error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -128,7 +222,10 @@ fn resolve_model(model: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     }
     let dir = Path::new("models").join("tiny-seed0");
     if dir.join("config.json").is_file() {
-        eprintln!("gptossd: no --model given: using the tiny test model in {}", dir.display());
+        eprintln!(
+            "gptossd: no --model given: using the tiny test model in {}",
+            dir.display()
+        );
     } else {
         eprintln!(
             "gptossd: no --model given: making the tiny test model (random weights, seed 0) in {}",
@@ -158,7 +255,9 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         }
         .render_for_completion(&tokenizer),
         (_, _, Some(ids)) => ids.clone(),
-        _ => bail!("give one of --prompt TEXT, --chat TEXT, --prompt-tokens 1,2,3 or --requests FILE"),
+        _ => bail!(
+            "give one of --prompt TEXT, --chat TEXT, --prompt-tokens 1,2,3 or --requests FILE"
+        ),
     };
     let params = SamplingParams {
         temperature: args.temperature,
@@ -211,7 +310,11 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             writeln!(stdout, "{}", reply.content)?;
         }
     } else if args.json {
-        let text_ids: Vec<u32> = ids.iter().copied().filter(|&t| !Tokenizer::is_special(t)).collect();
+        let text_ids: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|&t| !Tokenizer::is_special(t))
+            .collect();
         let text = tokenizer.decode(&text_ids).unwrap_or_default();
         let out = serde_json::json!({
             "prompt_tokens": prompt, "tokens": ids, "text": text, "finish_reason": finish,
@@ -252,14 +355,21 @@ fn one() -> f32 {
 /// `generate` through the pipeline: real stage worker processes.
 fn generate_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
     let tokenizer = Tokenizer::get();
-    let lines: Vec<RequestLine> = match (&args.requests, &args.prompt, &args.prompt_tokens, &args.chat) {
+    let lines: Vec<RequestLine> = match (
+        &args.requests,
+        &args.prompt,
+        &args.prompt_tokens,
+        &args.chat,
+    ) {
         (Some(file), _, _, _) => {
-            let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("reading {}", file.display()))?;
             text.lines()
                 .enumerate()
                 .filter(|(_, l)| !l.trim().is_empty())
                 .map(|(i, l)| {
-                    serde_json::from_str(l).with_context(|| format!("{}: line {}", file.display(), i + 1))
+                    serde_json::from_str(l)
+                        .with_context(|| format!("{}: line {}", file.display(), i + 1))
                 })
                 .collect::<Result<_, _>>()?
         }
@@ -294,14 +404,18 @@ fn generate_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
     opts.threads_per_stage = args.threads;
     opts.kv_cache_tokens = args.kv_cache_tokens;
     opts.max_waiting = args.max_waiting;
-    let cfg = pipeline_config(&opts).with_context(|| format!("setting up the pipeline for {}", dir.display()))?;
+    let cfg = pipeline_config(&opts)
+        .with_context(|| format!("setting up the pipeline for {}", dir.display()))?;
     let handle = pipeline::start(cfg).context("starting the pipeline")?;
     handle
         .wait_ready(std::time::Duration::from_secs(600))
         .map_err(|e| anyhow::anyhow!("the pipeline did not start: {e}"))?;
     // SIGTERM/SIGINT: drain (running requests finish within the grace period), then exit 0.
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
-        .context("installing signal handlers")?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("installing signal handlers")?;
     {
         let handle = handle.clone();
         let grace = std::time::Duration::from_secs(args.drain_grace_secs);
@@ -321,7 +435,8 @@ fn generate_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
             seed: line.seed,
             logprobs: None,
         };
-        let sampler = Sampler::new(params, params.resolved_seed()).with_context(|| format!("request {}", i + 1))?;
+        let sampler = Sampler::new(params, params.resolved_seed())
+            .with_context(|| format!("request {}", i + 1))?;
         let req = GenRequest {
             prompt: line.prompt_tokens.clone(),
             max_new_tokens: line.max_tokens,
@@ -329,7 +444,9 @@ fn generate_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
             priority: line.priority,
             stop_tokens: STOP_TOKENS.to_vec(),
         };
-        let (_, rx) = handle.submit(req).with_context(|| format!("request {}", i + 1))?;
+        let (_, rx) = handle
+            .submit(req)
+            .with_context(|| format!("request {}", i + 1))?;
         receivers.push(rx);
     }
     let mut stdout = std::io::stdout().lock();
@@ -355,7 +472,11 @@ fn generate_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        let text_ids: Vec<u32> = ids.iter().copied().filter(|&t| !Tokenizer::is_special(t)).collect();
+        let text_ids: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|&t| !Tokenizer::is_special(t))
+            .collect();
         let text = tokenizer.decode(&text_ids).unwrap_or_default();
         if args.json || args.requests.is_some() {
             let out = serde_json::json!({

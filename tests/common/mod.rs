@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -17,9 +19,16 @@ pub fn gptossd() -> PathBuf {
 pub fn tiny_model() -> PathBuf {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::Builder::new().prefix("gptossd-e2e-model").tempdir().expect("tempdir");
-        gptossd_shared::testmodel::write_test_model(gptossd_shared::testmodel::Preset::Tiny, 0, dir.path())
-            .expect("write tiny model");
+        let dir = tempfile::Builder::new()
+            .prefix("gptossd-e2e-model")
+            .tempdir()
+            .expect("tempdir");
+        gptossd_shared::testmodel::write_test_model(
+            gptossd_shared::testmodel::Preset::Tiny,
+            0,
+            dir.path(),
+        )
+        .expect("write tiny model");
         dir
     })
     .path()
@@ -35,7 +44,11 @@ pub fn command() -> Command {
 
 /// Runs `gptossd` to completion with a time limit.
 pub fn run(cmd: &mut Command, limit: Duration) -> Output {
-    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn gptossd");
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn gptossd");
     wait_with_limit(child, limit)
 }
 
@@ -61,10 +74,16 @@ pub fn wait_with_limit(mut child: Child, limit: Duration) -> Output {
 pub fn stage_workers(model: &Path) -> Vec<(u32, usize)> {
     let model = model.to_string_lossy().to_string();
     let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return found };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
     for e in entries.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
         let args: Vec<String> = cmdline
             .split(|&b| b == 0)
             .map(|a| String::from_utf8_lossy(a).to_string())
@@ -91,7 +110,11 @@ pub fn wait_for_workers(model: &Path, count: usize, limit: Duration) -> Vec<(u32
         if w.len() >= count {
             return w;
         }
-        assert!(Instant::now() < deadline, "only {} of {count} workers started", w.len());
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {count} workers started",
+            w.len()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -104,7 +127,10 @@ pub fn assert_nothing_left(model: &Path) {
         if left.is_empty() {
             break;
         }
-        assert!(Instant::now() < deadline, "worker processes left behind: {left:?}");
+        assert!(
+            Instant::now() < deadline,
+            "worker processes left behind: {left:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     if let Ok(entries) = std::fs::read_dir("/dev/shm") {
@@ -113,7 +139,10 @@ pub fn assert_nothing_left(model: &Path) {
             .filter(|e| e.file_name().to_string_lossy().contains("gptossd"))
             .map(|e| e.file_name())
             .collect();
-        assert!(ours.is_empty(), "shared-memory objects left behind: {ours:?}");
+        assert!(
+            ours.is_empty(),
+            "shared-memory objects left behind: {ours:?}"
+        );
     }
 }
 

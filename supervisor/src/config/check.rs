@@ -199,7 +199,8 @@ fn check_server(s: &RawServer, ctx: &Ctx) -> Result<ServerSettings, ConfigError>
             )
         })?
     };
-    let port = ctx.at_least(&s.port, defaults::PORT, 1, "server.port")?;
+    // 0 asks the OS for a free port (the bound one is logged): for tests and ad-hoc runs.
+    let port = ctx.at_least(&s.port, defaults::PORT, 0, "server.port")?;
     let control_socket = get(&s.control_socket, PathBuf::from(defaults::CONTROL_SOCKET));
     if control_socket.as_os_str().is_empty() {
         return Err(ctx.invalid(

@@ -368,7 +368,7 @@ pub struct ServerSettings {
     /// 127.0.0.1). Default `"127.0.0.1"` ([`defaults::HOST`]): never a public address unless
     /// the operator writes one.
     pub host: IpAddr,
-    /// `port`: 1–65535. Default 8080.
+    /// `port`: 0–65535 (0: the OS picks a free port, which the log reports). Default 8080.
     pub port: u16,
     /// `control_socket`: the Unix socket for administration (mode 0660). Default
     /// `/run/gptossd/control.sock`.

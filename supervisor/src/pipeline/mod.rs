@@ -41,8 +41,8 @@ use interprocess::local_socket::{GenericNamespaced, ListenerOptions, ToNsName};
 use interprocess::os::unix::uds_local_socket::{Listener, Stream};
 
 use crate::scheduler::{
-    FinishReason as SchedFinish, NewSequence, Rejected, Scheduler, SchedulerConfig,
-    SchedulerStats, SeqEvent, SeqId, StepId,
+    FinishReason as SchedFinish, NewSequence, Rejected, Scheduler, SchedulerConfig, SchedulerStats,
+    SeqEvent, SeqId, StepId,
 };
 use worker::{WorkerProcess, WorkerSpec, WorkerState};
 
@@ -96,7 +96,12 @@ pub enum Finish {
 pub enum GenEvent {
     /// The request left the waiting queue: its first step was sent down the pipeline.
     Scheduled,
-    Token { index: u64, token: u32, logprob: f32, top: Vec<(u32, f32)> },
+    Token {
+        index: u64,
+        token: u32,
+        logprob: f32,
+        top: Vec<(u32, f32)>,
+    },
     Finished(Finish),
     Failed(String),
 }
@@ -148,14 +153,37 @@ pub type GenReceiver = tokio::sync::mpsc::UnboundedReceiver<GenEvent>;
 type GenSender = tokio::sync::mpsc::UnboundedSender<GenEvent>;
 
 enum Event {
-    Submit { id: SeqId, req: GenRequest, tx: GenSender, ack: Sender<Result<(), SubmitError>> },
-    SetBatching { max_batch_seqs: usize, prefill_window: Duration },
-    Cancel { id: SeqId },
-    RestartStage { stage: usize },
-    Shutdown { grace: Duration, done: Sender<()> },
-    Connected { pid: u32, stream: Arc<Stream> },
-    Worker { pid: u32, msg: WorkerMsg },
-    Disconnected { pid: u32 },
+    Submit {
+        id: SeqId,
+        req: GenRequest,
+        tx: GenSender,
+        ack: Sender<Result<(), SubmitError>>,
+    },
+    SetBatching {
+        max_batch_seqs: usize,
+        prefill_window: Duration,
+    },
+    Cancel {
+        id: SeqId,
+    },
+    RestartStage {
+        stage: usize,
+    },
+    Shutdown {
+        grace: Duration,
+        done: Sender<()>,
+    },
+    Connected {
+        pid: u32,
+        stream: Arc<Stream>,
+    },
+    Worker {
+        pid: u32,
+        msg: WorkerMsg,
+    },
+    Disconnected {
+        pid: u32,
+    },
     Result(StepResult),
 }
 
@@ -171,11 +199,18 @@ impl PipelineHandle {
     /// Queues a request; its events arrive on the returned receiver. Dropping the receiver
     /// cancels the request.
     pub fn submit(&self, req: GenRequest) -> Result<(SeqId, GenReceiver), SubmitError> {
-        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let (ack_tx, ack_rx) = mpsc::channel();
         self.tx
-            .send(Event::Submit { id, req, tx, ack: ack_tx })
+            .send(Event::Submit {
+                id,
+                req,
+                tx,
+                ack: ack_tx,
+            })
             .map_err(|_| SubmitError::Stopped)?;
         ack_rx.recv().map_err(|_| SubmitError::Stopped)??;
         Ok((id, rx))
@@ -189,7 +224,10 @@ impl PipelineHandle {
 
     /// Switches the batching limits (the active profile's max batch and prefill window).
     pub fn set_batching(&self, max_batch_seqs: usize, prefill_window: Duration) {
-        let _ = self.tx.send(Event::SetBatching { max_batch_seqs, prefill_window });
+        let _ = self.tx.send(Event::SetBatching {
+            max_batch_seqs,
+            prefill_window,
+        });
     }
 
     /// Kills and restarts one stage (an administrative action; requests pause and resume).
@@ -213,7 +251,9 @@ impl PipelineHandle {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!("the pipeline did not become ready within {timeout:?}"));
+                return Err(format!(
+                    "the pipeline did not become ready within {timeout:?}"
+                ));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -223,7 +263,14 @@ impl PipelineHandle {
     /// waits for the engine to end.
     pub fn shutdown(&self, grace: Duration) {
         let (done_tx, done_rx) = mpsc::channel();
-        if self.tx.send(Event::Shutdown { grace, done: done_tx }).is_ok() {
+        if self
+            .tx
+            .send(Event::Shutdown {
+                grace,
+                done: done_tx,
+            })
+            .is_ok()
+        {
             let _ = done_rx.recv();
         }
     }
@@ -255,7 +302,11 @@ pub fn start(cfg: PipelineConfig) -> std::io::Result<PipelineHandle> {
     std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || engine.run(rx))?;
-    Ok(PipelineHandle { tx, status, next_id: Arc::new(std::sync::atomic::AtomicU64::new(1)) })
+    Ok(PipelineHandle {
+        tx,
+        status,
+        next_id: Arc::new(std::sync::atomic::AtomicU64::new(1)),
+    })
 }
 
 fn random_u64() -> u64 {
@@ -271,30 +322,42 @@ fn random_u64() -> u64 {
 fn accept_loop(listener: Listener, tx: Sender<Event>) {
     for conn in listener.incoming() {
         let Ok(stream) = conn else { continue };
-        let Some(pid) = peer_pid(&stream) else { continue };
+        let Some(pid) = peer_pid(&stream) else {
+            continue;
+        };
         let stream = Arc::new(stream);
-        if tx.send(Event::Connected { pid, stream: stream.clone() }).is_err() {
+        if tx
+            .send(Event::Connected {
+                pid,
+                stream: stream.clone(),
+            })
+            .is_err()
+        {
             return;
         }
         let tx = tx.clone();
-        let _ = std::thread::Builder::new().name(format!("control-{pid}")).spawn(move || loop {
-            match read_message::<WorkerMsg>(&mut &*stream) {
-                Ok(msg) => {
-                    if tx.send(Event::Worker { pid, msg }).is_err() {
+        let _ = std::thread::Builder::new()
+            .name(format!("control-{pid}"))
+            .spawn(move || loop {
+                match read_message::<WorkerMsg>(&mut &*stream) {
+                    Ok(msg) => {
+                        if tx.send(Event::Worker { pid, msg }).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => {
+                        let _ = tx.send(Event::Disconnected { pid });
                         return;
                     }
                 }
-                Err(_) => {
-                    let _ = tx.send(Event::Disconnected { pid });
-                    return;
-                }
-            }
-        });
+            });
     }
 }
 
 fn peer_pid(stream: &Stream) -> Option<u32> {
-    let creds = nix::sys::socket::getsockopt(&stream.as_fd(), nix::sys::socket::sockopt::PeerCredentials).ok()?;
+    let creds =
+        nix::sys::socket::getsockopt(&stream.as_fd(), nix::sys::socket::sockopt::PeerCredentials)
+            .ok()?;
     (creds.uid() == nix::unistd::getuid().as_raw()).then_some(creds.pid() as u32)
 }
 
@@ -429,10 +492,16 @@ impl Engine {
         engine.ring0 = Some(engine.rings[0].producer().map_err(|e| e.to_string())?);
         let last = engine.rings.len() - 1;
         let results = Ring::from_fd(
-            engine.rings[last].fd().try_clone_to_owned().map_err(|e| e.to_string())?,
+            engine.rings[last]
+                .fd()
+                .try_clone_to_owned()
+                .map_err(|e| e.to_string())?,
         )
         .map_err(|e| e.to_string())?;
-        engine.result_ring_tx.send(results).map_err(|e| e.to_string())?;
+        engine
+            .result_ring_tx
+            .send(results)
+            .map_err(|e| e.to_string())?;
         Ok(engine)
     }
 
@@ -488,7 +557,10 @@ impl Engine {
                 let _ = ack.send(self.submit(id, req, tx));
             }
             Event::Cancel { id } => self.cancel(id),
-            Event::SetBatching { max_batch_seqs, prefill_window } => {
+            Event::SetBatching {
+                max_batch_seqs,
+                prefill_window,
+            } => {
                 self.scheduler.set_batching(max_batch_seqs, prefill_window);
             }
             Event::RestartStage { stage } => {
@@ -522,7 +594,9 @@ impl Engine {
                             }
                             None
                         });
-                        let how = status.map_or("closed its control socket".to_string(), |s| format!("exited ({s})"));
+                        let how = status.map_or("closed its control socket".to_string(), |s| {
+                            format!("exited ({s})")
+                        });
                         self.stage_failed(st, format!("stage {st} {how}"));
                     }
                 }
@@ -532,7 +606,9 @@ impl Engine {
     }
 
     fn stage_of(&self, pid: u32) -> Option<usize> {
-        self.stages.iter().position(|s| s.process.as_ref().is_some_and(|p| p.pid == pid))
+        self.stages
+            .iter()
+            .position(|s| s.process.as_ref().is_some_and(|p| p.pid == pid))
     }
 
     fn submit(&mut self, id: SeqId, req: GenRequest, tx: GenSender) -> Result<(), SubmitError> {
@@ -542,8 +618,17 @@ impl Engine {
         if let Some(reason) = &self.unhealthy {
             return Err(SubmitError::Unhealthy(reason.clone()));
         }
-        if let Some((index, &id)) = req.prompt.iter().enumerate().find(|(_, &t)| t as usize >= self.cfg.vocab_size) {
-            return Err(SubmitError::TokenOutOfRange { id, index, vocab: self.cfg.vocab_size });
+        if let Some((index, &id)) = req
+            .prompt
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t as usize >= self.cfg.vocab_size)
+        {
+            return Err(SubmitError::TokenOutOfRange {
+                id,
+                index,
+                vocab: self.cfg.vocab_size,
+            });
         }
         self.scheduler.submit(NewSequence {
             id,
@@ -553,7 +638,14 @@ impl Engine {
             priority: req.priority,
             arrival: Instant::now(),
         })?;
-        self.requests.insert(id, Request { tx, sampler: req.sampler, scheduled: false });
+        self.requests.insert(
+            id,
+            Request {
+                tx,
+                sampler: req.sampler,
+                scheduled: false,
+            },
+        );
         Ok(())
     }
 
@@ -570,7 +662,9 @@ impl Engine {
         match msg {
             WorkerMsg::Hello { version, .. } => {
                 if version != PROTOCOL_VERSION {
-                    let reason = format!("stage {st} speaks protocol {version}, expected {PROTOCOL_VERSION}");
+                    let reason = format!(
+                        "stage {st} speaks protocol {version}, expected {PROTOCOL_VERSION}"
+                    );
                     self.load_failed(st, reason);
                     return;
                 }
@@ -581,7 +675,8 @@ impl Engine {
                 stage.state = WorkerState::Ready;
                 stage.last_heartbeat = Instant::now();
                 if let Some(c) = &stage.control {
-                    let _ = write_message(&mut &**c, &SupervisorMsg::SetEpoch { epoch: self.epoch });
+                    let _ =
+                        write_message(&mut &**c, &SupervisorMsg::SetEpoch { epoch: self.epoch });
                 }
             }
             WorkerMsg::LoadFailed { reason } => self.load_failed(st, reason),
@@ -590,7 +685,11 @@ impl Engine {
                 stage.steps_done = steps_done;
                 stage.busy = busy;
                 if matches!(stage.state, WorkerState::Ready | WorkerState::Busy) {
-                    stage.state = if busy.is_some() { WorkerState::Busy } else { WorkerState::Ready };
+                    stage.state = if busy.is_some() {
+                        WorkerState::Busy
+                    } else {
+                        WorkerState::Ready
+                    };
                 }
             }
             WorkerMsg::Drained => {}
@@ -638,19 +737,32 @@ impl Engine {
                 }
                 WorkerState::Busy => stage.busy.and_then(|(step, ms)| {
                     (ms > self.cfg.step_deadline.as_millis() as u64).then(|| {
-                        format!("stage {st} spent {ms} ms on step {step}, over the {} ms deadline", self.cfg.step_deadline.as_millis())
+                        format!(
+                            "stage {st} spent {ms} ms on step {step}, over the {} ms deadline",
+                            self.cfg.step_deadline.as_millis()
+                        )
                     })
                 }),
                 WorkerState::Spawning | WorkerState::Loading
-                    if stage.process.as_ref().is_some_and(|p| now.duration_since(p.started) > self.cfg.load_timeout) =>
+                    if stage
+                        .process
+                        .as_ref()
+                        .is_some_and(|p| now.duration_since(p.started) > self.cfg.load_timeout) =>
                 {
-                    Some(format!("stage {st} did not load within {:?}", self.cfg.load_timeout))
+                    Some(format!(
+                        "stage {st} did not load within {:?}",
+                        self.cfg.load_timeout
+                    ))
                 }
                 WorkerState::Spawning if stage.control.is_none() => {
                     // Exited before it could even connect: nothing will tell us but the exit.
                     let exited = self.stages[st].process.as_mut().and_then(|p| p.try_exit());
                     exited.map(|status| {
-                        let tail = self.stages[st].process.as_ref().map(|p| p.tail().join(" | ")).unwrap_or_default();
+                        let tail = self.stages[st]
+                            .process
+                            .as_ref()
+                            .map(|p| p.tail().join(" | "))
+                            .unwrap_or_default();
                         format!("stage {st} exited before connecting ({status}): {tail}")
                     })
                 }
@@ -660,7 +772,9 @@ impl Engine {
                 self.stage_failed(st, reason);
                 continue;
             }
-            if self.stages[st].state == WorkerState::Dead || self.stages[st].state == WorkerState::Restarting {
+            if self.stages[st].state == WorkerState::Dead
+                || self.stages[st].state == WorkerState::Restarting
+            {
                 if let Some(at) = self.stages[st].restart_at {
                     if now >= at && self.draining.is_none() {
                         self.spawn(st);
@@ -724,14 +838,20 @@ impl Engine {
         stage.control = None;
         stage.last_error = Some(reason.clone());
         stage.crashes.push_back(now);
-        while stage.crashes.front().is_some_and(|&t| now.duration_since(t) > window) {
+        while stage
+            .crashes
+            .front()
+            .is_some_and(|&t| now.duration_since(t) > window)
+        {
             stage.crashes.pop_front();
         }
         if stage.crashes.len() > self.cfg.crash_loop_limit {
             stage.state = WorkerState::Failed;
             stage.restart_at = None;
             let n = stage.crashes.len();
-            self.mark_unhealthy(format!("stage {st} crashed {n} times within {window:?}; last: {reason}"));
+            self.mark_unhealthy(format!(
+                "stage {st} crashed {n} times within {window:?}; last: {reason}"
+            ));
             return;
         }
         let backoff = self
@@ -777,7 +897,8 @@ impl Engine {
         }
         // Consumer side: stage hop, or the result reader for hop S.
         if hop == s {
-            let copy = Ring::from_fd(ring.fd().try_clone_to_owned().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+            let copy = Ring::from_fd(ring.fd().try_clone_to_owned().map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
             self.result_ring_tx.send(copy).map_err(|e| e.to_string())?;
         } else if let Some(c) = &self.stages[hop].control {
             send_ring(c, &ring, true);
@@ -787,7 +908,9 @@ impl Engine {
     }
 
     fn all_ready(&self) -> bool {
-        self.stages.iter().all(|s| matches!(s.state, WorkerState::Ready | WorkerState::Busy))
+        self.stages
+            .iter()
+            .all(|s| matches!(s.state, WorkerState::Ready | WorkerState::Busy))
     }
 
     fn launch_steps(&mut self) {
@@ -809,7 +932,10 @@ impl Engine {
                         tokens: p.tokens.len() as u32,
                         blocks: p.blocks.clone(),
                         sample: p.sample.then(|| {
-                            let params = self.requests.get(&p.id).map(|r| (*r.sampler.params(), r.sampler.seed()));
+                            let params = self
+                                .requests
+                                .get(&p.id)
+                                .map(|r| (*r.sampler.params(), r.sampler.seed()));
                             let (params, seed) = params.unwrap_or_default();
                             SampleSpec {
                                 temperature: params.temperature,
@@ -831,8 +957,13 @@ impl Engine {
                     }
                 }
             }
-            let tokens: Vec<u32> = plan.seqs.iter().flat_map(|p| p.tokens.iter().copied()).collect();
-            self.in_flight.insert(plan.id.0, plan.seqs.iter().map(|p| p.id).collect());
+            let tokens: Vec<u32> = plan
+                .seqs
+                .iter()
+                .flat_map(|p| p.tokens.iter().copied())
+                .collect();
+            self.in_flight
+                .insert(plan.id.0, plan.seqs.iter().map(|p| p.id).collect());
             if let Err(e) = self.send_step(&header, &tokens) {
                 eprintln!("gptossd: cannot send step {}: {e}", plan.id.0);
                 // The ring to stage 0 is gone (its stage died): the failure path replays.
@@ -843,11 +974,16 @@ impl Engine {
 
     fn send_step(&mut self, header: &StepHeader, tokens: &[u32]) -> Result<(), String> {
         let producer = self.ring0.as_mut().ok_or("no ring to stage 0")?;
-        let mut slot = producer.reserve(Duration::from_secs(1)).map_err(|e| e.to_string())?;
+        let mut slot = producer
+            .reserve(Duration::from_secs(1))
+            .map_err(|e| e.to_string())?;
         let offset = write_slot_header(&mut slot, header).map_err(|e| e.to_string())?;
-        let ids = slot.view_mut::<u32>(offset, tokens.len()).map_err(|e| e.to_string())?;
+        let ids = slot
+            .view_mut::<u32>(offset, tokens.len())
+            .map_err(|e| e.to_string())?;
         ids.copy_from_slice(tokens);
-        slot.commit(offset + tokens.len() * 4).map_err(|e| e.to_string())
+        slot.commit(offset + tokens.len() * 4)
+            .map_err(|e| e.to_string())
     }
 
     fn step_result(&mut self, result: StepResult) {
@@ -859,12 +995,16 @@ impl Engine {
         match result.outcome {
             StepOutcome::Tokens(tokens) => {
                 let pairs: Vec<(SeqId, u32)> = tokens.iter().map(|t| (t.seq, t.token)).collect();
-                let by_seq: HashMap<SeqId, &gptossd_shared::protocol::SeqToken> = tokens.iter().map(|t| (t.seq, t)).collect();
+                let by_seq: HashMap<SeqId, &gptossd_shared::protocol::SeqToken> =
+                    tokens.iter().map(|t| (t.seq, t)).collect();
                 match self.scheduler.complete_step(step, &pairs) {
                     Ok(events) => self.deliver(events, &by_seq),
                     Err(e) => {
                         // A result that does not match its step: trust nothing in flight.
-                        eprintln!("gptossd: step {} result rejected ({e}); replaying every sequence", result.step);
+                        eprintln!(
+                            "gptossd: step {} result rejected ({e}); replaying every sequence",
+                            result.step
+                        );
                         self.replay_all();
                     }
                 }
@@ -874,7 +1014,8 @@ impl Engine {
                 for id in &members {
                     self.scheduler.cancel(*id);
                     if let Some(r) = self.requests.remove(id) {
-                        let _ = r.tx.send(GenEvent::Failed(format!("internal error: {message}")));
+                        let _ =
+                            r.tx.send(GenEvent::Failed(format!("internal error: {message}")));
                     }
                 }
                 let _ = self.scheduler.complete_step(step, &[]);
@@ -882,13 +1023,27 @@ impl Engine {
         }
     }
 
-    fn deliver(&mut self, events: Vec<SeqEvent>, by_seq: &HashMap<SeqId, &gptossd_shared::protocol::SeqToken>) {
+    fn deliver(
+        &mut self,
+        events: Vec<SeqEvent>,
+        by_seq: &HashMap<SeqId, &gptossd_shared::protocol::SeqToken>,
+    ) {
         for ev in events {
             match ev {
                 SeqEvent::Token { id, token, index } => {
-                    let (logprob, top) = by_seq.get(&id).map_or((0.0, Vec::new()), |t| (t.logprob, t.top.clone()));
+                    let (logprob, top) = by_seq
+                        .get(&id)
+                        .map_or((0.0, Vec::new()), |t| (t.logprob, t.top.clone()));
                     let gone = match self.requests.get(&id) {
-                        Some(r) => r.tx.send(GenEvent::Token { index, token, logprob, top }).is_err(),
+                        Some(r) => {
+                            r.tx.send(GenEvent::Token {
+                                index,
+                                token,
+                                logprob,
+                                top,
+                            })
+                            .is_err()
+                        }
                         None => false,
                     };
                     if gone {
@@ -947,7 +1102,8 @@ impl Engine {
         for id in ids {
             self.scheduler.cancel(id);
             if let Some(r) = self.requests.remove(&id) {
-                let _ = r.tx.send(GenEvent::Failed("the server is shutting down".into()));
+                let _ =
+                    r.tx.send(GenEvent::Failed("the server is shutting down".into()));
             }
         }
         for s in &self.stages {

@@ -64,7 +64,12 @@ pub struct WorkerProcess {
 }
 
 /// Environment variables passed through to workers (everything else is dropped).
-const PASS_ENV: [&str; 4] = ["PATH", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "RUST_BACKTRACE"];
+const PASS_ENV: [&str; 4] = [
+    "PATH",
+    "LD_LIBRARY_PATH",
+    "CUDA_VISIBLE_DEVICES",
+    "RUST_BACKTRACE",
+];
 
 impl WorkerProcess {
     /// Starts the worker with its rings inherited as `ring_in` / `ring_out` and the control
@@ -112,7 +117,9 @@ impl WorkerProcess {
         if spec.head {
             cmd.arg("--head");
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         cmd.process_group(0);
         let parent = std::process::id() as i32;
         // SAFETY: the closure runs in the child between fork and exec and only makes
@@ -154,7 +161,12 @@ impl WorkerProcess {
                     }
                 })?;
         }
-        Ok(Self { child, pid, started: Instant::now(), stderr_tail })
+        Ok(Self {
+            child,
+            pid,
+            started: Instant::now(),
+            stderr_tail,
+        })
     }
 
     /// Kills the whole process group and reaps the worker.
@@ -169,7 +181,10 @@ impl WorkerProcess {
 
     /// The last lines the worker wrote on stderr.
     pub fn tail(&self) -> Vec<String> {
-        self.stderr_tail.lock().map(|t| t.iter().cloned().collect()).unwrap_or_default()
+        self.stderr_tail
+            .lock()
+            .map(|t| t.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Whether the process has exited (reaping it), with its status.

@@ -1,0 +1,582 @@
+//! The HTTP API, end to end: the real `gptossd serve` daemon, its real stage workers, real
+//! sockets, on the tiny model.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::daemon::{request, tests_dir, Daemon, HttpResponse};
+use common::*;
+use serde_json::{json, Value};
+
+fn chat(max_tokens: usize) -> Value {
+    json!({"model": "gpt-oss-20b", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": max_tokens, "temperature": 0})
+}
+
+#[test]
+fn the_official_openai_python_client_works_against_the_daemon() {
+    let d = Daemon::start(2, "");
+    let out = std::process::Command::new("python3")
+        .arg(tests_dir().join("openai_client.py"))
+        .args([
+            "--base-url",
+            &format!("http://127.0.0.1:{}/v1", d.port),
+            "--model",
+            "gpt-oss-20b",
+        ])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "openai client failed:\n{}\n{}\ndaemon log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        d.log()
+    );
+    assert!(d.stop().success());
+}
+
+/// Checks one SSE chat stream: a role chunk first, one finish_reason, `[DONE]` last, every
+/// data frame valid JSON of the same id.
+fn assert_well_formed_stream(r: &HttpResponse) {
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    let frames = r.sse_data();
+    assert_eq!(
+        frames.last().map(String::as_str),
+        Some("[DONE]"),
+        "stream must end with [DONE]: {frames:?}"
+    );
+    let chunks: Vec<Value> = frames[..frames.len() - 1]
+        .iter()
+        .map(|f| serde_json::from_str(f).unwrap_or_else(|e| panic!("bad chunk {f}: {e}")))
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let id = chunks[0]["id"].clone();
+    assert!(chunks
+        .iter()
+        .all(|c| c["id"] == id && c["object"] == "chat.completion.chunk"));
+    let finishes = chunks
+        .iter()
+        .filter(|c| !c["choices"][0]["finish_reason"].is_null())
+        .count();
+    assert_eq!(finishes, 1, "exactly one finish_reason");
+}
+
+#[test]
+fn sixty_four_concurrent_streams_all_complete_well_formed() {
+    let d = Daemon::start(2, "");
+    let port = d.port;
+    let handles: Vec<_> = (0..64)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let body = json!({"messages": [{"role": "user", "content": format!("request {i}")}], "max_tokens": 16, "stream": true, "stream_options": {"include_usage": true}});
+                request(port, "POST", "/v1/chat/completions", Some(body.to_string().as_bytes()), &[])
+            })
+        })
+        .collect();
+    for h in handles {
+        let r = h.join().expect("client thread");
+        assert_well_formed_stream(&r);
+        let frames = r.sse_data();
+        let usage: Value = serde_json::from_str(&frames[frames.len() - 2]).expect("usage chunk");
+        assert_eq!(usage["choices"], json!([]));
+        assert!(usage["usage"]["completion_tokens"]
+            .as_u64()
+            .is_some_and(|n| (1..=16).contains(&n)));
+    }
+    assert!(d.stop().success());
+}
+
+#[test]
+fn a_greedy_completion_over_http_returns_exactly_the_tokens_of_generate() {
+    let d = Daemon::start(2, "");
+    let prompt: Vec<u32> = vec![13225, 1495, 328, 290, 2375, 11, 1118];
+    let r = d.post(
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 12, "temperature": 0, "return_token_ids": true}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = r.json();
+    let http_tokens = body["choices"][0]["token_ids"].clone();
+    let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
+    let mut cmd = command();
+    cmd.arg("generate").arg("--model").arg(tiny_model()).args([
+        "--prompt-tokens",
+        &ids.join(","),
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--json",
+    ]);
+    let out = run(&mut cmd, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let generated = &stdout_lines(&out)[0];
+    assert_eq!(http_tokens, generated["tokens"]);
+    assert_eq!(body["choices"][0]["prompt_token_ids"], json!(prompt));
+    assert!(d.stop().success());
+}
+
+/// One long request holds the only batch slot; cancelling it lets a waiting one run.
+fn capacity_config() -> &'static str {
+    "[profiles.balanced]\nmax_batch = 1\nmax_new_tokens = 4000\n"
+}
+
+fn start_long_stream(port: u16) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let body = json!({"prompt": [1, 2, 3], "max_tokens": 4000, "temperature": 0, "stream": true})
+        .to_string();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    // Read the response head to learn the request id.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).expect("read head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let id = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .expect("x-request-id header")
+        .trim()
+        .to_string();
+    (s, id)
+}
+
+fn kv_blocks_in_use(d: &Daemon) -> u64 {
+    d.get("/health").json()["models"][0]["scheduler"]["kv_blocks_in_use"]
+        .as_u64()
+        .expect("blocks")
+}
+
+#[test]
+fn cancel_by_endpoint_gives_the_capacity_to_a_waiting_request() {
+    let d = Daemon::start(1, capacity_config());
+    let (mut long, id) = start_long_stream(d.port);
+    let port = d.port;
+    let waiting = std::thread::spawn(move || {
+        let t = Instant::now();
+        let r = request(
+            port,
+            "POST",
+            "/v1/chat/completions",
+            Some(chat(4).to_string().as_bytes()),
+            &[],
+        );
+        (r, t.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !waiting.is_finished(),
+        "the second request should wait for the only slot"
+    );
+    let c = d.post(&format!("/v1/requests/{id}/cancel"), &json!({}));
+    assert_eq!(c.status, 200, "{}", c.text());
+    let (r, _) = waiting.join().expect("waiting client");
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The cancelled stream ends properly, well short of its 4000 tokens.
+    let mut rest = Vec::new();
+    long.read_to_end(&mut rest).expect("read rest");
+    let text = String::from_utf8_lossy(&rest);
+    assert!(
+        text.contains("[DONE]"),
+        "the cancelled stream must end cleanly: {text}"
+    );
+    assert!(text.matches("\"text\"").count() < 4000);
+    let unknown = d.post("/v1/requests/cmpl-nope/cancel", &json!({}));
+    assert_eq!(unknown.status, 404);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while kv_blocks_in_use(&d) != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "KV blocks not freed after cancel"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(d.stop().success());
+}
+
+#[test]
+fn a_client_that_disconnects_frees_its_sequence() {
+    let d = Daemon::start(1, capacity_config());
+    let (long, _) = start_long_stream(d.port);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(kv_blocks_in_use(&d) > 0);
+    drop(long);
+    let t = Instant::now();
+    let r = d.post("/v1/chat/completions", &chat(4));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "the waiting request got the slot late: {:?}",
+        t.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while kv_blocks_in_use(&d) != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "KV blocks not freed after the client left"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let metrics = d.get("/metrics").text();
+    assert!(
+        metrics.contains("finished_reason=\"cancelled\""),
+        "{metrics}"
+    );
+    assert!(d.stop().success());
+}
+
+#[test]
+fn profiles_switch_on_the_control_socket_and_quality_first_falls_back_to_20b() {
+    let d = Daemon::start(2, "");
+    assert_eq!(
+        d.control("GET", "/profile", None).json()["default_profile"],
+        "balanced"
+    );
+    let r = d.post("/v1/chat/completions", &chat(2));
+    assert_eq!(r.json()["gptossd"]["profile"], "balanced");
+
+    let set = d.control(
+        "PUT",
+        "/profile",
+        Some(&json!({"profile": "latency_first"})),
+    );
+    assert_eq!(set.status, 200, "{}", set.text());
+    assert_eq!(
+        d.control("GET", "/profile", None).json()["default_profile"],
+        "latency_first"
+    );
+    let r = d.post("/v1/chat/completions", &chat(2));
+    assert_eq!(r.json()["gptossd"]["profile"], "latency_first");
+    assert_eq!(r.header("x-gptossd-profile"), Some("latency_first"));
+
+    // No 120b is loaded: quality_first runs on the 20b and says so.
+    let mut q = chat(2);
+    q["profile"] = json!("quality_first");
+    let r = d.post("/v1/chat/completions", &q);
+    let meta = r.json()["gptossd"].clone();
+    assert_eq!(meta["profile"], "quality_first");
+    assert_eq!(meta["model_size"], "20b");
+    assert_eq!(meta["fallback"], true);
+    assert_eq!(r.header("x-gptossd-fallback"), Some("true"));
+
+    // The header names a profile too.
+    let r = d.post_raw(
+        "/v1/chat/completions",
+        chat(2).to_string().as_bytes(),
+        &[("x-gptossd-profile", "balanced")],
+    );
+    assert_eq!(r.json()["gptossd"]["profile"], "balanced");
+    let bad = d.control("PUT", "/profile", Some(&json!({"profile": "fastest"})));
+    assert_eq!(bad.status, 400);
+    let stages = d.control("GET", "/stages", None).json();
+    assert_eq!(
+        stages["models"][0]["stages"].as_array().map(Vec::len),
+        Some(2)
+    );
+    assert!(d.stop().success());
+}
+
+#[test]
+fn health_goes_degraded_through_a_stage_crash_and_back_to_healthy() {
+    let d = Daemon::start(
+        2,
+        "[workers]\nrestart_backoff_initial_ms = 1500\nrestart_backoff_max_ms = 1500\n",
+    );
+    let h = d.wait_health(200, Duration::from_secs(10));
+    assert_eq!(h["status"], "healthy");
+    assert_eq!(h["score"], 1.0);
+    let workers = wait_for_workers(&d.model, 2, Duration::from_secs(10));
+    let (pid, _) = workers.iter().find(|(_, s)| *s == 1).expect("stage 1");
+    signal(*pid, libc::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let degraded = loop {
+        let h = d.get("/health");
+        let body = h.json();
+        if body["status"] == "degraded" {
+            assert_eq!(h.status, 200, "degraded still serves");
+            break body;
+        }
+        assert!(Instant::now() < deadline, "never saw degraded: {body}");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(degraded["score"]
+        .as_f64()
+        .is_some_and(|s| s > 0.0 && s < 1.0));
+    // A request during the outage waits and completes.
+    let r = d.post("/v1/chat/completions", &chat(4));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let h = d.wait_health(200, Duration::from_secs(10));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut h = h;
+    while h["status"] != "healthy" {
+        assert!(Instant::now() < deadline, "never healthy again: {h}");
+        std::thread::sleep(Duration::from_millis(20));
+        h = d.get("/health").json();
+    }
+    assert_eq!(h["stages"][1]["restarts"], 1);
+    assert!(h["stages"][1]["last_error"]
+        .as_str()
+        .is_some_and(|e| e.contains("stage 1")));
+    assert!(d.stop().success());
+}
+
+fn assert_error(r: &HttpResponse, status: u16, param: Option<&str>, needle: &str) {
+    assert_eq!(r.status, status, "{}", r.text());
+    let body = r.json();
+    let e = &body["error"];
+    assert!(
+        e["message"].as_str().is_some_and(|m| m.contains(needle)),
+        "message should name {needle:?}: {body}"
+    );
+    assert!(e["type"].is_string() && e.get("code").is_some(), "{body}");
+    if let Some(p) = param {
+        assert_eq!(e["param"], p, "{body}");
+    }
+}
+
+#[test]
+fn every_bad_input_gets_a_clear_4xx_and_nothing_else_is_touched() {
+    let d = Daemon::start_with(1, "max_body_bytes = 65536", "kv_cache_tokens = 512\n", &[]);
+    // A healthy request runs alongside everything below.
+    let port = d.port;
+    let background = std::thread::spawn(move || {
+        let body =
+            json!({"prompt": [5, 6, 7], "max_tokens": 200, "temperature": 0, "stream": true});
+        request(
+            port,
+            "POST",
+            "/v1/completions",
+            Some(body.to_string().as_bytes()),
+            &[],
+        )
+    });
+    let raw = |body: &str| d.post_raw("/v1/chat/completions", body.as_bytes(), &[]);
+    assert_error(&raw("{\"messages\": ["), 400, None, "JSON");
+    assert_error(
+        &raw(r#"{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}"#),
+        400,
+        Some("temperature"),
+        "hot",
+    );
+    assert_error(
+        &raw(r#"{"messages": "hello"}"#),
+        400,
+        Some("messages"),
+        "messages",
+    );
+    assert_error(
+        &raw(r#"{"model": "gpt-5", "messages": [{"role": "user", "content": "x"}]}"#),
+        404,
+        Some("model"),
+        "gpt-5",
+    );
+    assert_error(
+        &raw(r#"{"profile": "fastest", "messages": [{"role": "user", "content": "x"}]}"#),
+        400,
+        Some("profile"),
+        "fastest",
+    );
+    assert_error(&raw(r#"{"messages": []}"#), 400, Some("messages"), "empty");
+    assert_error(
+        &raw(r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}"#),
+        400,
+        Some("max_tokens"),
+        "0",
+    );
+    assert_error(
+        &raw(r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": -5}"#),
+        400,
+        Some("max_tokens"),
+        "-5",
+    );
+    assert_error(
+        &raw(r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}"#),
+        400,
+        Some("max_tokens"),
+        "5000",
+    );
+    assert_error(
+        &raw(r#"{"messages": [{"role": "user", "content": "x"}], "n": 2}"#),
+        400,
+        Some("n"),
+        "2",
+    );
+    let long_prompt: Vec<u32> = (0..600).map(|i| 1000 + i).collect();
+    assert_error(
+        &d.post(
+            "/v1/completions",
+            &json!({"prompt": long_prompt, "max_tokens": 4}),
+        ),
+        400,
+        None,
+        "600",
+    );
+    assert_error(
+        &d.post(
+            "/v1/completions",
+            &json!({"prompt": [1, 201088], "max_tokens": 4}),
+        ),
+        400,
+        None,
+        "201088",
+    );
+    let big = vec![b'x'; 100_000];
+    assert_error(
+        &d.post_raw("/v1/chat/completions", &big, &[]),
+        413,
+        None,
+        "100000",
+    );
+    let r = request(d.port, "GET", "/v1/nothing", None, &[]);
+    assert_error(&r, 404, None, "/v1/nothing");
+
+    // A slow client that never finishes its body gets 408 after the body timeout (2 s here),
+    // and holds no slot meanwhile.
+    let mut slow = TcpStream::connect(("127.0.0.1", d.port)).expect("connect");
+    write!(slow, "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 200\r\n\r\n{{\"messa").expect("write");
+    let t = Instant::now();
+    let quick = d.post("/v1/chat/completions", &chat(2));
+    assert_eq!(
+        quick.status, 200,
+        "other requests go on while a client is slow"
+    );
+    let mut raw_resp = Vec::new();
+    slow.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let _ = slow.read_to_end(&mut raw_resp);
+    let slow_resp = common::daemon::parse_response(&raw_resp);
+    assert_eq!(slow_resp.status, 408, "{}", slow_resp.text());
+    assert!(t.elapsed() < Duration::from_secs(10));
+
+    let bg = background.join().expect("background");
+    assert_eq!(bg.status, 200);
+    assert_eq!(bg.sse_data().last().map(String::as_str), Some("[DONE]"));
+    let h = d.get("/health").json();
+    assert_eq!(h["status"], "healthy", "{h}");
+    let metrics = d.get("/metrics").text();
+    assert!(
+        metrics.contains("invalid_value"),
+        "rejections are counted by reason"
+    );
+    assert!(d.stop().success());
+}
+
+#[test]
+fn overload_is_a_429_with_retry_after_not_a_hang() {
+    let d = Daemon::start(
+        1,
+        "[profiles.balanced]\nmax_batch = 1\n[scheduler]\nmax_waiting = 1\n",
+    );
+    let port = d.port;
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let body = json!({"prompt": [1, 2, 3], "max_tokens": 300, "temperature": 0});
+                request(
+                    port,
+                    "POST",
+                    "/v1/completions",
+                    Some(body.to_string().as_bytes()),
+                    &[],
+                )
+            })
+        })
+        .collect();
+    let results: Vec<HttpResponse> = clients
+        .into_iter()
+        .map(|c| c.join().expect("client"))
+        .collect();
+    let rejected: Vec<&HttpResponse> = results.iter().filter(|r| r.status == 429).collect();
+    assert!(
+        !rejected.is_empty(),
+        "some requests must be turned away: {:?}",
+        results.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    assert!(results.iter().all(|r| r.status == 200 || r.status == 429));
+    for r in rejected {
+        assert_eq!(r.header("retry-after"), Some("1"));
+        assert_eq!(r.json()["error"]["type"], "rate_limit_error");
+    }
+    assert!(d.stop().success());
+}
+
+#[test]
+fn metrics_and_stats_report_latencies_by_profile() {
+    let d = Daemon::start(2, "");
+    for _ in 0..3 {
+        assert_eq!(d.post("/v1/chat/completions", &chat(4)).status, 200);
+    }
+    let metrics = d.get("/metrics");
+    assert_eq!(metrics.status, 200);
+    let text = metrics.text();
+    for name in [
+        "time_to_first_token_seconds",
+        "inter_token_latency_seconds",
+        "e2e_request_latency_seconds",
+        "request_queue_time_seconds",
+        "num_requests_running",
+        "kv_cache_usage_perc",
+        "generation_tokens",
+    ] {
+        assert!(text.contains(name), "missing {name} in\n{text}");
+    }
+    assert!(text.contains("profile=\"balanced\""));
+    let stats = d.get("/stats").json();
+    assert!(stats.to_string().contains("p95"), "{stats}");
+    assert_eq!(d.get("/live").status, 200);
+    let models = d.get("/v1/models").json();
+    assert_eq!(models["data"][0]["id"], "gpt-oss-20b");
+    assert!(d.stop().success());
+}
+
+#[test]
+fn sigterm_lets_a_running_stream_finish_then_exits_zero() {
+    let d = Daemon::start(2, "");
+    let port = d.port;
+    let stream = std::thread::spawn(move || {
+        let body =
+            json!({"prompt": [9, 8, 7], "max_tokens": 300, "temperature": 0, "stream": true});
+        request(
+            port,
+            "POST",
+            "/v1/completions",
+            Some(body.to_string().as_bytes()),
+            &[],
+        )
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    let pid = d.child.as_ref().expect("child").id();
+    signal(pid, libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(50));
+    // New work is refused while draining.
+    if let Ok(r) = common::daemon::try_request(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        Some(chat(2).to_string().as_bytes()),
+        &[],
+    ) {
+        assert_eq!(r.status, 503, "{}", r.text());
+    }
+    let r = stream.join().expect("stream");
+    assert_eq!(r.status, 200);
+    let frames = r.sse_data();
+    assert_eq!(frames.last().map(String::as_str), Some("[DONE]"));
+    let finish: Value = serde_json::from_str(&frames[frames.len() - 2]).expect("finish chunk");
+    assert_eq!(
+        finish["choices"][0]["finish_reason"], "length",
+        "drain must let the stream finish"
+    );
+    assert!(d.stop().success());
+}
