@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -23,15 +24,15 @@ fn requests(count: usize, max_tokens: usize, seeded: bool) -> Vec<serde_json::Va
 }
 
 fn generate_requests(
-    file: &std::path::Path,
+    model: &Path,
+    file: &Path,
     stages: usize,
     extra: &[&str],
 ) -> std::process::Output {
-    let model = tiny_model();
     let mut cmd = command();
     cmd.arg("generate")
         .arg("--model")
-        .arg(&model)
+        .arg(model)
         .arg("--requests")
         .arg(file)
         .args(["--stages", &stages.to_string(), "--threads", "1"])
@@ -55,13 +56,14 @@ fn tokens_of(lines: &[serde_json::Value]) -> Vec<Vec<u64>> {
 
 #[test]
 fn four_stages_equal_one_stage_and_the_single_process_path() {
-    let model = tiny_model();
+    let view = private_model();
+    let model = view.path().to_path_buf();
     let mut reqs = requests(8, 12, false);
     reqs.extend(requests(8, 12, true));
     let file = requests_file(&reqs);
-    let four = generate_requests(file.path(), 4, &[]);
+    let four = generate_requests(&model, file.path(), 4, &[]);
     assert!(four.status.success(), "{}", stderr(&four));
-    let one = generate_requests(file.path(), 1, &[]);
+    let one = generate_requests(&model, file.path(), 1, &[]);
     assert!(one.status.success(), "{}", stderr(&one));
     let (four, one) = (stdout_lines(&four), stdout_lines(&one));
     assert_eq!(four.len(), 16);
@@ -106,23 +108,23 @@ fn four_stages_equal_one_stage_and_the_single_process_path() {
 }
 
 /// The uninterrupted tokens of the crash tests' requests.
-fn baseline(file: &std::path::Path) -> Vec<Vec<u64>> {
-    let out = generate_requests(file, 4, &[]);
+fn baseline(model: &Path, file: &Path) -> Vec<Vec<u64>> {
+    let out = generate_requests(model, file, 4, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     tokens_of(&stdout_lines(&out))
 }
 
 /// Starts a 4-stage run of `file` and hands its workers to `act` once they run.
 fn run_and_disturb(
-    file: &std::path::Path,
+    model: &Path,
+    file: &Path,
     extra: &[&str],
     act: impl FnOnce(&[(u32, usize)]),
 ) -> (std::process::Output, Duration) {
-    let model = tiny_model();
     let mut cmd = command();
     cmd.arg("generate")
         .arg("--model")
-        .arg(&model)
+        .arg(model)
         .arg("--requests")
         .arg(file)
         .args(["--stages", "4", "--threads", "1"])
@@ -131,7 +133,7 @@ fn run_and_disturb(
         .stderr(std::process::Stdio::piped());
     let start = Instant::now();
     let child = cmd.spawn().expect("spawn");
-    let workers = wait_for_workers(&model, 4, Duration::from_secs(30));
+    let workers = wait_for_workers(model, 4, Duration::from_secs(30));
     // Let generation get going before disturbing it.
     std::thread::sleep(Duration::from_millis(800));
     act(&workers);
@@ -141,10 +143,12 @@ fn run_and_disturb(
 
 #[test]
 fn kill_9_of_each_stage_mid_generation_loses_and_duplicates_nothing() {
+    let view = private_model();
+    let model = view.path();
     let file = requests_file(&requests(8, 250, false));
-    let want = baseline(file.path());
+    let want = baseline(model, file.path());
     for victim in 0..4 {
-        let (out, _) = run_and_disturb(file.path(), &[], |workers| {
+        let (out, _) = run_and_disturb(model, file.path(), &[], |workers| {
             let (pid, _) = workers
                 .iter()
                 .find(|(_, s)| *s == victim)
@@ -162,7 +166,7 @@ fn kill_9_of_each_stage_mid_generation_loses_and_duplicates_nothing() {
             want,
             "kill -9 of stage {victim} changed the tokens"
         );
-        assert_nothing_left(&tiny_model());
+        assert_nothing_left(model);
     }
 }
 
@@ -170,9 +174,11 @@ fn kill_9_of_each_stage_mid_generation_loses_and_duplicates_nothing() {
 /// default), killed and restarted; the run then finishes with the uninterrupted tokens.
 #[test]
 fn a_stopped_stage_is_detected_and_recovered() {
+    let view = private_model();
+    let model = view.path();
     let file = requests_file(&requests(8, 250, false));
-    let want = baseline(file.path());
-    let (out, elapsed) = run_and_disturb(file.path(), &[], |workers| {
+    let want = baseline(model, file.path());
+    let (out, elapsed) = run_and_disturb(model, file.path(), &[], |workers| {
         let (pid, _) = workers.iter().find(|(_, s)| *s == 2).expect("stage 2");
         signal(*pid, libc::SIGSTOP);
     });
@@ -183,17 +189,18 @@ fn a_stopped_stage_is_detected_and_recovered() {
     assert_eq!(tokens_of(&stdout_lines(&out)), want);
     // Detection bound: 2 s of heartbeat timeout plus restart; the whole run stays well bounded.
     assert!(elapsed < Duration::from_secs(60), "took {elapsed:?}");
-    assert_nothing_left(&tiny_model());
+    assert_nothing_left(model);
 }
 
 #[test]
 fn a_stage_that_crashes_at_every_start_ends_unhealthy_with_its_reason() {
     let file = requests_file(&requests(2, 20, false));
-    let model = tiny_model();
+    let view = private_model();
+    let model = view.path();
     let mut cmd = command();
     cmd.arg("generate")
         .arg("--model")
-        .arg(&model)
+        .arg(model)
         .arg("--requests")
         .arg(file.path())
         .args(["--stages", "4", "--threads", "1"])
@@ -268,10 +275,12 @@ fn a_stage_that_cannot_load_is_reported_without_restarts() {
 
 #[test]
 fn a_small_kv_pool_preempts_instead_of_failing() {
+    let view = private_model();
+    let model = view.path();
     let file = requests_file(&requests(8, 120, false));
-    let want = baseline(file.path());
+    let want = baseline(model, file.path());
     // 8 sequences of up to 143 tokens need ~80 blocks; give them 20 (320 tokens).
-    let out = generate_requests(file.path(), 4, &["--kv-cache-tokens", "320"]);
+    let out = generate_requests(model, file.path(), 4, &["--kv-cache-tokens", "320"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let got = tokens_of(&stdout_lines(&out));
     let want: Vec<Vec<u64>> = want
@@ -279,39 +288,41 @@ fn a_small_kv_pool_preempts_instead_of_failing() {
         .map(|t| t[..t.len().min(120)].to_vec())
         .collect();
     assert_eq!(got, want);
-    assert_nothing_left(&tiny_model());
+    assert_nothing_left(model);
 }
 
 #[test]
 fn the_waiting_queue_is_bounded() {
+    let view = private_model();
     let file = requests_file(&requests(6, 4, false));
-    let out = generate_requests(file.path(), 2, &["--max-waiting", "2"]);
+    let out = generate_requests(view.path(), file.path(), 2, &["--max-waiting", "2"]);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
         err.contains("waiting queue is full (2 requests waiting)"),
         "{err}"
     );
-    assert_nothing_left(&tiny_model());
+    assert_nothing_left(view.path());
 }
 
 #[test]
 fn sigterm_drains_running_requests_then_exits_zero() {
+    let view = private_model();
+    let model = view.path();
     let file = requests_file(&requests(8, 250, false));
-    let want = baseline(file.path());
+    let want = baseline(model, file.path());
     // A run that gets SIGTERM in the middle finishes what runs, then exits 0.
-    let model = tiny_model();
     let mut cmd = command();
     cmd.arg("generate")
         .arg("--model")
-        .arg(&model)
+        .arg(model)
         .arg("--requests")
         .arg(file.path())
         .args(["--stages", "4", "--threads", "1"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let child = cmd.spawn().expect("spawn");
-    wait_for_workers(&model, 4, Duration::from_secs(30));
+    wait_for_workers(model, 4, Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(500));
     signal(child.id(), libc::SIGTERM);
     let out = wait_with_limit(child, Duration::from_secs(60));
@@ -328,19 +339,20 @@ fn sigterm_drains_running_requests_then_exits_zero() {
 #[test]
 fn kill_9_of_the_supervisor_leaves_no_worker_behind() {
     let file = requests_file(&requests(4, 250, false));
-    let model = tiny_model();
+    let view = private_model();
+    let model = view.path();
     let mut cmd = command();
     cmd.arg("generate")
         .arg("--model")
-        .arg(&model)
+        .arg(model)
         .arg("--requests")
         .arg(file.path())
         .args(["--stages", "4", "--threads", "1"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     let mut child = cmd.spawn().expect("spawn");
-    wait_for_workers(&model, 4, Duration::from_secs(30));
+    wait_for_workers(model, 4, Duration::from_secs(30));
     signal(child.id(), libc::SIGKILL);
     let _ = child.wait();
-    assert_nothing_left(&model);
+    assert_nothing_left(model);
 }

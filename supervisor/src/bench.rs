@@ -33,9 +33,14 @@ pub struct BenchArgs {
     /// Batch sizes, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     pub batch: Vec<usize>,
-    /// Pipeline stages (only 1 until the pipeline lands in the bench).
-    #[arg(long, default_value_t = 1)]
-    pub stages: usize,
+    /// Run through S stage worker processes (the pipeline) instead of in this process. With a
+    /// pipeline, `--threads` is the total, split over the stages.
+    #[arg(long)]
+    pub stages: Option<usize>,
+    /// With --stages: kill -9 this stage once decoding runs, and report the time from the kill
+    /// to the next token (recovery included).
+    #[arg(long)]
+    pub kill_stage: Option<usize>,
     /// Print JSON lines only.
     #[arg(long)]
     pub json: bool,
@@ -44,11 +49,11 @@ pub struct BenchArgs {
 const BLOCK: usize = 16;
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    if args.stages != 1 {
-        bail!(
-            "--stages {}: the bench runs one in-process stage for now",
-            args.stages
-        );
+    if let Some(stages) = args.stages {
+        return run_pipeline(args, stages);
+    }
+    if args.kill_stage.is_some() {
+        bail!("--kill-stage needs --stages");
     }
     let bandwidth = read_bandwidth_gbs();
     let cfg = ModelConfig::load(&args.model)?;
@@ -127,7 +132,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let decode_tok_s = b as f64 / median;
         let out = serde_json::json!({
             "batch": b,
-            "stages": args.stages,
+            "stages": 0,
+            "mode": "in-process",
             "threads": args.threads,
             "prompt_len": args.prompt_len,
             "prefill_tok_s": round(prefill_tok_s),
@@ -224,4 +230,115 @@ pub fn peak_rss_bytes() -> u64 {
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
+}
+
+/// The pipeline bench: real stage workers, requests through the scheduler. For each batch
+/// size B, B greedy requests of `--prompt-len` tokens generate `--gen` tokens each; the
+/// figures are the prefill speed (B = first size: prompt tokens ÷ time to first token) and the
+/// aggregate decode speed once every sequence has its first token.
+fn run_pipeline(args: &BenchArgs, stages: usize) -> anyhow::Result<()> {
+    use crate::launch::{pipeline_config, LaunchOptions};
+    use crate::pipeline::{self, GenEvent, GenRequest};
+    use gptossd_stage::sampler::{Sampler, SamplingParams};
+
+    let mut opts = LaunchOptions::new(&args.model, stages);
+    opts.threads_per_stage = Some((args.threads / stages).max(1));
+    let max_batch = args.batch.iter().copied().max().unwrap_or(1);
+    opts.max_batch_seqs = max_batch.max(1);
+    opts.kv_cache_tokens = (args.prompt_len + args.gen + 16) * (max_batch + 1);
+    let cfg = pipeline_config(&opts)?;
+    let handle = pipeline::start(cfg).context("starting the pipeline")?;
+    handle
+        .wait_ready(std::time::Duration::from_secs(600))
+        .map_err(|e| anyhow::anyhow!("pipeline: {e}"))?;
+    let greedy = SamplingParams {
+        temperature: 0.0,
+        ..SamplingParams::default()
+    };
+    let mut killed = false;
+    for &b in &args.batch {
+        let t0 = Instant::now();
+        let mut rxs = Vec::with_capacity(b);
+        for i in 0..b {
+            let prompt: Vec<u32> = (0..args.prompt_len as u32)
+                .map(|j| (j * 7919 + 13 + i as u32 * 104_729) % 199_000)
+                .collect();
+            let req = GenRequest {
+                prompt,
+                max_new_tokens: args.gen,
+                sampler: Sampler::new(greedy, 0)?,
+                priority: 0,
+                stop_tokens: Vec::new(),
+            };
+            rxs.push(handle.submit(req)?.1);
+        }
+        // Gather every event with its time, all sequences interleaved, on this thread.
+        let mut first_token: Vec<Option<Instant>> = vec![None; b];
+        let mut counts = vec![0usize; b];
+        let mut done = vec![false; b];
+        let mut last = t0;
+        let mut kill_at: Option<Instant> = None;
+        let mut recovery: Option<f64> = None;
+        while done.iter().any(|d| !d) {
+            let mut progressed = false;
+            for i in 0..b {
+                if done[i] {
+                    continue;
+                }
+                while let Ok(ev) = rxs[i].try_recv() {
+                    progressed = true;
+                    match ev {
+                        GenEvent::Token { .. } => {
+                            let now = Instant::now();
+                            counts[i] += 1;
+                            first_token[i].get_or_insert(now);
+                            last = now;
+                            if let (Some(k), None) = (kill_at, recovery) {
+                                recovery = Some(now.duration_since(k).as_secs_f64());
+                            }
+                        }
+                        GenEvent::Finished(_) => done[i] = true,
+                        GenEvent::Failed(m) => bail!("request failed: {m}"),
+                        GenEvent::Scheduled => {}
+                    }
+                }
+            }
+            if let (Some(k), false) = (args.kill_stage, killed) {
+                if counts.iter().all(|&c| c >= 2) {
+                    let pid = handle.status().stages.get(k).and_then(|s| s.pid);
+                    if let Some(pid) = pid {
+                        // SAFETY: a plain kill(2) of our own worker process.
+                        unsafe {
+                            libc::kill(pid as i32, libc::SIGKILL);
+                        }
+                        kill_at = Some(Instant::now());
+                        killed = true;
+                    }
+                }
+            }
+            if !progressed {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        }
+        let all_first = first_token.iter().flatten().max().copied().unwrap_or(t0);
+        let first_min = first_token.iter().flatten().min().copied().unwrap_or(t0);
+        let decode_tokens: usize = counts.iter().map(|c| c.saturating_sub(1)).sum();
+        let decode_secs = last.duration_since(all_first).as_secs_f64();
+        let out = serde_json::json!({
+            "batch": b,
+            "stages": stages,
+            "mode": "pipeline",
+            "threads": args.threads,
+            "prompt_len": args.prompt_len,
+            "prefill_tok_s": round((args.prompt_len * b) as f64 / all_first.duration_since(t0).as_secs_f64()),
+            "ttft_first_ms": round(first_min.duration_since(t0).as_secs_f64() * 1e3),
+            "decode_tok_s": round(decode_tokens as f64 / decode_secs.max(1e-9)),
+            "generated": counts.iter().sum::<usize>(),
+            "kill_to_next_token_ms": recovery.map(|r| round(r * 1e3)),
+            "peak_rss_bytes_supervisor": peak_rss_bytes(),
+        });
+        println!("{out}");
+    }
+    handle.shutdown(std::time::Duration::from_secs(5));
+    Ok(())
 }

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod launch;
+pub mod loadgen;
 pub mod local_engine;
 pub mod metrics;
 pub mod pipeline;

@@ -50,6 +50,8 @@ enum Command {
     },
     /// Measure prefill and decode speed and memory on a model.
     Bench(bench::BenchArgs),
+    /// Load a running daemon with streaming chat requests and print throughput and latencies.
+    Loadgen(gptossd::loadgen::LoadgenArgs),
 }
 
 #[derive(Args)]
@@ -145,6 +147,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(&args),
+        Command::Loadgen(args) => gptossd::loadgen::run(&args),
         Command::Serve(_) => Ok(()),
     }
 }

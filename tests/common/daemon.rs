@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{assert_nothing_left, gptossd, signal, tiny_model};
+use super::{assert_nothing_left, gptossd, private_model, signal};
 
 /// A running daemon.
 pub struct Daemon {
@@ -20,6 +20,7 @@ pub struct Daemon {
     pub model: PathBuf,
     pub stderr: Arc<Mutex<String>>,
     _dir: tempfile::TempDir,
+    _model_view: tempfile::TempDir,
 }
 
 impl Daemon {
@@ -39,7 +40,8 @@ impl Daemon {
     ) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let control = dir.path().join("control.sock");
-        let model = tiny_model();
+        let view = private_model();
+        let model = view.path().to_path_buf();
         let config = format!(
             "[server]\nport = 1\ncontrol_socket = {:?}\nrequest_timeout_secs = 2\n{server_toml}\n\n[[models]]\nname = \"gpt-oss-20b\"\npath = {:?}\nstages = {stages}\nthreads_per_stage = 1\n{extra_toml}\n",
             control.to_string_lossy(),
@@ -98,6 +100,7 @@ impl Daemon {
             model,
             stderr,
             _dir: dir,
+            _model_view: view,
         };
         d.wait_health(200, Duration::from_secs(60));
         d

@@ -35,6 +35,22 @@ pub fn tiny_model() -> PathBuf {
     .to_path_buf()
 }
 
+/// A private view of the tiny model for one test: a new directory of symlinks to its files.
+/// Workers name their model directory on their command line, so a test that counts or kills
+/// "its" workers finds only its own, even while other tests run in parallel.
+pub fn private_model() -> tempfile::TempDir {
+    let base = tiny_model();
+    let dir = tempfile::Builder::new()
+        .prefix("gptossd-e2e-view")
+        .tempdir()
+        .expect("tempdir");
+    for entry in std::fs::read_dir(&base).expect("model dir").flatten() {
+        std::os::unix::fs::symlink(entry.path(), dir.path().join(entry.file_name()))
+            .expect("symlink");
+    }
+    dir
+}
+
 /// A command for `gptossd` with the stage binary found beside it.
 pub fn command() -> Command {
     let mut cmd = Command::new(gptossd());
