@@ -219,7 +219,7 @@ fn a_stage_that_crashes_at_every_start_ends_unhealthy_with_its_reason() {
         "crash loop took {:?}",
         start.elapsed()
     );
-    assert_nothing_left(&model);
+    assert_nothing_left(model);
 }
 
 #[test]
@@ -333,7 +333,7 @@ fn sigterm_drains_running_requests_then_exits_zero() {
         want,
         "drain must let running requests finish"
     );
-    assert_nothing_left(&model);
+    assert_nothing_left(model);
 }
 
 #[test]
