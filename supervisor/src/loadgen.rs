@@ -2,7 +2,8 @@
 //! client threads send streaming chat completions back to back until `--requests` have been
 //! sent in total; it prints requests/s, the success rate, time to first token (p50, p95) and
 //! end-to-end latency (p95). A request succeeds when it answers 200 and its stream ends with
-//! `data: [DONE]`. Time to first token is the arrival of the first chunk after the role chunk.
+//! `data: [DONE]`. Time to first token is the arrival of the first data chunk that carries
+//! generated text (for chat, the first after the role chunk).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -28,6 +29,11 @@ pub struct LoadgenArgs {
     pub max_tokens: usize,
     #[arg(long, default_value = "Write a short story about a lighthouse.")]
     pub prompt: String,
+    /// `chat` (harmony-rendered chat completions) or `completions` (raw text). With a random
+    /// test model, use `completions`: its output has no harmony headers, so the chat parser
+    /// holds text back while it waits for one, which delays the first content chunk.
+    #[arg(long, default_value = "chat")]
+    pub endpoint: String,
 }
 
 struct Sample {
@@ -36,7 +42,7 @@ struct Sample {
     e2e: Duration,
 }
 
-fn one_request(addr: &str, body: &str) -> Sample {
+fn one_request(addr: &str, path: &str, body: &str, first_token_frame: usize) -> Sample {
     let start = Instant::now();
     let fail = |start: Instant| Sample {
         ok: false,
@@ -48,7 +54,7 @@ fn one_request(addr: &str, body: &str) -> Sample {
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(600)));
     let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     );
     if s.write_all(head.as_bytes())
@@ -65,7 +71,7 @@ fn one_request(addr: &str, body: &str) -> Sample {
             Ok(0) => break,
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);
-                if ttft.is_none() && count(&buf, b"data: ") >= 2 {
+                if ttft.is_none() && count(&buf, b"data: ") >= first_token_frame {
                     ttft = Some(start.elapsed());
                 }
             }
@@ -93,13 +99,28 @@ fn percentile(sorted: &[Duration], p: f64) -> Option<f64> {
 }
 
 pub fn run(args: &LoadgenArgs) -> anyhow::Result<()> {
-    let body = serde_json::json!({
-        "messages": [{"role": "user", "content": args.prompt}],
-        "max_tokens": args.max_tokens,
-        "temperature": 1.0,
-        "stream": true,
-    })
-    .to_string();
+    let (path, body) = match args.endpoint.as_str() {
+        "chat" => (
+            "/v1/chat/completions",
+            serde_json::json!({
+                "messages": [{"role": "user", "content": args.prompt}],
+                "max_tokens": args.max_tokens,
+                "temperature": 1.0,
+                "stream": true,
+            }),
+        ),
+        "completions" => (
+            "/v1/completions",
+            serde_json::json!({
+                "prompt": args.prompt,
+                "max_tokens": args.max_tokens,
+                "temperature": 1.0,
+                "stream": true,
+            }),
+        ),
+        other => anyhow::bail!("--endpoint {other:?}: expected chat or completions"),
+    };
+    let body = body.to_string();
     TcpStream::connect(&args.addr).with_context(|| format!("connecting to {}", args.addr))?;
     for &c in &args.concurrency {
         let left = Arc::new(AtomicUsize::new(args.requests));
@@ -113,12 +134,15 @@ pub fn run(args: &LoadgenArgs) -> anyhow::Result<()> {
                     args.addr.clone(),
                     body.clone(),
                 );
+                let path = path.to_string();
+                // Chat streams open with a role chunk; completions start with the first token.
+                let first_frame = if path.contains("chat") { 2 } else { 1 };
                 std::thread::spawn(move || {
                     while left
                         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                         .is_ok()
                     {
-                        let s = one_request(&addr, &body);
+                        let s = one_request(&addr, &path, &body, first_frame);
                         if let Ok(mut v) = samples.lock() {
                             v.push(s);
                         }
@@ -149,6 +173,7 @@ pub fn run(args: &LoadgenArgs) -> anyhow::Result<()> {
             "ttft_p95_ms": percentile(&ttft, 95.0),
             "e2e_p95_ms": percentile(&e2e, 95.0),
             "max_tokens": args.max_tokens,
+            "endpoint": args.endpoint,
         });
         println!("{out}");
     }
