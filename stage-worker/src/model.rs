@@ -18,7 +18,7 @@ use std::cell::RefCell;
 use gptossd_shared::config::{AttentionKind, ModelConfig, SWIGLU_ALPHA};
 use gptossd_shared::weights::{LayerWeights, StageWeights};
 
-use crate::cpu::{matmul_bf16, matmul_mxfp4, Bf16Rows, Mxfp4Rows, ThreadPool};
+use crate::cpu::{matmul_bf16, matmul_mxfp4, vector, Bf16Rows, Mxfp4Rows, ThreadPool};
 use crate::kv::{KvConfig, KvPool};
 
 /// A step that cannot run as given.
@@ -734,6 +734,7 @@ fn attention(a: AttentionArgs<'_>) {
     let out = SharedOut(a.out.as_mut_ptr());
     let out_len = a.out.len();
     let tasks = a.batch.seqs.len() * nh;
+    let isa = a.pool.isa();
     a.pool.run(tasks, &|task| {
         let (si, head) = (task / nh, task % nh);
         let seq = &a.batch.seqs[si];
@@ -753,8 +754,7 @@ fn attention(a: AttentionArgs<'_>) {
                         continue;
                     };
                     let kr = &a.kv.key(a.local, block, slot)[kv_head * d..(kv_head + 1) * d];
-                    let dot: f32 = qh.iter().zip(kr).map(|(x, y)| x * y).sum();
-                    let l = dot * scale;
+                    let l = vector::dot(isa, qh, kr) * scale;
                     max = max.max(l);
                     scores.push(l);
                 }
@@ -774,11 +774,8 @@ fn attention(a: AttentionArgs<'_>) {
                     let Some((block, slot)) = a.kv.locate(&seq.blocks, j) else {
                         continue;
                     };
-                    let p = scores[jj] / denom;
                     let vr = &a.kv.value(a.local, block, slot)[kv_head * d..(kv_head + 1) * d];
-                    for (o, &vv) in dst.iter_mut().zip(vr) {
-                        *o += p * vv;
-                    }
+                    vector::axpy(isa, scores[jj] / denom, vr, dst);
                 }
             }
         });

@@ -17,6 +17,7 @@ mod avx2;
 pub mod kernels;
 pub mod pool;
 mod portable;
+pub mod vector;
 #[cfg(test)]
 mod tests;
 
