@@ -22,7 +22,7 @@ pub const STAGE_BIN_ENV: &str = "GPTOSSD_STAGE_BIN";
 pub struct LaunchOptions {
     pub model: PathBuf,
     pub stages: usize,
-    /// Kernel threads per stage (default: cores / stages, at least 1).
+    /// Kernel threads per stage (default: all cores; see the config's `threads_per_stage`).
     pub threads_per_stage: Option<usize>,
     /// Positions the KV pool holds, all sequences together.
     pub kv_cache_tokens: usize,
@@ -98,9 +98,7 @@ pub fn pipeline_config(opts: &LaunchOptions) -> Result<PipelineConfig, LaunchErr
     }
     let splits = split_layers(layers, opts.stages, &CostModel::from_model_config(&cfg));
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = opts
-        .threads_per_stage
-        .unwrap_or((cores / opts.stages).max(1));
+    let threads = opts.threads_per_stage.unwrap_or(cores.max(1));
     let num_blocks = opts.kv_cache_tokens.div_ceil(opts.block_size);
     let binary = stage_binary()?;
     let s = opts.stages;

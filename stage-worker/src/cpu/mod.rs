@@ -17,9 +17,9 @@ mod avx2;
 pub mod kernels;
 pub mod pool;
 mod portable;
-pub mod vector;
 #[cfg(test)]
 mod tests;
+pub mod vector;
 
 pub use kernels::{matmul_bf16, matmul_mxfp4, Bf16Rows, Mxfp4Rows};
 pub use pool::ThreadPool;

@@ -64,7 +64,12 @@ mod avx2 {
         let mut k = 0;
         while k < full {
             // SAFETY: k + 8 <= full <= n = a.len() = b.len(); unaligned loads.
-            let (x, y) = unsafe { (_mm256_loadu_ps(a.as_ptr().add(k)), _mm256_loadu_ps(b.as_ptr().add(k))) };
+            let (x, y) = unsafe {
+                (
+                    _mm256_loadu_ps(a.as_ptr().add(k)),
+                    _mm256_loadu_ps(b.as_ptr().add(k)),
+                )
+            };
             acc = _mm256_fmadd_ps(x, y, acc);
             k += 8;
         }
@@ -103,7 +108,9 @@ mod tests {
     use super::*;
 
     fn data(n: usize, seed: u32) -> Vec<f32> {
-        (0..n).map(|i| ((i as u32 * 2654435761 ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
+        (0..n)
+            .map(|i| ((i as u32 * 2654435761 ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
     }
 
     #[test]
@@ -113,11 +120,18 @@ mod tests {
         }
         for n in [0, 1, 7, 8, 15, 16, 64, 77, 2880] {
             let (a, b) = (data(n, 1), data(n, 2));
-            assert_eq!(dot(Isa::Avx2Fma, &a, &b).to_bits(), dot(Isa::Portable, &a, &b).to_bits(), "n={n}");
+            assert_eq!(
+                dot(Isa::Avx2Fma, &a, &b).to_bits(),
+                dot(Isa::Portable, &a, &b).to_bits(),
+                "n={n}"
+            );
             let (mut y1, mut y2) = (data(n, 3), data(n, 3));
             axpy(Isa::Avx2Fma, 0.37, &a, &mut y1);
             axpy(Isa::Portable, 0.37, &a, &mut y2);
-            assert!(y1.iter().zip(&y2).all(|(p, q)| p.to_bits() == q.to_bits()), "n={n}");
+            assert!(
+                y1.iter().zip(&y2).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "n={n}"
+            );
         }
     }
 
@@ -125,7 +139,11 @@ mod tests {
     fn dot_is_accurate() {
         let (a, b) = (data(2880, 5), data(2880, 6));
         let exact: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
-        let scale: f64 = a.iter().zip(&b).map(|(&x, &y)| (x as f64 * y as f64).abs()).sum();
+        let scale: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(&x, &y)| (x as f64 * y as f64).abs())
+            .sum();
         for isa in [Isa::Portable, Isa::detect()] {
             let got = dot(isa, &a, &b) as f64;
             assert!((got - exact).abs() <= 2e-6 * scale, "{got} vs {exact}");

@@ -452,8 +452,8 @@ pub struct ModelSettings {
     /// model's layers; overrides the cost model. Default: none, the split minimising the
     /// slowest stage's decode traffic ([`crate::split`]).
     pub layers: Option<Vec<usize>>,
-    /// `threads_per_stage`: CPU threads per stage worker. Default: the cores available to the
-    /// daemon divided by `stages`, at least 1.
+    /// `threads_per_stage`: CPU threads per stage worker. Default: all the cores available to
+    /// the daemon (a step visits the stages one after another; idle stage threads sleep).
     pub threads_per_stage: usize,
     /// `kv_blocks` (or `kv_cache_tokens`, in positions, rounded up to whole blocks; not both):
     /// the KV pool of every stage, in blocks. Default: 65,536 tokens, i.e. 4,096 blocks of 16.

@@ -94,7 +94,7 @@ fn the_defaults_are_the_documented_ones() {
     assert_eq!(m.devices, vec![Device::Cpu { cores: None }; 4]);
     assert_eq!(m.layers, None);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    assert_eq!(m.threads_per_stage, (cores / 4).max(1));
+    assert_eq!(m.threads_per_stage, cores.max(1));
     assert_eq!(m.block_size, 16);
     assert_eq!(m.kv_blocks, 4096);
     assert_eq!(m.kv_cache_tokens(), 65_536);
