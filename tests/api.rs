@@ -580,3 +580,68 @@ fn sigterm_lets_a_running_stream_finish_then_exits_zero() {
     );
     assert!(d.stop().success());
 }
+
+#[test]
+fn a_shared_prompt_prefix_is_computed_once() {
+    let d = Daemon::start(2, "");
+    let prefill = |d: &Daemon| -> u64 {
+        d.get("/stats").json()["schedulers"][0]["prefill_tokens_computed"]
+            .as_u64()
+            .expect("counter")
+    };
+    // 100 prompt tokens: 6 full blocks of 16 can be shared.
+    let prompt: Vec<u32> = (0..100).map(|i| 3000 + i).collect();
+    let body = json!({"prompt": prompt, "max_tokens": 6, "temperature": 0});
+    let before = prefill(&d);
+    let first = d.post("/v1/completions", &body);
+    assert_eq!(first.status, 200, "{}", first.text());
+    let after_first = prefill(&d);
+    let second = d.post("/v1/completions", &body);
+    assert_eq!(second.status, 200);
+    let after_second = prefill(&d);
+    assert_eq!(
+        after_first - before,
+        100,
+        "the first request computes its whole prompt"
+    );
+    assert!(
+        after_second - after_first <= 100 - 96,
+        "the second computes only what the cached blocks do not cover: {}",
+        after_second - after_first
+    );
+    assert_eq!(
+        first.json()["choices"][0]["text"],
+        second.json()["choices"][0]["text"],
+        "same greedy text from the cache"
+    );
+    let stats = d.get("/stats").json();
+    assert!(
+        stats["schedulers"][0]["prefix_cache_hits"]
+            .as_u64()
+            .is_some_and(|h| h >= 96),
+        "{stats}"
+    );
+    assert!(d.stop().success());
+}
+
+#[test]
+fn auto_profile_picks_by_request_shape() {
+    let d = Daemon::start(2, "[scheduler]\nauto_profile = true\n");
+    let short = d.post(
+        "/v1/completions",
+        &json!({"prompt": [1, 2, 3], "max_tokens": 4}),
+    );
+    assert_eq!(short.json()["gptossd"]["profile"], "latency_first");
+    let long = d.post(
+        "/v1/completions",
+        &json!({"prompt": [1, 2, 3], "max_tokens": 1500}),
+    );
+    assert_eq!(long.status, 200, "{}", long.text());
+    assert_eq!(long.json()["gptossd"]["profile"], "quality_first");
+    let named = d.post(
+        "/v1/completions",
+        &json!({"prompt": [1, 2, 3], "max_tokens": 4, "profile": "balanced"}),
+    );
+    assert_eq!(named.json()["gptossd"]["profile"], "balanced");
+    assert!(d.stop().success());
+}

@@ -177,3 +177,24 @@ fn replace_once(haystack: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
     out[at..at + from.len()].copy_from_slice(to);
     out
 }
+
+#[test]
+fn a_single_model_safetensors_without_index_loads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dims = Dims {
+        vocab: 512,
+        shard_bytes: usize::MAX,
+        ..Preset::Tiny.dims()
+    };
+    write_dims(&dims, 4, dir.path()).expect("write model");
+    std::fs::rename(
+        dir.path().join("model-00000-of-00000.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .expect("rename");
+    std::fs::remove_file(dir.path().join("model.safetensors.index.json")).expect("rm index");
+    let cfg = ModelConfig::load(dir.path()).expect("config");
+    let ck = Checkpoint::open(dir.path()).expect("open");
+    let w = StageWeights::load(&ck, &cfg, &StageSpan::whole(&cfg)).expect("weights");
+    assert_eq!(w.layers.len(), 4);
+}
