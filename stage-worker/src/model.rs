@@ -306,6 +306,11 @@ impl StageModel {
         &self.weights
     }
 
+    /// The stage's CPU threads (the worker samples on them too).
+    pub fn pool(&self) -> &ThreadPool {
+        &self.pool
+    }
+
     pub fn kv_config(&self) -> KvConfig {
         self.kv.config()
     }

@@ -25,6 +25,7 @@ use gptossd_shared::protocol::{
 use gptossd_shared::ring::{recv_fd, Consumer, Producer, Ring, RingError};
 use interprocess::os::unix::uds_local_socket::Stream;
 
+use crate::cpu::ThreadPool;
 use crate::model::{Logits, SeqStep, StageModel, StepBatch};
 use crate::sampler::{SampleScratch, Sampler, SamplingParams};
 
@@ -218,7 +219,6 @@ pub fn run(model: &mut StageModel, hops: Hops, shared: &Shared) -> Result<(), Lo
 struct StepScratch {
     x: Vec<f32>,
     logits: Vec<f32>,
-    sample: SampleScratch,
 }
 
 fn batch_of(header: &StepHeader, last_stage: bool) -> StepBatch {
@@ -284,7 +284,7 @@ fn compute_step(
                     header,
                     &scratch.logits,
                     model.config().vocab_size,
-                    &mut scratch.sample,
+                    model.pool(),
                 ),
                 Err(e) => StepOutcome::Failed(format!("step {}: {e}", header.step)),
             }
@@ -327,33 +327,52 @@ fn compute_step(
     }
 }
 
-fn sample_all(
-    header: &StepHeader,
-    logits: &[f32],
-    vocab: usize,
-    scratch: &mut SampleScratch,
-) -> StepOutcome {
-    let mut tokens = Vec::new();
-    let mut row = 0;
-    for s in &header.seqs {
-        let Some(spec) = s.sample else { continue };
-        let Some(row_logits) = logits.get(row * vocab..(row + 1) * vocab) else {
-            return StepOutcome::Failed(format!("step {}: missing logits", header.step));
-        };
-        row += 1;
-        match sample_one(&spec, row_logits, scratch) {
-            Ok(t) => tokens.push(SeqToken {
-                seq: s.seq,
-                token: t.0,
-                logprob: t.1,
-                top: t.2,
+/// Samples every sequence of the step that asked for a token, in parallel over the stage's
+/// threads (each draw depends only on its logits row, seed and index, so the split changes
+/// nothing).
+fn sample_all(header: &StepHeader, logits: &[f32], vocab: usize, pool: &ThreadPool) -> StepOutcome {
+    let wanted: Vec<(u64, SampleSpec)> = header
+        .seqs
+        .iter()
+        .filter_map(|s| s.sample.map(|spec| (s.seq, spec)))
+        .collect();
+    if logits.len() < wanted.len() * vocab {
+        return StepOutcome::Failed(format!("step {}: missing logits", header.step));
+    }
+    let results: Vec<Mutex<Option<Result<SampledTuple, String>>>> =
+        (0..wanted.len()).map(|_| Mutex::new(None)).collect();
+    pool.run(wanted.len(), &|i| {
+        let row = &logits[i * vocab..(i + 1) * vocab];
+        let r = SCRATCH.with(|s| sample_one(&wanted[i].1, row, &mut s.borrow_mut()));
+        if let Ok(mut slot) = results[i].lock() {
+            *slot = Some(r);
+        }
+    });
+    let mut tokens = Vec::with_capacity(wanted.len());
+    for ((seq, _), r) in wanted.iter().zip(results) {
+        match r.into_inner().ok().flatten() {
+            Some(Ok((token, logprob, top))) => tokens.push(SeqToken {
+                seq: *seq,
+                token,
+                logprob,
+                top,
             }),
-            Err(e) => {
-                return StepOutcome::Failed(format!("step {} sequence {}: {e}", header.step, s.seq))
+            Some(Err(e)) => {
+                return StepOutcome::Failed(format!("step {} sequence {seq}: {e}", header.step))
+            }
+            None => {
+                return StepOutcome::Failed(format!(
+                    "step {} sequence {seq}: not sampled",
+                    header.step
+                ))
             }
         }
     }
     StepOutcome::Tokens(tokens)
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<SampleScratch> = std::cell::RefCell::new(SampleScratch::default());
 }
 
 type SampledTuple = (u32, f32, Vec<(u32, f32)>);
