@@ -687,22 +687,36 @@ fn expert_slice(data: &[u8], expert: usize, per_expert: usize) -> &[u8] {
     &data[expert * per_expert..(expert + 1) * per_expert]
 }
 
-/// Router (§3.6): the top-k logits (ties → lower id), softmax over those k only; pushes the k
-/// (expert, weight) pairs sorted by expert id.
+/// Router (§3.6): the top-k logits (ties → lower id), softmax over those k only; appends the
+/// k (expert, weight) pairs to `routes`, sorted by expert id. No allocation: the selection is
+/// done in place in `routes`' tail.
 fn route(logits: &[f32], top_k: usize, routes: &mut Vec<(usize, f32)>) {
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-    let chosen = &order[..top_k];
-    let max = logits[chosen[0]];
-    let exps: Vec<f32> = chosen.iter().map(|&i| (logits[i] - max).exp()).collect();
-    let sum: f32 = exps.iter().sum();
-    let mut picked: Vec<(usize, f32)> = chosen
-        .iter()
-        .zip(&exps)
-        .map(|(&i, &x)| (i, x / sum))
-        .collect();
-    picked.sort_by_key(|&(i, _)| i);
-    routes.extend(picked);
+    let start = routes.len();
+    // Insertion into a descending top-k list held in routes[start..] as (expert, logit).
+    for (e, &l) in logits.iter().enumerate() {
+        let better = |&(_, other): &(usize, f32)| l.total_cmp(&other).is_gt();
+        let held = routes.len() - start;
+        if held < top_k {
+            let at = routes[start..]
+                .iter()
+                .position(better)
+                .map_or(routes.len(), |p| start + p);
+            routes.insert(at, (e, l));
+        } else if let Some(p) = routes[start..].iter().position(better) {
+            routes.insert(start + p, (e, l));
+            routes.pop();
+        }
+    }
+    let max = routes[start].1;
+    let mut sum = 0f32;
+    for r in &mut routes[start..] {
+        r.1 = (r.1 - max).exp();
+        sum += r.1;
+    }
+    for r in &mut routes[start..] {
+        r.1 /= sum;
+    }
+    routes[start..].sort_unstable_by_key(|&(e, _)| e);
 }
 
 struct AttentionArgs<'a> {
@@ -785,4 +799,30 @@ fn attention(a: AttentionArgs<'_>) {
             }
         });
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route;
+
+    #[test]
+    fn router_takes_top_k_then_softmax_sorted_by_expert() {
+        let mut routes = vec![(99, 0.0)];
+        route(&[0.5, 2.0, -1.0, 2.0, 1.0], 3, &mut routes);
+        assert_eq!(routes[0], (99, 0.0), "earlier routes are kept");
+        let got: Vec<usize> = routes[1..].iter().map(|r| r.0).collect();
+        // Ties at 2.0 keep both (ids 1 and 3); then 1.0 (id 4); sorted by id.
+        assert_eq!(got, vec![1, 3, 4]);
+        let e = [1.0f32, 1.0, (-1.0f32).exp()];
+        let sum: f32 = e.iter().sum();
+        assert!((routes[1].1 - e[0] / sum).abs() < 1e-7);
+        assert!((routes[3].1 - e[2] / sum).abs() < 1e-7);
+        let mut tie = Vec::new();
+        route(&[1.0, 1.0, 1.0], 2, &mut tie);
+        assert_eq!(
+            tie.iter().map(|r| r.0).collect::<Vec<_>>(),
+            vec![0, 1],
+            "ties go to the lower id"
+        );
+    }
 }
