@@ -3,7 +3,7 @@
 //!
 //! Figures (one JSON object per batch size): `prefill_tok_s` (one prompt of `--prompt-len`
 //! tokens), `decode_tok_s` (aggregate over `--batch` sequences decoding together, greedy),
-//! `read_bandwidth_gbs` (a plain read over 512 MiB, measured in the same run),
+//! `read_bandwidth_gbs` (a plain read over 512 MiB by `--threads` threads, in the same run),
 //! `bytes_per_decode_token` (weights a batch-1 decode step reads: every layer's attention,
 //! router and top-k experts, the LM head and one embedding row), `roofline_fraction`
 //! (decode bytes/s at batch 1 ÷ read bandwidth), `peak_rss_bytes` (VmHWM).
@@ -55,7 +55,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if args.kill_stage.is_some() {
         bail!("--kill-stage needs --stages");
     }
-    let bandwidth = read_bandwidth_gbs();
+    let bandwidth = read_bandwidth_gbs(args.threads);
     let cfg = ModelConfig::load(&args.model)?;
     let ckpt = Checkpoint::open(&args.model)?;
     let weights = StageWeights::load(&ckpt, &cfg, &StageSpan::whole(&cfg))?;
@@ -198,21 +198,30 @@ fn decode_bytes_per_token(w: &StageWeights, cfg: &ModelConfig) -> u64 {
     total
 }
 
-/// GB/s of one thread summing 512 MiB (median of 3 passes).
-fn read_bandwidth_gbs() -> f64 {
-    let words = 512 * 1024 * 1024 / 8;
+/// GB/s of `threads` threads summing 512 MiB together, each its own contiguous part (median
+/// of 3 passes): the read bandwidth the kernels can get with the same threads.
+fn read_bandwidth_gbs(threads: usize) -> f64 {
+    let words: usize = 512 * 1024 * 1024 / 8;
     let buf: Vec<u64> = (0..words as u64).collect();
+    let threads = threads.max(1);
+    let part = words.div_ceil(threads);
     let mut rates = Vec::new();
     for _ in 0..3 {
         let t = Instant::now();
-        let mut acc = [0u64; 8];
-        for chunk in buf.chunks_exact(8) {
-            for (a, &v) in acc.iter_mut().zip(chunk) {
-                *a = a.wrapping_add(v);
+        std::thread::scope(|scope| {
+            for chunk in buf.chunks(part) {
+                scope.spawn(move || {
+                    let mut acc = [0u64; 8];
+                    for c in chunk.chunks_exact(8) {
+                        for (a, &v) in acc.iter_mut().zip(c) {
+                            *a = a.wrapping_add(v);
+                        }
+                    }
+                    std::hint::black_box(acc);
+                });
             }
-        }
+        });
         let secs = t.elapsed().as_secs_f64();
-        std::hint::black_box(acc);
         rates.push((words * 8) as f64 / secs / 1e9);
     }
     rates.sort_by(f64::total_cmp);
