@@ -129,30 +129,50 @@ impl StageWeights {
     pub fn bytes(&self) -> usize {
         let mut n = self.embedding.as_ref().map_or(0, |e| e.len() * 2);
         if let Some(head) = &self.head {
-            n += (head.norm.len() + head.lm_head.len()) * 2;
+            n += head.bytes();
         }
         for l in &self.layers {
-            let a = &l.attn;
-            n += 2
-                * (l.input_norm.len()
-                    + l.post_attn_norm.len()
-                    + a.q_w.len()
-                    + a.q_b.len()
-                    + a.k_w.len()
-                    + a.k_b.len()
-                    + a.v_w.len()
-                    + a.v_b.len()
-                    + a.o_w.len()
-                    + a.o_b.len()
-                    + a.sinks.len()
-                    + l.moe.router_w.len()
-                    + l.moe.router_b.len()
-                    + l.moe.gate_up_b.len()
-                    + l.moe.down_b.len());
-            n += l.moe.gate_up.blocks.len() + l.moe.gate_up.scales.len();
-            n += l.moe.down.blocks.len() + l.moe.down.scales.len();
+            n += l.dense_bytes() + l.expert_bytes() * l.moe.gate_up.experts;
         }
         n
+    }
+}
+
+impl HeadWeights {
+    /// Final norm and LM head bytes.
+    pub fn bytes(&self) -> usize {
+        (self.norm.len() + self.lm_head.len()) * 2
+    }
+}
+
+impl LayerWeights {
+    /// Bytes of everything but the experts: norms, attention, router.
+    pub fn dense_bytes(&self) -> usize {
+        let a = &self.attn;
+        2 * (self.input_norm.len()
+            + self.post_attn_norm.len()
+            + a.q_w.len()
+            + a.q_b.len()
+            + a.k_w.len()
+            + a.k_b.len()
+            + a.v_w.len()
+            + a.v_b.len()
+            + a.o_w.len()
+            + a.o_b.len()
+            + a.sinks.len()
+            + self.moe.router_w.len()
+            + self.moe.router_b.len())
+    }
+
+    /// Bytes of one expert: its packed MXFP4 blocks and scales and its biases.
+    pub fn expert_bytes(&self) -> usize {
+        let m = &self.moe;
+        let all = m.gate_up.blocks.len()
+            + m.gate_up.scales.len()
+            + m.down.blocks.len()
+            + m.down.scales.len()
+            + 2 * (m.gate_up_b.len() + m.down_b.len());
+        all / m.gate_up.experts.max(1)
     }
 }
 

@@ -164,38 +164,17 @@ fn argmax(row: &[f32]) -> u32 {
     best as u32
 }
 
-/// Weights one batch-1 decode token reads.
+/// Weights one batch-1 decode token reads: every layer's dense part and top-k experts, the
+/// LM head and one embedding row.
 fn decode_bytes_per_token(w: &StageWeights, cfg: &ModelConfig) -> u64 {
-    let h = cfg.hidden_size as u64;
-    let mut total = h * 2; // one embedding row
-    if let Some(head) = &w.head {
-        total += (head.norm.len() + head.lm_head.len()) as u64 * 2;
-    }
-    let e = cfg.num_local_experts as u64;
-    for l in &w.layers {
-        let a = &l.attn;
-        let dense = l.input_norm.len()
-            + l.post_attn_norm.len()
-            + a.q_w.len()
-            + a.q_b.len()
-            + a.k_w.len()
-            + a.k_b.len()
-            + a.v_w.len()
-            + a.v_b.len()
-            + a.o_w.len()
-            + a.o_b.len()
-            + a.sinks.len()
-            + l.moe.router_w.len()
-            + l.moe.router_b.len();
-        total += dense as u64 * 2;
-        let experts = (l.moe.gate_up.blocks.len()
-            + l.moe.gate_up.scales.len()
-            + l.moe.down.blocks.len()
-            + l.moe.down.scales.len()) as u64
-            + (l.moe.gate_up_b.len() + l.moe.down_b.len()) as u64 * 2;
-        total += experts / e * cfg.num_experts_per_tok as u64;
-    }
-    total
+    let row = cfg.hidden_size * 2;
+    let head = w.head.as_ref().map_or(0, |h| h.bytes());
+    let layers: usize = w
+        .layers
+        .iter()
+        .map(|l| l.dense_bytes() + l.expert_bytes() * cfg.num_experts_per_tok)
+        .sum();
+    (row + head + layers) as u64
 }
 
 /// GB/s of `threads` threads summing 512 MiB together, each its own contiguous part (median

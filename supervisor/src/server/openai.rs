@@ -21,14 +21,14 @@ use crate::api::responses::{
     ChatCompletion, ChatLogprobs, ChatTokenLogprob, ChunkBuilder, Completion, CompletionLogprobs,
     CompletionLogprobsBuilder, FinishReason, ResponseMeta, Usage,
 };
-use crate::api::{parse_chat, parse_completion, ApiError, ErrorCase, Limits};
+use crate::api::{parse_chat, parse_completion, ApiError, ErrorCase, Limits, StreamOptions};
 use crate::chat::parser::{ChatEvent, Reply, ReplyParser};
 use crate::chat::tokenizer::{Tokenizer, Utf8Stream};
 use crate::config::ProfileName;
 use crate::metrics::{Labels, Outcome};
 use crate::pipeline::{Finish, GenRequest, SubmitError};
 use crate::scheduler::Rejected;
-use gptossd_stage::sampler::{Sampler, STOP_TOKENS};
+use gptossd_stage::sampler::{Sampler, SamplingParams, STOP_TOKENS};
 
 use super::generation::{Run, RunEvent, StopMatcher};
 use super::http::{error, json, read_body, sse, sse_data, HttpResponse, SseBody};
@@ -196,26 +196,99 @@ fn failure(message: &str) -> ApiError {
     }
 }
 
+/// The headers and body of an API request, or the response that refuses it (draining, body
+/// too large or too slow).
+async fn read_request(
+    state: &Arc<AppState>,
+    req: Request<Incoming>,
+) -> Result<(HeaderMap, Bytes), HttpResponse> {
+    if state.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        let e = ApiError::new(
+            ErrorCase::Unavailable,
+            "the server is draining and takes no new requests",
+        );
+        return Err(reject(state, None, &e));
+    }
+    let headers = req.headers().clone();
+    let server = state.config.server();
+    match read_body(req, server.max_body_bytes, server.request_timeout).await {
+        Ok(b) => Ok((headers, b)),
+        Err(e) => Err(reject(state, None, &e)),
+    }
+}
+
+fn limits_of(route: &Route<'_>) -> Limits {
+    Limits {
+        profile_max_new_tokens: route.settings.max_new_tokens,
+        context_tokens: route.model.context,
+    }
+}
+
+/// A checked request, ready to submit: what both endpoints have once parsing, routing and the
+/// length limits are done.
+struct Launch<'a> {
+    route: Route<'a>,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    params: SamplingParams,
+    priority: i32,
+    stop: Vec<String>,
+    stream: Option<StreamOptions>,
+    return_ids: bool,
+    id_prefix: &'static str,
+}
+
+/// What a response needs besides the run itself.
+struct Job {
+    meta: ResponseMeta,
+    prompt: Vec<u32>,
+    stop: Vec<String>,
+    logprobs: bool,
+    return_ids: bool,
+    include_usage: bool,
+    tokenizer: Tokenizer,
+}
+
+impl Launch<'_> {
+    /// Submits the generation; returns the run, the response job and whether to stream.
+    fn start(self, state: &Arc<AppState>, arrival: Instant) -> Result<(Run, Job, bool), ApiError> {
+        let sampler = Sampler::new(self.params, self.params.resolved_seed())
+            .map_err(|e| ApiError::invalid_value("temperature", e.to_string()))?;
+        let id = state.new_id(self.id_prefix);
+        let gen = GenRequest {
+            prompt: self.prompt.clone(),
+            max_new_tokens: self.max_tokens,
+            sampler,
+            priority: self.priority,
+            stop_tokens: STOP_TOKENS.to_vec(),
+        };
+        let run = Run::submit(state.clone(), &self.route, id.clone(), gen, arrival)
+            .map_err(submit_error)?;
+        let job = Job {
+            meta: ResponseMeta {
+                id,
+                created: unix_now(),
+                model: self.route.model.name.clone(),
+            },
+            prompt: self.prompt,
+            stop: self.stop,
+            logprobs: self.params.logprobs.is_some(),
+            return_ids: self.return_ids,
+            include_usage: self.stream.is_some_and(|s| s.include_usage),
+            tokenizer: state.tokenizer,
+        };
+        Ok((run, job, self.stream.is_some()))
+    }
+}
+
 // ------------------------------------------------------------------------------------------
 // Chat
 
 pub async fn chat(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse {
     let arrival = Instant::now();
-    if state.draining.load(std::sync::atomic::Ordering::SeqCst) {
-        return reject(
-            &state,
-            None,
-            &ApiError::new(
-                ErrorCase::Unavailable,
-                "the server is draining and takes no new requests",
-            ),
-        );
-    }
-    let headers = req.headers().clone();
-    let server = state.config.server();
-    let body = match read_body(req, server.max_body_bytes, server.request_timeout).await {
-        Ok(b) => b,
-        Err(e) => return reject(&state, None, &e),
+    let (headers, body) = match read_request(&state, req).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
     };
     let today = crate::civil_date(std::time::SystemTime::now());
     let mut parsed = match parse_chat(&body, &today) {
@@ -244,69 +317,32 @@ pub async fn chat(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse 
     let prompt = parsed
         .conversation()
         .render_for_completion(&state.tokenizer);
-    let limits = Limits {
-        profile_max_new_tokens: route.settings.max_new_tokens,
-        context_tokens: route.model.context,
-    };
-    let max_tokens = match parsed.check_limits(prompt.len(), &limits) {
+    let max_tokens = match parsed.check_limits(prompt.len(), &limits_of(&route)) {
         Ok(m) => m,
         Err(e) => return reject(&state, Some(profile), &e),
     };
-    let params = *parsed.sampling();
-    let sampler = match Sampler::new(params, params.resolved_seed()) {
-        Ok(s) => s,
-        Err(e) => {
-            return reject(
-                &state,
-                Some(profile),
-                &ApiError::invalid_value("temperature", e.to_string()),
-            )
-        }
-    };
-    let id = state.new_id("chatcmpl");
-    let gen = GenRequest {
-        prompt: prompt.clone(),
-        max_new_tokens: max_tokens,
-        sampler,
-        priority: parsed.priority(),
-        stop_tokens: STOP_TOKENS.to_vec(),
-    };
-    let run = match Run::submit(state.clone(), &route, id.clone(), gen, arrival) {
-        Ok(r) => r,
-        Err(e) => return reject(&state, Some(profile), &submit_error(e)),
-    };
-    let job = ChatJob {
-        meta: ResponseMeta {
-            id,
-            created: unix_now(),
-            model: route.model.name.clone(),
-        },
+    let launch = Launch {
+        route,
         prompt,
+        max_tokens,
+        params: *parsed.sampling(),
+        priority: parsed.priority(),
         stop: parsed.stop().to_vec(),
-        logprobs: params.logprobs.is_some(),
+        stream: parsed.stream(),
         return_ids: parsed.return_token_ids(),
-        include_usage: parsed.stream().is_some_and(|s| s.include_usage),
-        tokenizer: state.tokenizer,
+        id_prefix: "chatcmpl",
     };
-    if parsed.stream().is_some() {
-        let (tx, body) = SseBody::channel();
-        let mut resp = sse(body);
-        tag_headers(&mut resp, &run);
-        tokio::spawn(stream_chat(run, job, tx));
-        resp
-    } else {
-        whole_chat(run, job).await
+    match launch.start(&state, arrival) {
+        Err(e) => reject(&state, Some(profile), &e),
+        Ok((run, job, true)) => {
+            let (tx, body) = SseBody::channel();
+            let mut resp = sse(body);
+            tag_headers(&mut resp, &run);
+            tokio::spawn(stream_chat(run, job, tx));
+            resp
+        }
+        Ok((run, job, false)) => whole_chat(run, job).await,
     }
-}
-
-struct ChatJob {
-    meta: ResponseMeta,
-    prompt: Vec<u32>,
-    stop: Vec<String>,
-    logprobs: bool,
-    return_ids: bool,
-    include_usage: bool,
-    tokenizer: Tokenizer,
 }
 
 /// Passes content text through the stop matcher; returns the events to show and whether a
@@ -346,7 +382,7 @@ fn chat_finish(
     }
 }
 
-async fn whole_chat(mut run: Run, job: ChatJob) -> HttpResponse {
+async fn whole_chat(mut run: Run, job: Job) -> HttpResponse {
     let mut parser = ReplyParser::new(job.tokenizer);
     let mut stops = StopMatcher::new(job.stop.clone());
     let mut reply = Reply::default();
@@ -446,7 +482,7 @@ async fn next_or_keepalive(
     }
 }
 
-async fn stream_chat(mut run: Run, job: ChatJob, tx: tokio::sync::mpsc::Sender<Bytes>) {
+async fn stream_chat(mut run: Run, job: Job, tx: tokio::sync::mpsc::Sender<Bytes>) {
     let builder = ChunkBuilder::new(job.meta.clone());
     let mut first = builder.role();
     if job.return_ids {
@@ -555,21 +591,9 @@ async fn stream_chat(mut run: Run, job: ChatJob, tx: tokio::sync::mpsc::Sender<B
 
 pub async fn completions(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse {
     let arrival = Instant::now();
-    if state.draining.load(std::sync::atomic::Ordering::SeqCst) {
-        return reject(
-            &state,
-            None,
-            &ApiError::new(
-                ErrorCase::Unavailable,
-                "the server is draining and takes no new requests",
-            ),
-        );
-    }
-    let headers = req.headers().clone();
-    let server = state.config.server();
-    let body = match read_body(req, server.max_body_bytes, server.request_timeout).await {
-        Ok(b) => b,
-        Err(e) => return reject(&state, None, &e),
+    let (headers, body) = match read_request(&state, req).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
     };
     let parsed = match parse_completion(&body, &state.tokenizer) {
         Ok(p) => p,
@@ -590,86 +614,44 @@ pub async fn completions(state: Arc<AppState>, req: Request<Incoming>) -> HttpRe
         Ok(r) => r,
         Err(e) => return reject(&state, Some(profile), &e),
     };
+    let vocab = route.model.vocab;
     if let Some((i, &t)) = prompt
         .iter()
         .enumerate()
-        .find(|(_, &t)| t as usize >= route.model.vocab)
+        .find(|(_, &t)| t as usize >= vocab)
     {
-        return reject(
-            &state,
-            Some(profile),
-            &ApiError::invalid_value(
-                format!("prompt[{i}]"),
-                format!(
-                    "token id {t} at index {i} is outside the vocabulary (ids < {})",
-                    route.model.vocab
-                ),
-            ),
+        let e = ApiError::invalid_value(
+            format!("prompt[{i}]"),
+            format!("token id {t} at index {i} is outside the vocabulary (ids < {vocab})"),
         );
+        return reject(&state, Some(profile), &e);
     }
-    let limits = Limits {
-        profile_max_new_tokens: route.settings.max_new_tokens,
-        context_tokens: route.model.context,
-    };
-    let max_tokens = match parsed.check_limits(&limits) {
+    let max_tokens = match parsed.check_limits(&limits_of(&route)) {
         Ok(m) => m,
         Err(e) => return reject(&state, Some(profile), &e),
     };
-    let params = *parsed.sampling();
-    let sampler = match Sampler::new(params, params.resolved_seed()) {
-        Ok(s) => s,
-        Err(e) => {
-            return reject(
-                &state,
-                Some(profile),
-                &ApiError::invalid_value("temperature", e.to_string()),
-            )
-        }
-    };
-    let id = state.new_id("cmpl");
-    let gen = GenRequest {
-        prompt: prompt.clone(),
-        max_new_tokens: max_tokens,
-        sampler,
-        priority: parsed.priority(),
-        stop_tokens: STOP_TOKENS.to_vec(),
-    };
-    let run = match Run::submit(state.clone(), &route, id.clone(), gen, arrival) {
-        Ok(r) => r,
-        Err(e) => return reject(&state, Some(profile), &submit_error(e)),
-    };
-    let job = CompletionJob {
-        meta: ResponseMeta {
-            id,
-            created: unix_now(),
-            model: route.model.name.clone(),
-        },
+    let launch = Launch {
+        route,
         prompt,
+        max_tokens,
+        params: *parsed.sampling(),
+        priority: parsed.priority(),
         stop: parsed.stop().to_vec(),
-        logprobs: params.logprobs.is_some(),
+        stream: parsed.stream(),
         return_ids: parsed.return_token_ids(),
-        include_usage: parsed.stream().is_some_and(|s| s.include_usage),
-        tokenizer: state.tokenizer,
+        id_prefix: "cmpl",
     };
-    if parsed.stream().is_some() {
-        let (tx, body) = SseBody::channel();
-        let mut resp = sse(body);
-        tag_headers(&mut resp, &run);
-        tokio::spawn(stream_completion(run, job, tx));
-        resp
-    } else {
-        whole_completion(run, job).await
+    match launch.start(&state, arrival) {
+        Err(e) => reject(&state, Some(profile), &e),
+        Ok((run, job, true)) => {
+            let (tx, body) = SseBody::channel();
+            let mut resp = sse(body);
+            tag_headers(&mut resp, &run);
+            tokio::spawn(stream_completion(run, job, tx));
+            resp
+        }
+        Ok((run, job, false)) => whole_completion(run, job).await,
     }
-}
-
-struct CompletionJob {
-    meta: ResponseMeta,
-    prompt: Vec<u32>,
-    stop: Vec<String>,
-    logprobs: bool,
-    return_ids: bool,
-    include_usage: bool,
-    tokenizer: Tokenizer,
 }
 
 /// The text a token adds (special tokens add none).
@@ -692,7 +674,7 @@ fn completion_finish(finish: Option<Finish>, stopped: bool) -> (FinishReason, &'
     }
 }
 
-async fn whole_completion(mut run: Run, job: CompletionJob) -> HttpResponse {
+async fn whole_completion(mut run: Run, job: Job) -> HttpResponse {
     let mut utf8 = Utf8Stream::new();
     let mut stops = StopMatcher::new(job.stop.clone());
     let mut text = String::new();
@@ -751,7 +733,7 @@ async fn whole_completion(mut run: Run, job: CompletionJob) -> HttpResponse {
     resp
 }
 
-async fn stream_completion(mut run: Run, job: CompletionJob, tx: tokio::sync::mpsc::Sender<Bytes>) {
+async fn stream_completion(mut run: Run, job: Job, tx: tokio::sync::mpsc::Sender<Bytes>) {
     let mut utf8 = Utf8Stream::new();
     let mut stops = StopMatcher::new(job.stop.clone());
     let mut lp_builder = CompletionLogprobsBuilder::new();
