@@ -33,8 +33,8 @@ pub struct BenchArgs {
     /// Batch sizes, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     pub batch: Vec<usize>,
-    /// Run through S stage worker processes (the pipeline) instead of in this process. With a
-    /// pipeline, `--threads` is the total, split over the stages.
+    /// Run through S stage worker processes (the pipeline) instead of in this process. Each
+    /// stage gets `--threads` threads (the daemon's default: stages take turns on a sequence).
     #[arg(long)]
     pub stages: Option<usize>,
     /// With --stages: kill -9 this stage once decoding runs, and report the time from the kill
@@ -230,7 +230,8 @@ fn run_pipeline(args: &BenchArgs, stages: usize) -> anyhow::Result<()> {
     use gptossd_stage::sampler::{Sampler, SamplingParams};
 
     let mut opts = LaunchOptions::new(&args.model, stages);
-    opts.threads_per_stage = Some((args.threads / stages).max(1));
+    // Every stage gets all the threads: one sequence visits the stages in turn.
+    opts.threads_per_stage = Some(args.threads.max(1));
     let max_batch = args.batch.iter().copied().max().unwrap_or(1);
     opts.max_batch_seqs = max_batch.max(1);
     opts.kv_cache_tokens = (args.prompt_len + args.gen + 16) * (max_batch + 1);
