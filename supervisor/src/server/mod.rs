@@ -148,7 +148,7 @@ pub async fn serve(config: Config, models: Vec<ModelEntry>) -> Result<(), ServeE
     }
 
     tokio::spawn(report_readiness(state.clone()));
-    tokio::spawn(accept_http(listener, state.clone(), shutdown.clone()));
+    tokio::spawn(accept_http(listener, state.clone()));
     tokio::spawn(accept_control(control, state.clone(), shutdown.clone()));
     tokio::spawn(watch_signals(state.clone(), shutdown.clone()));
 
@@ -228,23 +228,17 @@ async fn watch_signals(state: Arc<AppState>, shutdown: Arc<Shutdown>) {
     }
 }
 
-async fn accept_http(
-    listener: tokio::net::TcpListener,
-    state: Arc<AppState>,
-    shutdown: Arc<Shutdown>,
-) {
+async fn accept_http(listener: tokio::net::TcpListener, state: Arc<AppState>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let state = state.clone();
-        let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let timeout = state.config.server().request_timeout;
             let service = service_fn(move |req| {
                 let state = state.clone();
-                let shutdown = shutdown.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(state, shutdown, req).await) }
+                async move { Ok::<_, std::convert::Infallible>(route(state, req).await) }
             });
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -282,11 +276,7 @@ async fn accept_control(
 }
 
 /// The TCP API's routes.
-async fn route(
-    state: Arc<AppState>,
-    _shutdown: Arc<Shutdown>,
-    req: Request<Incoming>,
-) -> HttpResponse {
+async fn route(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
