@@ -204,10 +204,25 @@ fn gemv_mxfp4(pool: &ThreadPool, mats: &[Mx], x: &[f32], out: &mut [f32]) -> Str
     .rate(bytes as f64, "GB/s")
 }
 
+/// "Avx512, 2 thread(s)".
+fn label(pool: &ThreadPool) -> String {
+    format!("{:?}, {} thread(s)", pool.isa(), pool.threads())
+}
+
 fn main() {
     let isa = Isa::detect();
     let threads = [1, 2];
-    let pools: Vec<ThreadPool> = threads.iter().map(|&t| ThreadPool::new(t)).collect();
+    // The detected instruction set, and AVX2 as well where that is not it (the ratio between
+    // the two is what the AVX-512 kernels buy).
+    let mut isas = vec![isa];
+    if isa > Isa::Avx2Fma {
+        isas.push(Isa::Avx2Fma);
+    }
+    let pools: Vec<ThreadPool> = isas
+        .iter()
+        .flat_map(|&i| threads.iter().map(move |&t| (i, t)))
+        .map(|(i, t)| ThreadPool::try_new(t, i).expect("spawn"))
+        .collect();
     println!("gptossd CPU kernels, ISA {isa:?}; figures: median [best]");
     let mut rng = Rng(42);
 
@@ -236,9 +251,9 @@ fn main() {
             black_box(&out);
         });
         println!(
-            "GEMV bf16 [{rows} x {k}] ({:.2} GB), {} thread(s): {}; {:.1} ms",
+            "GEMV bf16 [{rows} x {k}] ({:.2} GB), {}: {}; {:.1} ms",
             bytes / 1e9,
-            pool.threads(),
+            label(pool),
             t.rate(bytes, "GB/s"),
             t.median * 1e3
         );
@@ -254,8 +269,8 @@ fn main() {
         for pool in &pools {
             let rate = gemv_mxfp4(pool, &mats, &x, &mut out);
             println!(
-                "GEMV MXFP4 [{rows} x {k}] x {copies} copies ({mb:.0} MB), {} thread(s): {rate}",
-                pool.threads()
+                "GEMV MXFP4 [{rows} x {k}] x {copies} copies ({mb:.0} MB), {}: {rate}",
+                label(pool)
             );
         }
         if isa != Isa::Portable && rows == 2880 {
@@ -278,8 +293,8 @@ fn main() {
                 black_box(&out);
             });
             println!(
-                "GEMM MXFP4 [5760 x 2880], n {n}, {} thread(s): {}",
-                pool.threads(),
+                "GEMM MXFP4 [5760 x 2880], n {n}, {}: {}",
+                label(pool),
                 t.rate(flops, "GFLOP/s")
             );
             let flops = 2.0 * (n * 4096 * 2880) as f64;
@@ -293,8 +308,8 @@ fn main() {
                 black_box(&out);
             });
             println!(
-                "GEMM bf16  [4096 x 2880], n {n}, {} thread(s): {}",
-                pool.threads(),
+                "GEMM bf16  [4096 x 2880], n {n}, {}: {}",
+                label(pool),
                 t.rate(flops, "GFLOP/s")
             );
         }

@@ -16,18 +16,19 @@
 //! 4. `out = s + bias_r` in f32 when there is a bias, else `s`.
 //!
 //! So an MXFP4 product equals, bit for bit, the bf16 product with the dequantized matrix, and
-//! the portable path equals the AVX2 path. Activations are never quantized.
+//! the portable path equals the AVX2 and AVX-512 paths. Activations are never quantized.
 //!
-//! # Variants (speed only; AVX2 path, see `avx2.rs`)
-//! - `n < PANEL_MIN_N` (8): weights are decoded in registers and each decoded vector serves a
-//!   tile of up to 4 tokens (GEMV at the memory bandwidth for decode).
-//! - `n ≥ PANEL_MIN_N`: blocks of 32 rows × 256 k are decoded once into an f32 panel on the
+//! # Variants (speed only; x86 paths, see `x86.rs`)
+//! - Small batches (`n` < 8 with AVX2, < 16 with AVX-512): weights are decoded in registers
+//!   and each decoded vector serves a tile of up to 4 (AVX2) or 8 (AVX-512) tokens (GEMV at
+//!   the memory bandwidth for decode).
+//! - Larger batches: blocks of 32 rows × 256 k are decoded once into an f32 panel on the
 //!   stack, then a 4-row × 3-token register tile runs over it for every token of a block of
 //!   ≤ 60 tokens; the accumulators live in a stack buffer between k chunks (storing and
 //!   reloading an f32 does not change it, so the order above is kept).
 //!
 //! The portable path computes the same steps with `f32::mul_add` on `[f32; 8]` lanes (slow:
-//! a fallback, and the reference the AVX2 path is tested against bit for bit).
+//! a fallback, and the reference the x86 paths are tested against bit for bit).
 //!
 //! Rows are split over the pool's threads in contiguous chunks of multiples of 32 rows; small
 //! products run inline on the caller. Nothing is allocated per call.
@@ -122,8 +123,6 @@ pub fn matmul_mxfp4(
     run(pool, &p, weights);
 }
 
-/// Batches at least this large use the panel kernels.
-pub(super) const PANEL_MIN_N: usize = 8;
 /// Products smaller than this many multiply-adds run inline on the caller (a wake-up costs
 /// ~10 µs here).
 const INLINE_WORK: usize = 1 << 18;
@@ -255,7 +254,10 @@ fn run(pool: &ThreadPool, p: &Problem<'_>, w: Weights<'_>) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the pool only reports `Avx2Fma` when the CPU has AVX2 and FMA; the rows are
         // in bounds and owned by this task (see `Problem::store`).
-        Isa::Avx2Fma => unsafe { super::avx2::rows(p, w, r0, r1) },
+        Isa::Avx2Fma => unsafe { super::x86::avx2::rows(p, w, r0, r1) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, for AVX-512 F + VL (with AVX2 + FMA).
+        Isa::Avx512 => unsafe { super::x86::avx512::rows(p, w, r0, r1) },
         _ => super::portable::rows(p, w, r0, r1),
     };
     let blocks = p.rows.div_ceil(ROW_ALIGN);

@@ -10,10 +10,10 @@
 //! - **Exact weights.** bf16 and MXFP4 weights are decoded to f32 exactly; activations are never
 //!   quantized; products accumulate in f32 with fused multiply-add.
 //! - **One binary everywhere.** The instruction set is detected at run time; the AVX2 + FMA path
-//!   and the portable path produce identical bits.
+//!   path, the AVX-512 path and the portable path produce identical bits.
 
 #[cfg(target_arch = "x86_64")]
-mod avx2;
+mod x86;
 pub mod kernels;
 pub mod pool;
 mod portable;
@@ -26,21 +26,38 @@ pub use pool::ThreadPool;
 
 /// The instruction set the kernels run with. Every choice gives bit-identical results; only the
 /// speed differs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     /// Plain Rust (`f32::mul_add`), for any CPU.
     Portable,
     /// x86-64 AVX2 + FMA.
     Avx2Fma,
+    /// x86-64 AVX-512 F + VL, with AVX2 + FMA.
+    Avx512,
 }
 
 impl Isa {
-    /// The fastest instruction set this CPU supports.
+    /// The fastest instruction set this CPU supports, capped by the environment variable
+    /// [`ISA_ENV`] when it names one (`portable`, `avx2` or `avx512`): a way to run, measure or
+    /// debug a slower path on a faster CPU. An unknown name is ignored.
     pub fn detect() -> Isa {
-        if Isa::Avx2Fma.is_available() {
-            Isa::Avx2Fma
-        } else {
-            Isa::Portable
+        let cap = std::env::var(ISA_ENV)
+            .ok()
+            .and_then(|name| Isa::from_name(&name))
+            .unwrap_or(Isa::Avx512);
+        [Isa::Avx512, Isa::Avx2Fma]
+            .into_iter()
+            .find(|&isa| isa <= cap && isa.is_available())
+            .unwrap_or(Isa::Portable)
+    }
+
+    /// The instruction set a name given to [`ISA_ENV`] stands for.
+    pub fn from_name(name: &str) -> Option<Isa> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "portable" => Some(Isa::Portable),
+            "avx2" => Some(Isa::Avx2Fma),
+            "avx512" => Some(Isa::Avx512),
+            _ => None,
         }
     }
 
@@ -49,16 +66,30 @@ impl Isa {
         match self {
             Isa::Portable => true,
             Isa::Avx2Fma => avx2_fma_detected(),
+            Isa::Avx512 => avx2_fma_detected() && avx512_detected(),
         }
     }
 }
+
+/// The environment variable that caps [`Isa::detect`].
+pub const ISA_ENV: &str = "GPTOSSD_CPU_ISA";
 
 #[cfg(target_arch = "x86_64")]
 fn avx2_fma_detected() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
+#[cfg(target_arch = "x86_64")]
+fn avx512_detected() -> bool {
+    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl")
+}
+
 #[cfg(not(target_arch = "x86_64"))]
 fn avx2_fma_detected() -> bool {
+    false
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx512_detected() -> bool {
     false
 }

@@ -164,13 +164,20 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|f| f.to_bits()).collect()
 }
 
-/// Pools to test with: the detected ISA and, if that is not it, the portable path.
+/// Every instruction set this CPU can run, fastest first.
+fn available_isas() -> Vec<Isa> {
+    [Isa::Avx512, Isa::Avx2Fma, Isa::Portable]
+        .into_iter()
+        .filter(|isa| isa.is_available())
+        .collect()
+}
+
+/// Pools to test with: one per available instruction set.
 fn pools(threads: usize) -> Vec<ThreadPool> {
-    let mut v = vec![ThreadPool::new(threads)];
-    if Isa::detect() != Isa::Portable {
-        v.push(ThreadPool::try_new(threads, Isa::Portable).expect("spawn"));
-    }
-    v
+    available_isas()
+        .into_iter()
+        .map(|isa| ThreadPool::try_new(threads, isa).expect("spawn"))
+        .collect()
 }
 
 /// The matrices the invariance tests run over: both formats, tiny and real k, row counts that
@@ -347,27 +354,35 @@ fn thread_count_invariance() {
 }
 
 #[test]
-fn avx2_matches_portable_bit_for_bit() {
-    if Isa::detect() == Isa::Portable {
-        eprintln!("no AVX2 + FMA here: nothing to compare");
-        return;
-    }
-    let fast = ThreadPool::new(2);
+fn every_isa_matches_portable_bit_for_bit() {
     let slow = ThreadPool::try_new(2, Isa::Portable).expect("spawn");
     assert_eq!(slow.isa(), Isa::Portable);
+    let fast: Vec<ThreadPool> = available_isas()
+        .into_iter()
+        .filter(|&isa| isa != Isa::Portable)
+        .map(|isa| ThreadPool::try_new(2, isa).expect("spawn"))
+        .collect();
+    if fast.is_empty() {
+        eprintln!("no SIMD instruction set here: nothing to compare");
+        return;
+    }
     let mut rng = Rng(5);
     for m in matrices(&mut rng) {
         for n in [1, 2, 4, 5, 8, 13, 64] {
             let x = rng.activations(n * m.k());
             let bias = rng.bf16(m.rows(), 0);
             for b in [None, Some(&bias[..])] {
-                assert_eq!(
-                    bits(&m.matmul(&fast, &x, n, b)),
-                    bits(&m.matmul(&slow, &x, n, b)),
-                    "rows {} k {} n {n}",
-                    m.rows(),
-                    m.k()
-                );
+                let want = bits(&m.matmul(&slow, &x, n, b));
+                for pool in &fast {
+                    assert_eq!(
+                        bits(&m.matmul(pool, &x, n, b)),
+                        want,
+                        "{:?}: rows {} k {} n {n}",
+                        pool.isa(),
+                        m.rows(),
+                        m.k()
+                    );
+                }
             }
         }
     }

@@ -13,9 +13,9 @@ pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma {
-        // SAFETY: `Isa::Avx2Fma` is only ever selected when the CPU reports AVX2 and FMA
-        // (`Isa::is_available`); the slices have equal length.
+    if isa >= Isa::Avx2Fma {
+        // SAFETY: `Isa::Avx2Fma` and `Isa::Avx512` are only ever selected when the CPU reports
+        // AVX2 and FMA (`Isa::is_available`); the slices have equal length.
         return unsafe { avx2::dot(a, b) };
     }
     let _ = isa;
@@ -27,7 +27,7 @@ pub fn axpy(isa: Isa, alpha: f32, x: &[f32], y: &mut [f32]) {
     let n = x.len().min(y.len());
     let (x, y) = (&x[..n], &mut y[..n]);
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma {
+    if isa >= Isa::Avx2Fma {
         // SAFETY: as in `dot`: AVX2 and FMA are present; equal lengths.
         unsafe { avx2::axpy(alpha, x, y) };
         return;

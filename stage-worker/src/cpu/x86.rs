@@ -1,0 +1,733 @@
+//! x86-64 SIMD kernels, detected at run time: AVX2 + FMA, and the same kernels compiled with
+//! AVX-512 F + VL (32 vector registers, a cheaper MXFP4 decoder). Both are stamped out of one
+//! source by [`simd_kernels!`] so that every function, and every weight decoder inlined into
+//! it, carries the same target features.
+//!
+//! Each output element owns one `__m256` accumulator whose lane `j` takes the products of
+//! `k ≡ j (mod 8)` in increasing `k` with `_mm256_fmadd_ps`; the `k % 8` tail is added lane by
+//! lane with scalar `mul_add`, and the lanes are summed by [`Problem::store`]. That is the
+//! contract of [`kernels`](super::kernels) exactly, whatever the tile shape or the instruction
+//! set, so every variant below gives the same bits as the portable path. (AVX-512 is used for
+//! its instructions and registers, never for 16-lane accumulators: those would change the
+//! reduction order.)
+//!
+//! Decoding, in registers, 8 weights at a time:
+//! - bf16: `vpmovzxwd` then shift left by 16.
+//! - MXFP4: the 4 bytes holding elements `8j..8j+8` of a block are broadcast to all lanes
+//!   (inside a little-endian word, nibble `i` is element `8j+i`: the checkpoint's low-then-high
+//!   nibble order is the natural order, so neither weights nor activations are permuted), and
+//!   `vpsrlvd` by `4i` brings nibble `i` to bits 0..4. AVX2 ([`Mxfp4Avx2`]): its low three
+//!   bits index (`vpermps`) an 8-entry magnitude table already multiplied by the block's scale
+//!   (exact), and `vpsllvd` by `28 − 4i` brings the sign bit to bit 31, applied with a xor.
+//!   AVX-512 ([`Mxfp4Avx512`]): all four bits index a 16-entry table (`vpermt2ps`).
+//!
+//! Kernels:
+//! - `n < panel_min_n` (decode; 8 with AVX2, 16 with AVX-512): tiles of 8 rows × 1 token,
+//!   4 × 2, or 2 × 3 up to 2 × `max_tile_tokens` (4 with AVX2's 16 registers, 8 with AVX-512's
+//!   32), over the whole of `k`, rows in chunks of 32 so that a chunk fetched for the first token tile is in cache
+//!   for the others. Each tile prefetches the same group of the rows one tile below, which
+//!   keeps the DRAM stream ahead of the (decode-bound) arithmetic.
+//! - `n ≥ panel_min_n` (prefill): see `panel`; the next panel's weights are prefetched while
+//!   the current one is in use.
+
+use std::arch::x86_64::*;
+
+use super::kernels::{bf16_to_f32, mxfp4_value, Problem, Weights, MAG, SCALES};
+
+/// A weight matrix that decodes to exact f32 vectors of 8.
+trait AvxWeights: Copy {
+    /// What one 32-element group of one row needs (a pointer, a scaled table).
+    type Group: Copy;
+
+    /// Group `g` (elements `32g..32g+32`, possibly fewer at the end of a bf16 row) of `row`.
+    ///
+    /// # Safety
+    /// AVX2 + FMA; `row < rows`, `32g < k`.
+    unsafe fn group(self, row: usize, g: usize) -> Self::Group;
+
+    /// Elements `32g+8j..32g+8j+8` of that group.
+    ///
+    /// # Safety
+    /// AVX2 + FMA; `32g + 8j + 8 ≤ k`.
+    unsafe fn vec(self, grp: Self::Group, j: usize) -> __m256;
+
+    /// Hints the cache about the weights some way ahead of group `g` of `row` (GEMV).
+    ///
+    /// # Safety
+    /// AVX2 + FMA (the address need not be valid: prefetches never fault).
+    unsafe fn prefetch(self, row: usize, g: usize);
+
+    /// Hints the cache about elements `k0..k0+len` of `row` (panel GEMM).
+    ///
+    /// # Safety
+    /// AVX2 + FMA (the addresses need not be valid).
+    unsafe fn prefetch_span(self, row: usize, k0: usize, len: usize);
+}
+
+#[derive(Clone, Copy)]
+struct Bf16W {
+    ptr: *const u16,
+    k: usize,
+}
+
+impl AvxWeights for Bf16W {
+    type Group = *const u16;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn group(self, row: usize, g: usize) -> *const u16 {
+        // SAFETY: in bounds by the caller's contract.
+        unsafe { self.ptr.add(row * self.k + 32 * g) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn vec(self, grp: *const u16, j: usize) -> __m256 {
+        // SAFETY: 8 values in bounds by the caller's contract; unaligned load.
+        let h = unsafe { _mm_loadu_si128(grp.add(8 * j) as *const __m128i) };
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn prefetch(self, row: usize, g: usize) {
+        let p = self.ptr.wrapping_add(row * self.k + 32 * g) as *const i8;
+        _mm_prefetch::<_MM_HINT_T0>(p);
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn prefetch_span(self, row: usize, k0: usize, len: usize) {
+        let p = self.ptr.wrapping_add(row * self.k + k0) as *const i8;
+        for off in (0..2 * len).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off));
+        }
+    }
+}
+
+/// Where an MXFP4 matrix lives: packed blocks, E8M0 scales, and the row length.
+#[derive(Clone, Copy)]
+struct Mxfp4Ptrs {
+    blocks: *const u8,
+    scales: *const u8,
+    k: usize,
+}
+
+impl Mxfp4Ptrs {
+    /// Block `g` of `row`: its scale as an f32 factor, and its 16 bytes.
+    ///
+    /// # Safety
+    /// `row < rows`, `32g < k` (k is a multiple of 32 for MXFP4).
+    #[inline(always)]
+    unsafe fn block(self, row: usize, g: usize) -> (f32, *const u8) {
+        // SAFETY: in bounds by the caller's contract.
+        unsafe {
+            let s = *self.scales.add(row * self.k / 32 + g);
+            (SCALES[s as usize], self.blocks.add(row * self.k / 2 + 16 * g))
+        }
+    }
+
+    /// The 4 bytes holding elements `8j..8j+8` of a block, as a little-endian word.
+    ///
+    /// # Safety
+    /// `blk` points at a 16-byte block and `j < 4`.
+    #[inline(always)]
+    unsafe fn word(blk: *const u8, j: usize) -> i32 {
+        // SAFETY: bytes 4j..4j+4 of the 16-byte block; unaligned read.
+        unsafe { (blk.add(4 * j) as *const i32).read_unaligned() }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn prefetch(self, row: usize, g: usize) {
+        if g % 4 == 0 {
+            let p = self.blocks.wrapping_add(row * self.k / 2 + 16 * g) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(p);
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn prefetch_span(self, row: usize, k0: usize, len: usize) {
+        let p = self.blocks.wrapping_add((row * self.k + k0) / 2) as *const i8;
+        for off in (0..len / 2).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off));
+        }
+    }
+}
+
+/// MXFP4 decoded with AVX2: an 8-entry magnitude table (`vpermps`) and the sign bit moved into
+/// place with shifts.
+#[derive(Clone, Copy)]
+struct Mxfp4Avx2(Mxfp4Ptrs);
+
+impl AvxWeights for Mxfp4Avx2 {
+    /// The magnitude table times the block scale, and the block's 16 bytes.
+    type Group = (__m256, *const u8);
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn group(self, row: usize, g: usize) -> (__m256, *const u8) {
+        // SAFETY: forwarded from the caller's contract.
+        let (scale, blk) = unsafe { self.0.block(row, g) };
+        // SAFETY: MAG has 8 f32.
+        let mag = unsafe { _mm256_loadu_ps(MAG.as_ptr()) };
+        (_mm256_mul_ps(mag, _mm256_set1_ps(scale)), blk)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn vec(self, (table, blk): (__m256, *const u8), j: usize) -> __m256 {
+        // SAFETY: j < 4 by the caller's contract.
+        let wd = _mm256_set1_epi32(unsafe { Mxfp4Ptrs::word(blk, j) });
+        let sh = _mm256_sllv_epi32(wd, _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0));
+        let idx = _mm256_srlv_epi32(wd, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
+        let mag = _mm256_permutevar8x32_ps(table, idx);
+        let sign = _mm256_and_si256(sh, _mm256_set1_epi32(i32::MIN));
+        _mm256_xor_ps(mag, _mm256_castsi256_ps(sign))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn prefetch(self, row: usize, g: usize) {
+        // SAFETY: a cache hint.
+        unsafe { self.0.prefetch(row, g) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn prefetch_span(self, row: usize, k0: usize, len: usize) {
+        // SAFETY: a cache hint.
+        unsafe { self.0.prefetch_span(row, k0, len) }
+    }
+}
+
+/// MXFP4 decoded with AVX-512 VL: `vpermt2ps` indexes a 16-entry table (the 8 scaled
+/// magnitudes, then the same with the sign bit set) by a nibble's four bits directly, so a
+/// vector of 8 weights costs one shift and one permute.
+#[derive(Clone, Copy)]
+struct Mxfp4Avx512(Mxfp4Ptrs);
+
+impl AvxWeights for Mxfp4Avx512 {
+    /// The positive and negative halves of the scaled table, and the block's 16 bytes.
+    type Group = (__m256, __m256, *const u8);
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    unsafe fn group(self, row: usize, g: usize) -> (__m256, __m256, *const u8) {
+        // SAFETY: forwarded from the caller's contract.
+        let (scale, blk) = unsafe { self.0.block(row, g) };
+        // SAFETY: MAG has 8 f32.
+        let mag = unsafe { _mm256_loadu_ps(MAG.as_ptr()) };
+        let pos = _mm256_mul_ps(mag, _mm256_set1_ps(scale));
+        let neg = _mm256_xor_ps(pos, _mm256_set1_ps(-0.0));
+        (pos, neg, blk)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    unsafe fn vec(self, (pos, neg, blk): (__m256, __m256, *const u8), j: usize) -> __m256 {
+        // SAFETY: j < 4 by the caller's contract.
+        let wd = _mm256_set1_epi32(unsafe { Mxfp4Ptrs::word(blk, j) });
+        // Lane i gets nibble i in bits 0..4; vpermt2ps reads bits 0..3 (bit 3, the sign,
+        // picks `neg`) and ignores the rest.
+        let idx = _mm256_srlv_epi32(wd, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
+        _mm256_permutex2var_ps(pos, idx, neg)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    unsafe fn prefetch(self, row: usize, g: usize) {
+        // SAFETY: a cache hint.
+        unsafe { self.0.prefetch(row, g) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    unsafe fn prefetch_span(self, row: usize, k0: usize, len: usize) {
+        // SAFETY: a cache hint.
+        unsafe { self.0.prefetch_span(row, k0, len) }
+    }
+}
+
+/// The kernels, stamped out once per instruction-set level so that every function (and every
+/// weight decoder inlined into it) is compiled with the same target features.
+macro_rules! simd_kernels {
+    ($features:literal, $mxfp4:ident, $panel_min_n:literal, $max_tile_tokens:literal) => {
+        use super::*;
+
+        /// Batches at least this large use the panel kernels.
+        const PANEL_MIN_N: usize = $panel_min_n;
+        /// The most tokens one register-decode tile serves.
+        const MAX_TILE_TOKENS: usize = $max_tile_tokens;
+
+        /// Computes output rows `r0..r1` for every token.
+        ///
+        /// # Safety
+        /// The CPU must support AVX2 and FMA; `r0 ≤ r1 ≤ p.rows`; the weights match `p`'s shapes
+        /// (checked by the public entry points); no other thread writes rows `r0..r1` meanwhile.
+        #[target_feature(enable = $features)]
+        pub(in crate::cpu) unsafe fn rows(p: &Problem<'_>, w: Weights<'_>, r0: usize, r1: usize) {
+            debug_assert!(r0 <= r1 && r1 <= p.rows);
+            match w {
+                Weights::Bf16(bits) => {
+                    let w = Bf16W {
+                        ptr: bits.as_ptr(),
+                        k: p.k,
+                    };
+                    // SAFETY: forwarded from this function's contract; the pointer covers `rows × k`
+                    // values (checked by `matmul_bf16`).
+                    unsafe { rows_with(p, w, r0, r1, |r, k| bf16_to_f32(bits[r * p.k + k])) }
+                }
+                Weights::Mxfp4 { blocks, scales } => {
+                    let w = $mxfp4(Mxfp4Ptrs {
+                        blocks: blocks.as_ptr(),
+                        scales: scales.as_ptr(),
+                        k: p.k,
+                    });
+                    let scalar = |r: usize, k: usize| {
+                        mxfp4_value(&blocks[r * p.k / 2..], &scales[r * p.k / 32..], k)
+                    };
+                    // SAFETY: forwarded from this function's contract; the pointers cover `rows × k/2`
+                    // and `rows × k/32` bytes (checked by `matmul_mxfp4`).
+                    unsafe { rows_with(p, w, r0, r1, scalar) }
+                }
+            }
+        }
+
+
+        /// Dispatches to the register-decode or the panel kernels.
+        ///
+        /// # Safety
+        /// As [`rows`]; `w` covers the matrix of `p`, `scalar(r, k)` decodes element `k` of row `r`.
+        #[target_feature(enable = $features)]
+        unsafe fn rows_with<W: AvxWeights>(
+            p: &Problem<'_>,
+            w: W,
+            r0: usize,
+            r1: usize,
+            scalar: impl Fn(usize, usize) -> f32,
+        ) {
+            // SAFETY: forwarded from this function's contract (that of `rows`).
+            unsafe {
+                if p.n < PANEL_MIN_N {
+                    direct(p, w, r0, r1, &scalar);
+                } else {
+                    panel(p, w, r0, r1, &scalar);
+                }
+            }
+        }
+
+        // ---------------------------------------------------------------------------------------------
+        // Register decode: small batches.
+
+        /// Rows per chunk of the register-decode kernels.
+        const DIRECT_ROWS: usize = 32;
+        /// k per chunk of the register-decode kernels for tiles of 3 tokens or more, whose x
+        /// rows would not otherwise stay in the 32 KB L1 cache (a multiple of 32).
+        const DIRECT_KC: usize = 512;
+
+        /// The register-decode accumulators of one row chunk between k chunks:
+        /// `acc[(r·T + t)·8 + lane]` for row `r` of the chunk and token `t` of the tile.
+        #[repr(C, align(64))]
+        struct DirectAcc([f32; DIRECT_ROWS * MAX_TILE_TOKENS * 8]);
+
+        /// Small batches: tiles of rows × tokens, weights decoded in registers once per tile.
+        ///
+        /// # Safety
+        /// As [`rows_with`].
+        #[target_feature(enable = $features)]
+        unsafe fn direct<W: AvxWeights>(
+            p: &Problem<'_>,
+            w: W,
+            r0: usize,
+            r1: usize,
+            scalar: &impl Fn(usize, usize) -> f32,
+        ) {
+            let k = p.k;
+            let steps = k / 8;
+            let mut abuf = DirectAcc([0.0; DIRECT_ROWS * MAX_TILE_TOKENS * 8]);
+            let acc = abuf.0.as_mut_ptr();
+            // Balanced token tiles of at most MAX_TILE_TOKENS; rows in chunks so that a chunk
+            // read from memory for the first tile is still in cache for the others.
+            let tiles = p.n.div_ceil(MAX_TILE_TOKENS);
+            for c0 in (r0..r1).step_by(DIRECT_ROWS) {
+                let c1 = (c0 + DIRECT_ROWS).min(r1);
+                let mut t0 = 0;
+                for i in 0..tiles {
+                    let tt = p.n / tiles + usize::from(i < p.n % tiles);
+                    let chunk = if tt >= 3 { DIRECT_KC / 8 } else { steps.max(1) };
+                    abuf.0[..(c1 - c0) * tt * 8].fill(0.0);
+                    for s0 in (0..steps).step_by(chunk) {
+                        let s1 = (s0 + chunk).min(steps);
+                        // SAFETY: this function's contract; every tile stays inside rows
+                        // c0..c1 ⊆ r0..r1 (owned by this task), tokens t0..t0+tt ⊆ 0..n and
+                        // steps s0..s1 ≤ k/8; `acc` holds (c1 − c0)·tt·8 values.
+                        unsafe {
+                            match tt {
+                                1 => direct_rows::<W, 8, 1>(p, w, c0, c1, t0, s0, s1, acc),
+                                2 => direct_rows::<W, 4, 2>(p, w, c0, c1, t0, s0, s1, acc),
+                                3 => direct_rows::<W, 2, 3>(p, w, c0, c1, t0, s0, s1, acc),
+                                4 => direct_rows::<W, 2, 4>(p, w, c0, c1, t0, s0, s1, acc),
+                                5 => direct_rows::<W, 2, 5>(p, w, c0, c1, t0, s0, s1, acc),
+                                6 => direct_rows::<W, 2, 6>(p, w, c0, c1, t0, s0, s1, acc),
+                                7 => direct_rows::<W, 2, 7>(p, w, c0, c1, t0, s0, s1, acc),
+                                _ => direct_rows::<W, 2, 8>(p, w, c0, c1, t0, s0, s1, acc),
+                            }
+                        }
+                    }
+                    for r in c0..c1 {
+                        for t in 0..tt {
+                            let mut lanes = [0f32; 8];
+                            lanes.copy_from_slice(&abuf.0[((r - c0) * tt + t) * 8..][..8]);
+                            let xrow = &p.x[(t0 + t) * k..(t0 + t + 1) * k];
+                            add_tail(&mut lanes, xrow, |kk| scalar(r, kk));
+                            // SAFETY: t0 + t < n, r < r1 ≤ rows, owned by this task.
+                            unsafe { p.store(t0 + t, r, &lanes) };
+                        }
+                    }
+                    t0 += tt;
+                }
+            }
+        }
+
+        /// Rows `r0..r1` (a chunk) for tokens `t0..t0+T` over steps `s0..s1`, `R` rows at a
+        /// time (then one at a time).
+        ///
+        /// # Safety
+        /// As [`rows_with`], `t0 + T ≤ n`, `s0` a multiple of 4, `s1 ≤ k/8`, and `acc` holds
+        /// the chunk's `(r1 − r0)·T·8` accumulators.
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = $features)]
+        unsafe fn direct_rows<W: AvxWeights, const R: usize, const T: usize>(
+            p: &Problem<'_>,
+            w: W,
+            r0: usize,
+            r1: usize,
+            t0: usize,
+            s0: usize,
+            s1: usize,
+            acc: *mut f32,
+        ) {
+            let mut r = r0;
+            while r < r1 {
+                // SAFETY: rows r..r+R (or the single row r) ⊆ r0..r1, tokens t0..t0+T ⊆ 0..n,
+                // and their accumulators start at row r − r0 of `acc` (this function's
+                // contract).
+                unsafe {
+                    let a = acc.add((r - r0) * T * 8);
+                    if r + R <= r1 {
+                        direct_tile::<W, R, T>(p, w, r, t0, s0, s1, a);
+                        r += R;
+                    } else {
+                        direct_tile::<W, 1, T>(p, w, r, t0, s0, s1, a);
+                        r += 1;
+                    }
+                }
+            }
+        }
+
+        /// One tile: rows `r0..r0+R` × tokens `t0..t0+T`, steps `s0..s1` of 8 elements, the
+        /// accumulators loaded from and stored back to `acc[(r·T + t)·8..]`.
+        ///
+        /// # Safety
+        /// As [`rows_with`], `r0 + R ≤ rows` owned by this task, `t0 + T ≤ n`, `s0` a multiple
+        /// of 4, `s1 ≤ k/8`, and `acc` holds `R·T·8` values.
+        #[target_feature(enable = $features)]
+        unsafe fn direct_tile<W: AvxWeights, const R: usize, const T: usize>(
+            p: &Problem<'_>,
+            w: W,
+            r0: usize,
+            t0: usize,
+            s0: usize,
+            s1: usize,
+            acc: *mut f32,
+        ) {
+            let k = p.k;
+            // SAFETY: token rows t0..t0+T are inside x (n·k values checked by the entry points);
+            // `acc` holds R·T·8 values.
+            let x = unsafe { p.x.as_ptr().add(t0 * k) };
+            let mut a = [[_mm256_setzero_ps(); T]; R];
+            for (r, ar) in a.iter_mut().enumerate() {
+                for (t, v) in ar.iter_mut().enumerate() {
+                    // SAFETY: inside `acc` (see above).
+                    *v = unsafe { _mm256_loadu_ps(acc.add((r * T + t) * 8)) };
+                }
+            }
+            let mut s = s0;
+            // Whole groups of 32.
+            while s + 4 <= s1 {
+                let g = s / 4;
+                for (r, ar) in a.iter_mut().enumerate() {
+                    // SAFETY: row r0 + r < rows, 32g < k.
+                    let grp = unsafe {
+                        w.prefetch(r0 + r + R, g);
+                        w.group(r0 + r, g)
+                    };
+                    for j in 0..4 {
+                        // SAFETY: 32g + 8j + 8 ≤ k; x loads stay in token row t0 + t.
+                        unsafe {
+                            let wv = w.vec(grp, j);
+                            for (t, v) in ar.iter_mut().enumerate() {
+                                let xv = _mm256_loadu_ps(x.add(t * k + 32 * g + 8 * j));
+                                *v = _mm256_fmadd_ps(xv, wv, *v);
+                            }
+                        }
+                    }
+                }
+                s += 4;
+            }
+            // bf16 rows whose length is not a multiple of 32: the remaining whole vectors.
+            while s < s1 {
+                for (r, ar) in a.iter_mut().enumerate() {
+                    // SAFETY: 8s + 8 ≤ k.
+                    unsafe {
+                        let wv = w.vec(w.group(r0 + r, s / 4), s % 4);
+                        for (t, v) in ar.iter_mut().enumerate() {
+                            let xv = _mm256_loadu_ps(x.add(t * k + 8 * s));
+                            *v = _mm256_fmadd_ps(xv, wv, *v);
+                        }
+                    }
+                }
+                s += 1;
+            }
+            for (r, ar) in a.iter().enumerate() {
+                for (t, v) in ar.iter().enumerate() {
+                    // SAFETY: inside `acc`.
+                    unsafe { _mm256_storeu_ps(acc.add((r * T + t) * 8), *v) };
+                }
+            }
+        }
+
+        /// Adds the `k % 8` tail to the lanes, lane by lane (same order as the contract: those
+        /// `k` are the last of their lanes). `w(k)` decodes element `k` of the row.
+        #[inline]
+        fn add_tail(lanes: &mut [f32; 8], xrow: &[f32], w: impl Fn(usize) -> f32) {
+            let k = xrow.len();
+            for kk in k / 8 * 8..k {
+                lanes[kk % 8] = xrow[kk].mul_add(w(kk), lanes[kk % 8]);
+            }
+        }
+
+        // ---------------------------------------------------------------------------------------------
+        // Panel GEMM: larger batches.
+
+        /// Rows per panel.
+        const MB: usize = 32;
+        /// k per panel chunk (a multiple of 32).
+        const KC: usize = 256;
+        /// Tokens per accumulator block.
+        const NB: usize = 60;
+        /// Register tile: rows × tokens.
+        const MR: usize = 4;
+        const NR: usize = 3;
+
+        #[repr(C, align(64))]
+        struct PanelBuf([f32; MB * KC]);
+
+        #[repr(C, align(64))]
+        struct AccBuf([f32; MB * NB * 8]);
+
+        /// Larger batches: for each block of ≤ 60 tokens and each block of ≤ 32 rows, k in chunks of
+        /// 256: decode the rows' chunk into an f32 panel once, then run the register tile over every
+        /// token of the block; accumulators (`acc[(r·NB + t)·8 + lane]`) persist across k chunks.
+        ///
+        /// # Safety
+        /// As [`rows_with`].
+        #[target_feature(enable = $features)]
+        unsafe fn panel<W: AvxWeights>(
+            p: &Problem<'_>,
+            w: W,
+            r0: usize,
+            r1: usize,
+            scalar: &impl Fn(usize, usize) -> f32,
+        ) {
+            let k = p.k;
+            let k8 = k / 8 * 8;
+            let mut pbuf = PanelBuf([0.0; MB * KC]);
+            let mut abuf = AccBuf([0.0; MB * NB * 8]);
+            let panel = pbuf.0.as_mut_ptr();
+            let acc = abuf.0.as_mut_ptr();
+            // Token blocks of balanced sizes (multiples of NR where possible), at most NB.
+            let nblocks = p.n.div_ceil(NB);
+            let nb = p.n.div_ceil(nblocks).next_multiple_of(NR).min(NB);
+            for tb in (0..p.n).step_by(nb) {
+                let nt = nb.min(p.n - tb);
+                let tiles = nt.div_ceil(NR);
+                for rb in (r0..r1).step_by(MB) {
+                    let nr = MB.min(r1 - rb);
+                    abuf.0.fill(0.0);
+                    for kc in (0..k8).step_by(KC) {
+                        let kn = KC.min(k8 - kc);
+                        // The chunk decoded after this one, prefetched while this one is used.
+                        let next = if kc + KC < k8 {
+                            Some((rb, nr, kc + KC))
+                        } else if rb + MB < r1 {
+                            Some((rb + MB, MB.min(r1 - rb - MB), 0))
+                        } else {
+                            None
+                        };
+                        // SAFETY: rows rb..rb+nr < rows, elements kc..kc+kn ≤ k; the panel holds
+                        // MB × KC values.
+                        unsafe { decode_panel(w, rb, nr, kc, kn, panel) };
+                        for (i, t) in (0..nt).step_by(NR).enumerate() {
+                            let tt = NR.min(nt - t);
+                            if let Some((nrb, nnr, nkc)) = next {
+                                for r in i * nnr / tiles..(i + 1) * nnr / tiles {
+                                    // SAFETY: a cache hint; the span is inside row nrb + r.
+                                    unsafe { w.prefetch_span(nrb + r, nkc, KC.min(k8 - nkc)) };
+                                }
+                            }
+                            // SAFETY: token rows tb+t..tb+t+tt < n.
+                            let x = unsafe { p.x.as_ptr().add((tb + t) * k + kc) };
+                            for r in (0..nr).step_by(MR) {
+                                let rr = MR.min(nr - r);
+                                // SAFETY: panel rows r..r+rr < nr hold kn decoded values; accumulator
+                                // rows r..r+rr and tokens t..t+tt are inside the MB × NB buffer.
+                                unsafe {
+                                    micro_dispatch(
+                                        rr,
+                                        tt,
+                                        panel.add(r * KC),
+                                        x,
+                                        k,
+                                        acc.add((r * NB + t) * 8),
+                                        kn / 8,
+                                    )
+                                };
+                            }
+                        }
+                    }
+                    for r in 0..nr {
+                        for t in 0..nt {
+                            let mut lanes = [0f32; 8];
+                            lanes.copy_from_slice(&abuf.0[(r * NB + t) * 8..][..8]);
+                            let xrow = &p.x[(tb + t) * k..(tb + t + 1) * k];
+                            for kk in k8..k {
+                                lanes[kk % 8] = xrow[kk].mul_add(scalar(rb + r, kk), lanes[kk % 8]);
+                            }
+                            // SAFETY: tb + t < n, rb + r < r1 ≤ rows, owned by this task.
+                            unsafe { p.store(tb + t, rb + r, &lanes) };
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Decodes elements `kc..kc+kn` (a multiple of 8; `kc` a multiple of 32) of rows
+        /// `rb..rb+nr` into `panel[r·KC + i]`.
+        ///
+        /// # Safety
+        /// AVX2 + FMA; the rows and elements exist in `w`; `panel` holds `nr × KC` writable f32.
+        #[target_feature(enable = $features)]
+        unsafe fn decode_panel<W: AvxWeights>(
+            w: W,
+            rb: usize,
+            nr: usize,
+            kc: usize,
+            kn: usize,
+            panel: *mut f32,
+        ) {
+            for r in 0..nr {
+                let mut s = 0;
+                while s < kn / 8 {
+                    // SAFETY: row rb + r < rows, 32·(kc/32 + s/4) < k; panel row r has KC ≥ kn slots.
+                    unsafe {
+                        let grp = w.group(rb + r, kc / 32 + s / 4);
+                        let end = (s + 4).min(kn / 8);
+                        for j in 0..end - s {
+                            _mm256_storeu_ps(panel.add(r * KC + 8 * (s + j)), w.vec(grp, j));
+                        }
+                        s = end;
+                    }
+                }
+            }
+        }
+
+        /// Calls the register tile for `rr ≤ MR` rows × `tt ≤ NR` tokens.
+        ///
+        /// # Safety
+        /// As [`micro`].
+        #[target_feature(enable = $features)]
+        unsafe fn micro_dispatch(
+            rr: usize,
+            tt: usize,
+            panel: *const f32,
+            x: *const f32,
+            ldx: usize,
+            acc: *mut f32,
+            steps: usize,
+        ) {
+            // SAFETY: forwarded from this function's contract (`rr ≤ MR`, `tt ≤ NR` pick the tile).
+            unsafe {
+                match (rr, tt) {
+                    (4, 3) => micro::<4, 3>(panel, x, ldx, acc, steps),
+                    (4, 2) => micro::<4, 2>(panel, x, ldx, acc, steps),
+                    (4, 1) => micro::<4, 1>(panel, x, ldx, acc, steps),
+                    (3, 3) => micro::<3, 3>(panel, x, ldx, acc, steps),
+                    (3, 2) => micro::<3, 2>(panel, x, ldx, acc, steps),
+                    (3, 1) => micro::<3, 1>(panel, x, ldx, acc, steps),
+                    (2, 3) => micro::<2, 3>(panel, x, ldx, acc, steps),
+                    (2, 2) => micro::<2, 2>(panel, x, ldx, acc, steps),
+                    (2, 1) => micro::<2, 1>(panel, x, ldx, acc, steps),
+                    (1, 3) => micro::<1, 3>(panel, x, ldx, acc, steps),
+                    (1, 2) => micro::<1, 2>(panel, x, ldx, acc, steps),
+                    _ => micro::<1, 1>(panel, x, ldx, acc, steps),
+                }
+            }
+        }
+
+        /// The register tile: `R` panel rows (stride `KC`) × `T` token rows of `x` (stride `ldx`),
+        /// `steps` vectors of 8 along k, accumulating into `acc[(r·NB + t)·8..]`.
+        ///
+        /// # Safety
+        /// AVX2 + FMA; `panel` holds `R` rows of `8·steps` f32 at stride `KC`, `x` holds `T` rows of
+        /// `8·steps` f32 at stride `ldx`, `acc` holds `R` rows of `T·8` f32 at stride `NB·8`.
+        #[target_feature(enable = $features)]
+        unsafe fn micro<const R: usize, const T: usize>(
+            panel: *const f32,
+            x: *const f32,
+            ldx: usize,
+            acc: *mut f32,
+            steps: usize,
+        ) {
+            // SAFETY: every pointer stays inside the regions described by the caller.
+            unsafe {
+                let mut a = [[_mm256_setzero_ps(); T]; R];
+                for (r, ar) in a.iter_mut().enumerate() {
+                    for (t, v) in ar.iter_mut().enumerate() {
+                        *v = _mm256_loadu_ps(acc.add((r * NB + t) * 8));
+                    }
+                }
+                for s in 0..steps {
+                    let mut xv = [_mm256_setzero_ps(); T];
+                    for (t, v) in xv.iter_mut().enumerate() {
+                        *v = _mm256_loadu_ps(x.add(t * ldx + 8 * s));
+                    }
+                    for (r, ar) in a.iter_mut().enumerate() {
+                        let wv = _mm256_loadu_ps(panel.add(r * KC + 8 * s));
+                        for (t, v) in ar.iter_mut().enumerate() {
+                            *v = _mm256_fmadd_ps(xv[t], wv, *v);
+                        }
+                    }
+                }
+                for (r, ar) in a.iter().enumerate() {
+                    for (t, v) in ar.iter().enumerate() {
+                        _mm256_storeu_ps(acc.add((r * NB + t) * 8), *v);
+                    }
+                }
+            }
+        }
+    };
+}
+
+/// AVX2 + FMA.
+pub(super) mod avx2 {
+    simd_kernels!("avx2,fma", Mxfp4Avx2, 8, 4);
+}
+
+/// AVX-512 F + VL on top of AVX2 + FMA: the same kernels with 32 vector registers and the
+/// two-table MXFP4 decoder.
+pub(super) mod avx512 {
+    simd_kernels!("avx2,fma,avx512f,avx512vl", Mxfp4Avx512, 16, 8);
+}
