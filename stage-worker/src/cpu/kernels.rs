@@ -19,7 +19,7 @@
 //! the portable path equals the AVX2 and AVX-512 paths. Activations are never quantized.
 //!
 //! # Variants (speed only; x86 paths, see `x86.rs`)
-//! - Small batches (`n` < 8 with AVX2, < 16 with AVX-512): weights are decoded in registers
+//! - Small batches (`n` < 16): weights are decoded in registers
 //!   and each decoded vector serves a tile of up to 4 (AVX2) or 8 (AVX-512) tokens (GEMV at
 //!   the memory bandwidth for decode).
 //! - Larger batches: blocks of 32 rows × 256 k are decoded once into an f32 panel on the

@@ -12,14 +12,14 @@
 //! - **One binary everywhere.** The instruction set is detected at run time; the AVX2 + FMA path
 //!   path, the AVX-512 path and the portable path produce identical bits.
 
-#[cfg(target_arch = "x86_64")]
-mod x86;
 pub mod kernels;
 pub mod pool;
 mod portable;
 #[cfg(test)]
 mod tests;
 pub mod vector;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 pub use kernels::{matmul_bf16, matmul_mxfp4, Bf16Rows, Mxfp4Rows};
 pub use pool::ThreadPool;

@@ -22,7 +22,7 @@
 //!   AVX-512 ([`Mxfp4Avx512`]): all four bits index a 16-entry table (`vpermt2ps`).
 //!
 //! Kernels:
-//! - `n < panel_min_n` (decode; 8 with AVX2, 16 with AVX-512): tiles of 8 rows × 1 token,
+//! - `n < panel_min_n` (decode; 16): tiles of 8 rows × 1 token,
 //!   4 × 2, or 2 × 3 up to 2 × `max_tile_tokens` (4 with AVX2's 16 registers, 8 with AVX-512's
 //!   32), over the whole of `k`, rows in chunks of 32 so that a chunk fetched for the first token tile is in cache
 //!   for the others. Each tile prefetches the same group of the rows one tile below, which
@@ -123,7 +123,10 @@ impl Mxfp4Ptrs {
         // SAFETY: in bounds by the caller's contract.
         unsafe {
             let s = *self.scales.add(row * self.k / 32 + g);
-            (SCALES[s as usize], self.blocks.add(row * self.k / 2 + 16 * g))
+            (
+                SCALES[s as usize],
+                self.blocks.add(row * self.k / 2 + 16 * g),
+            )
         }
     }
 
@@ -294,7 +297,6 @@ macro_rules! simd_kernels {
                 }
             }
         }
-
 
         /// Dispatches to the register-decode or the panel kernels.
         ///
@@ -723,7 +725,7 @@ macro_rules! simd_kernels {
 
 /// AVX2 + FMA.
 pub(super) mod avx2 {
-    simd_kernels!("avx2,fma", Mxfp4Avx2, 8, 4);
+    simd_kernels!("avx2,fma", Mxfp4Avx2, 16, 4);
 }
 
 /// AVX-512 F + VL on top of AVX2 + FMA: the same kernels with 32 vector registers and the
