@@ -251,7 +251,7 @@ impl Checkpoint {
             });
         }
         let bytes = &map[loc.start..loc.end];
-        let data = if (bytes.as_ptr() as usize) % std::mem::align_of::<T>() == 0 {
+        let data = if (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
             Mapped {
                 ptr: bytes.as_ptr().cast::<T>(),
                 len: count,

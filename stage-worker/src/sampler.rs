@@ -546,7 +546,7 @@ mod tests {
                 x ^= x << 17;
                 // Roughly uniform in [-8, 8), with a few sharper peaks.
                 let v = (x >> 40) as f32 / (1u64 << 24) as f32 * 16.0 - 8.0;
-                if x % 5000 == 0 {
+                if x.is_multiple_of(5000) {
                     v + 10.0
                 } else {
                     v

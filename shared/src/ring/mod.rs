@@ -936,7 +936,7 @@ fn view_range<T: Plain>(
         .and_then(|bytes| bytes.checked_add(offset))
         .filter(|&end| end <= buf.len());
     match end {
-        Some(end) if (buf.as_ptr() as usize + offset) % align == 0 => Ok(offset..end),
+        Some(end) if (buf.as_ptr() as usize + offset).is_multiple_of(align) => Ok(offset..end),
         _ => Err(RingError::View {
             offset,
             count,

@@ -242,7 +242,11 @@ pub(super) fn bf16_to_f32(bits: u16) -> f32 {
 #[inline(always)]
 pub(super) fn mxfp4_value(blocks: &[u8], scales: &[u8], k: usize) -> f32 {
     let byte = blocks[k / 2];
-    let nib = if k % 2 == 0 { byte & 15 } else { byte >> 4 };
+    let nib = if k.is_multiple_of(2) {
+        byte & 15
+    } else {
+        byte >> 4
+    };
     let mag = MAG[(nib & 7) as usize] * SCALES[scales[k / 32] as usize];
     f32::from_bits(mag.to_bits() ^ (((nib & 8) as u32) << 28))
 }

@@ -143,7 +143,7 @@ impl Mxfp4Ptrs {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn prefetch(self, row: usize, g: usize) {
-        if g % 4 == 0 {
+        if g.is_multiple_of(4) {
             let p = self.blocks.wrapping_add(row * self.k / 2 + 16 * g) as *const i8;
             _mm_prefetch::<_MM_HINT_T0>(p);
         }
