@@ -256,7 +256,13 @@ impl AvxWeights for Mxfp4Avx512 {
 /// The kernels, stamped out once per instruction-set level so that every function (and every
 /// weight decoder inlined into it) is compiled with the same target features.
 macro_rules! simd_kernels {
-    ($features:literal, $mxfp4:ident, $panel_min_n:literal, $max_tile_tokens:literal) => {
+    (
+        $features:literal,
+        $mxfp4:ident,
+        $panel_min_n:literal,
+        $max_tile_tokens:literal,
+        $panel_tile_tokens:literal
+    ) => {
         use super::*;
 
         /// Batches at least this large use the panel kernels.
@@ -522,7 +528,7 @@ macro_rules! simd_kernels {
         const NB: usize = 60;
         /// Register tile: rows × tokens.
         const MR: usize = 4;
-        const NR: usize = 3;
+        const NR: usize = $panel_tile_tokens;
 
         #[repr(C, align(64))]
         struct PanelBuf([f32; MB * KC]);
@@ -662,19 +668,37 @@ macro_rules! simd_kernels {
         ) {
             // SAFETY: forwarded from this function's contract (`rr ≤ MR`, `tt ≤ NR` pick the tile).
             unsafe {
-                match (rr, tt) {
-                    (4, 3) => micro::<4, 3>(panel, x, ldx, acc, steps),
-                    (4, 2) => micro::<4, 2>(panel, x, ldx, acc, steps),
-                    (4, 1) => micro::<4, 1>(panel, x, ldx, acc, steps),
-                    (3, 3) => micro::<3, 3>(panel, x, ldx, acc, steps),
-                    (3, 2) => micro::<3, 2>(panel, x, ldx, acc, steps),
-                    (3, 1) => micro::<3, 1>(panel, x, ldx, acc, steps),
-                    (2, 3) => micro::<2, 3>(panel, x, ldx, acc, steps),
-                    (2, 2) => micro::<2, 2>(panel, x, ldx, acc, steps),
-                    (2, 1) => micro::<2, 1>(panel, x, ldx, acc, steps),
-                    (1, 3) => micro::<1, 3>(panel, x, ldx, acc, steps),
-                    (1, 2) => micro::<1, 2>(panel, x, ldx, acc, steps),
-                    _ => micro::<1, 1>(panel, x, ldx, acc, steps),
+                match rr {
+                    4 => micro_tokens::<4>(tt, panel, x, ldx, acc, steps),
+                    3 => micro_tokens::<3>(tt, panel, x, ldx, acc, steps),
+                    2 => micro_tokens::<2>(tt, panel, x, ldx, acc, steps),
+                    _ => micro_tokens::<1>(tt, panel, x, ldx, acc, steps),
+                }
+            }
+        }
+
+        /// [`micro_dispatch`] for `R` rows.
+        ///
+        /// # Safety
+        /// As [`micro`], with `tt ≤ NR`.
+        #[target_feature(enable = $features)]
+        unsafe fn micro_tokens<const R: usize>(
+            tt: usize,
+            panel: *const f32,
+            x: *const f32,
+            ldx: usize,
+            acc: *mut f32,
+            steps: usize,
+        ) {
+            // SAFETY: forwarded from this function's contract.
+            unsafe {
+                match tt {
+                    6 => micro::<R, 6>(panel, x, ldx, acc, steps),
+                    5 => micro::<R, 5>(panel, x, ldx, acc, steps),
+                    4 => micro::<R, 4>(panel, x, ldx, acc, steps),
+                    3 => micro::<R, 3>(panel, x, ldx, acc, steps),
+                    2 => micro::<R, 2>(panel, x, ldx, acc, steps),
+                    _ => micro::<R, 1>(panel, x, ldx, acc, steps),
                 }
             }
         }
@@ -725,11 +749,11 @@ macro_rules! simd_kernels {
 
 /// AVX2 + FMA.
 pub(super) mod avx2 {
-    simd_kernels!("avx2,fma", Mxfp4Avx2, 16, 4);
+    simd_kernels!("avx2,fma", Mxfp4Avx2, 16, 4, 3);
 }
 
 /// AVX-512 F + VL on top of AVX2 + FMA: the same kernels with 32 vector registers and the
 /// two-table MXFP4 decoder.
 pub(super) mod avx512 {
-    simd_kernels!("avx2,fma,avx512f,avx512vl", Mxfp4Avx512, 16, 8);
+    simd_kernels!("avx2,fma,avx512f,avx512vl", Mxfp4Avx512, 16, 8, 6);
 }
