@@ -107,6 +107,48 @@ fn four_stages_equal_one_stage_and_the_single_process_path() {
     assert_nothing_left(&model);
 }
 
+#[test]
+fn every_cpu_instruction_set_gives_the_same_tokens() {
+    // The workers inherit GPTOSSD_CPU_ISA, which caps the kernels' instruction set: the
+    // portable fallback, AVX2 and AVX-512 (each where the CPU has it) must agree token for
+    // token, greedy and seeded, with two threads per stage.
+    let view = private_model();
+    let mut reqs = requests(2, 6, false);
+    reqs.extend(requests(1, 6, true));
+    let file = requests_file(&reqs);
+    let mut outputs = Vec::new();
+    for isa in ["portable", "avx2", "avx512"] {
+        let mut cmd = command();
+        cmd.env("GPTOSSD_CPU_ISA", isa)
+            .arg("generate")
+            .arg("--model")
+            .arg(view.path())
+            .arg("--requests")
+            .arg(file.path())
+            .args(["--stages", "2", "--threads", "2"]);
+        let out = run(&mut cmd, Duration::from_secs(300));
+        assert!(out.status.success(), "{isa}: {}", stderr(&out));
+        if isa == "portable" {
+            // The variable reached the workers (they report their kernels when loaded).
+            assert!(
+                stderr(&out).contains("Portable kernels"),
+                "{}",
+                stderr(&out)
+            );
+        }
+        let lines = stdout_lines(&out);
+        assert_eq!(lines.len(), reqs.len(), "{isa}");
+        outputs.push((isa, tokens_of(&lines)));
+    }
+    for (isa, tokens) in &outputs[1..] {
+        assert_eq!(
+            tokens, &outputs[0].1,
+            "{isa} differs from the portable path"
+        );
+    }
+    assert_nothing_left(view.path());
+}
+
 /// The uninterrupted tokens of the crash tests' requests.
 fn baseline(model: &Path, file: &Path) -> Vec<Vec<u64>> {
     let out = generate_requests(model, file, 4, &[]);

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::wire::{self, WireError};
 
 /// Bumped on any incompatible change of these types.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest control message accepted (a guard against a corrupt length prefix).
 pub const MAX_CONTROL_MESSAGE: usize = 16 << 20;
@@ -32,7 +32,14 @@ pub enum WorkerMsg {
     /// First message after connecting.
     Hello { version: u32, stage: u32, pid: u32 },
     /// Weights mapped and checked, KV pool allocated: ready for steps.
-    Loaded { weight_bytes: u64, kv_bytes: u64 },
+    Loaded {
+        weight_bytes: u64,
+        kv_bytes: u64,
+        /// The CPU kernels' instruction set (`Portable`, `Avx2Fma`, `Avx512`).
+        kernels: String,
+        /// Compute threads.
+        threads: u32,
+    },
     /// Loading failed; the worker exits after sending this. Not worth restarting.
     LoadFailed { reason: String },
     /// Sent every heartbeat interval by a thread apart from the compute loop.

@@ -119,6 +119,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         &WorkerMsg::Loaded {
             weight_bytes: model.weights().bytes() as u64,
             kv_bytes,
+            kernels: format!("{:?}", model.pool().isa()),
+            threads: model.pool().threads() as u32,
         },
     );
     if std::env::var(FAULT_ENV).as_deref() == Ok("crash-after-load") {

@@ -3,8 +3,8 @@
 //!
 //! Figures (one JSON object per batch size): `prefill_tok_s` (one prompt of `--prompt-len`
 //! tokens), `decode_tok_s` (aggregate over `--batch` sequences decoding together, greedy),
-//! `read_bandwidth_gbs` (a plain read over 512 MiB by `--threads` threads, best of 5 passes,
-//! in the same run), `bytes_per_decode_token` (weights a batch-1 decode step reads: every
+//! `read_bandwidth_gbs` (a plain read over 512 MiB by `--threads` threads, the best pass of
+//! 5 before loading the model and 5 after each batch size, in the same run), `bytes_per_decode_token` (weights a batch-1 decode step reads: every
 //! layer's attention, router and top-k experts, the LM head and one embedding row),
 //! `roofline_fraction` (decode bytes/s at batch 1 ÷ read bandwidth), `peak_rss_bytes` (VmHWM).
 
@@ -55,7 +55,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if args.kill_stage.is_some() {
         bail!("--kill-stage needs --stages");
     }
-    let bandwidth = read_bandwidth_gbs(args.threads);
+    let mut bandwidth = read_bandwidth_gbs(args.threads);
     let cfg = ModelConfig::load(&args.model)?;
     let ckpt = Checkpoint::open(&args.model)?;
     let weights = StageWeights::load(&ckpt, &cfg, &StageSpan::whole(&cfg))?;
@@ -130,10 +130,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         times.sort_by(f64::total_cmp);
         let median = times[times.len() / 2];
         let decode_tok_s = b as f64 / median;
+        // Measured again after each configuration: the roofline divides by the best figure the
+        // machine gave during the whole run.
+        bandwidth = bandwidth.max(read_bandwidth_gbs(args.threads));
         let out = serde_json::json!({
             "batch": b,
             "stages": 0,
             "mode": "in-process",
+            "isa": format!("{:?}", model.pool().isa()),
             "threads": args.threads,
             "prompt_len": args.prompt_len,
             "prefill_tok_s": round(prefill_tok_s),
@@ -318,6 +322,7 @@ fn run_pipeline(args: &BenchArgs, stages: usize) -> anyhow::Result<()> {
             "batch": b,
             "stages": stages,
             "mode": "pipeline",
+            "isa": format!("{:?}", gptossd_stage::cpu::Isa::detect()),
             "threads": args.threads,
             "prompt_len": args.prompt_len,
             "prefill_tok_s": round((args.prompt_len * b) as f64 / all_first.duration_since(t0).as_secs_f64()),

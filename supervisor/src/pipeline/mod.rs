@@ -671,7 +671,17 @@ impl Engine {
                 stage.state = WorkerState::Loading;
                 stage.last_heartbeat = Instant::now();
             }
-            WorkerMsg::Loaded { .. } => {
+            WorkerMsg::Loaded {
+                weight_bytes,
+                kernels,
+                threads,
+                ..
+            } => {
+                eprintln!(
+                    "gptossd: stage {st} loaded: {:.1} MB of weights, {threads} thread(s), \
+                     {kernels} kernels",
+                    weight_bytes as f64 / 1e6
+                );
                 stage.state = WorkerState::Ready;
                 stage.last_heartbeat = Instant::now();
                 if let Some(c) = &stage.control {

@@ -64,11 +64,12 @@ pub struct WorkerProcess {
 }
 
 /// Environment variables passed through to workers (everything else is dropped).
-const PASS_ENV: [&str; 4] = [
+const PASS_ENV: [&str; 5] = [
     "PATH",
     "LD_LIBRARY_PATH",
     "CUDA_VISIBLE_DEVICES",
     "RUST_BACKTRACE",
+    "GPTOSSD_CPU_ISA",
 ];
 
 impl WorkerProcess {
