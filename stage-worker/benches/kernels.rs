@@ -280,6 +280,27 @@ fn main() {
         }
     }
 
+    // The same GEMV from cache (a matrix that fits L2): the decode's own speed, without DRAM.
+    let cached = Mx::new(&mut rng, 256, 2880);
+    let x = rng.activations(2880);
+    let mut out = vec![0f32; 256];
+    let cached_bf16 = rng.bf16(128 * 2880);
+    for pool in pools.iter().filter(|p| p.threads() == 1) {
+        let rate = gemv_mxfp4(pool, std::slice::from_ref(&cached), &x, &mut out);
+        println!("GEMV MXFP4 [256 x 2880] from L2 (0.4 MB), {}: {rate}", label(pool));
+        let w = Bf16Rows {
+            bits: &cached_bf16,
+            rows: 128,
+            k_dim: 2880,
+        };
+        let rate = time(BUDGET, || {
+            matmul_bf16(pool, &x, 1, w, None, &mut out);
+            black_box(&out);
+        })
+        .rate((128 * 2880 * 2) as f64, "GB/s");
+        println!("GEMV bf16 [128 x 2880] from L2 (0.7 MB), {}: {rate}", label(pool));
+    }
+
     // Batched products.
     let mx = Mx::new(&mut rng, 5760, 2880);
     let bf = rng.bf16(4096 * 2880);

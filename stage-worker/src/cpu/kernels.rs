@@ -19,13 +19,13 @@
 //! the portable path equals the AVX2 and AVX-512 paths. Activations are never quantized.
 //!
 //! # Variants (speed only; x86 paths, see `x86.rs`)
-//! - Small batches (`n` < 16): weights are decoded in registers
-//!   and each decoded vector serves a tile of up to 4 (AVX2) or 8 (AVX-512) tokens (GEMV at
-//!   the memory bandwidth for decode).
+//! - Small batches (`n` < 16): weights are decoded in registers and each decoded vector
+//!   serves a tile of up to 4 (AVX2) or 8 (AVX-512) tokens (GEMV at the memory bandwidth for
+//!   decode).
 //! - Larger batches: blocks of 32 rows × 256 k are decoded once into an f32 panel on the
-//!   stack, then a 4-row × 3-token register tile runs over it for every token of a block of
-//!   ≤ 60 tokens; the accumulators live in a stack buffer between k chunks (storing and
-//!   reloading an f32 does not change it, so the order above is kept).
+//!   stack, then a 4-row × 3-token (AVX-512: 4 × 6) register tile runs over it for every
+//!   token of a block of ≤ 240 tokens; the accumulators live in a stack buffer between k
+//!   chunks (storing and reloading an f32 does not change it, so the order above is kept).
 //!
 //! The portable path computes the same steps with `f32::mul_add` on `[f32; 8]` lanes (slow:
 //! a fallback, and the reference the x86 paths are tested against bit for bit).

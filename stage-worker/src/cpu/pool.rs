@@ -26,7 +26,7 @@ use super::Isa;
 
 /// How long an idle thread spins before it sleeps.
 const SPIN: Duration = Duration::from_micros(20);
-/// Stack size of the workers (the kernels keep ~100 KiB of tiles on the stack).
+/// Stack size of the workers (the kernels keep ~300 KiB of tiles on the stack).
 const WORKER_STACK: usize = 4 << 20;
 
 /// Persistent threads that run the tasks of [`ThreadPool::run`].

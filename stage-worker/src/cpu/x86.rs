@@ -525,7 +525,7 @@ macro_rules! simd_kernels {
         /// k per panel chunk (a multiple of 32).
         const KC: usize = 256;
         /// Tokens per accumulator block.
-        const NB: usize = 60;
+        const NB: usize = 240;
         /// Register tile: rows × tokens.
         const MR: usize = 4;
         const NR: usize = $panel_tile_tokens;
@@ -536,7 +536,7 @@ macro_rules! simd_kernels {
         #[repr(C, align(64))]
         struct AccBuf([f32; MB * NB * 8]);
 
-        /// Larger batches: for each block of ≤ 60 tokens and each block of ≤ 32 rows, k in chunks of
+        /// Larger batches: for each block of ≤ 240 tokens and each block of ≤ 32 rows, k in chunks of
         /// 256: decode the rows' chunk into an f32 panel once, then run the register tile over every
         /// token of the block; accumulators (`acc[(r·NB + t)·8 + lane]`) persist across k chunks.
         ///
@@ -564,7 +564,9 @@ macro_rules! simd_kernels {
                 let tiles = nt.div_ceil(NR);
                 for rb in (r0..r1).step_by(MB) {
                     let nr = MB.min(r1 - rb);
-                    abuf.0.fill(0.0);
+                    for r in 0..nr {
+                        abuf.0[r * NB * 8..][..nt * 8].fill(0.0);
+                    }
                     for kc in (0..k8).step_by(KC) {
                         let kn = KC.min(k8 - kc);
                         // The chunk decoded after this one, prefetched while this one is used.
