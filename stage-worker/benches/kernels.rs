@@ -287,7 +287,10 @@ fn main() {
     let cached_bf16 = rng.bf16(128 * 2880);
     for pool in pools.iter().filter(|p| p.threads() == 1) {
         let rate = gemv_mxfp4(pool, std::slice::from_ref(&cached), &x, &mut out);
-        println!("GEMV MXFP4 [256 x 2880] from L2 (0.4 MB), {}: {rate}", label(pool));
+        println!(
+            "GEMV MXFP4 [256 x 2880] from L2 (0.4 MB), {}: {rate}",
+            label(pool)
+        );
         let w = Bf16Rows {
             bits: &cached_bf16,
             rows: 128,
@@ -298,7 +301,10 @@ fn main() {
             black_box(&out);
         })
         .rate((128 * 2880 * 2) as f64, "GB/s");
-        println!("GEMV bf16 [128 x 2880] from L2 (0.7 MB), {}: {rate}", label(pool));
+        println!(
+            "GEMV bf16 [128 x 2880] from L2 (0.7 MB), {}: {rate}",
+            label(pool)
+        );
     }
 
     // Batched products.

@@ -4,7 +4,7 @@
 //! Figures (one JSON object per batch size): `prefill_tok_s` (one prompt of `--prompt-len`
 //! tokens, after an untimed one with the checkpoint read into the page cache), `decode_tok_s` (aggregate over `--batch` sequences decoding together, greedy),
 //! `read_bandwidth_gbs` (a plain read over 512 MiB by `--threads` threads, the best pass of
-//! 5 before loading the model and 5 after each batch size, in the same run), `bytes_per_decode_token` (weights a batch-1 decode step reads: every
+//! 5 before loading the model and 5 after the decode runs, in the same run), `bytes_per_decode_token` (weights a batch-1 decode step reads: every
 //! layer's attention, router and top-k experts, the LM head and one embedding row),
 //! `roofline_fraction` (decode bytes/s at batch 1 ÷ read bandwidth), `peak_rss_bytes` (VmHWM).
 
@@ -55,7 +55,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if args.kill_stage.is_some() {
         bail!("--kill-stage needs --stages");
     }
-    let mut bandwidth = read_bandwidth_gbs(args.threads);
+    let bandwidth = read_bandwidth_gbs(args.threads);
     let cfg = ModelConfig::load(&args.model)?;
     let ckpt = Checkpoint::open(&args.model)?;
     let weights = StageWeights::load(&ckpt, &cfg, &StageSpan::whole(&cfg))?;
@@ -97,6 +97,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .context("prefill step")?;
     let prefill_tok_s = prompt.len() as f64 / t0.elapsed().as_secs_f64();
 
+    // (batch, median decode step seconds, peak RSS) per batch size.
+    let mut rows = Vec::new();
     for &b in &args.batch {
         // Short prompts for the other sequences (untimed), then `gen` batched decode steps.
         let short: Vec<u32> = prompt[..prompt.len().min(8)].to_vec();
@@ -136,10 +138,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         }
         times.sort_by(f64::total_cmp);
         let median = times[times.len() / 2];
-        let decode_tok_s = b as f64 / median;
-        // Measured again after each configuration: the roofline divides by the best figure the
-        // machine gave during the whole run.
-        bandwidth = bandwidth.max(read_bandwidth_gbs(args.threads));
+        rows.push((b, median, peak_rss_bytes()));
+    }
+    // Measured again once everything else is done (peak RSS is read before, so the buffer does
+    // not count): the roofline divides by the best figure the machine gave during the run.
+    let bandwidth = bandwidth.max(read_bandwidth_gbs(args.threads));
+    for (b, median, peak_rss) in rows {
         let out = serde_json::json!({
             "batch": b,
             "stages": 0,
@@ -148,12 +152,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             "threads": args.threads,
             "prompt_len": args.prompt_len,
             "prefill_tok_s": round(prefill_tok_s),
-            "decode_tok_s": round(decode_tok_s),
+            "decode_tok_s": round(b as f64 / median),
             "decode_step_median_ms": round(median * 1e3),
             "read_bandwidth_gbs": round(bandwidth),
             "bytes_per_decode_token": bytes_per_token,
             "roofline_fraction": if b == 1 { round(bytes_per_token as f64 / median / 1e9 / bandwidth) } else { serde_json::Value::Null },
-            "peak_rss_bytes": peak_rss_bytes(),
+            "peak_rss_bytes": peak_rss,
             "checkpoint_bytes": ckpt.payload_bytes(),
         });
         println!("{out}");
