@@ -258,6 +258,28 @@ fn main() {
             t.median * 1e3
         );
     }
+    // The LM head for 8 sequences decoding together (register tiles of 8 tokens with AVX-512,
+    // 2 × 4 with AVX2): compute-bound, so GFLOP/s.
+    let x8 = rng.activations(8 * k);
+    let mut out8 = vec![0f32; 8 * rows];
+    for pool in &pools {
+        let w = Bf16Rows {
+            bits: &head,
+            rows,
+            k_dim: k,
+        };
+        let t = time(BUDGET, || {
+            matmul_bf16(pool, &x8, 8, w, None, &mut out8);
+            black_box(&out8);
+        });
+        println!(
+            "GEMM bf16 [{rows} x {k}], n 8, {}: {}; {:.1} ms",
+            label(pool),
+            t.rate(2.0 * (8 * rows * k) as f64, "GFLOP/s"),
+            t.median * 1e3
+        );
+    }
+    drop(out8);
     drop(head);
 
     // MXFP4 expert GEMVs, copies cycled to defeat the cache.
