@@ -160,6 +160,7 @@ def load_gptossd(res: Path):
         "peak_rss_bytes_external": max(ext_rss) if ext_rss else None,
         "checkpoint_bytes": next((r["checkpoint_bytes"] for r in all_rows if r.get("checkpoint_bytes")), None),
         "read_bandwidth_gbs": med(r.get("read_bandwidth_gbs") for r in all_rows),
+        "isa": sorted({r["isa"] for r in all_rows if r.get("isa")}),
         "bytes_per_decode_token": med(r.get("bytes_per_decode_token") for r in all_rows if int(r["batch"]) == 1),
         "stages": {f"{s}@{pl}": {"decode_tok_s_b1": med(v), "n": len(v)} for (s, pl), v in stages.items()},
     }
@@ -318,7 +319,7 @@ def main() -> None:
             f"  - {t['test']}: median {t['median_tok_s']:.2f} tok/s, mean {t['mean_tok_s']:.2f} ± {t['stddev_tok_s']:.2f}, "
             f"range {t['min_tok_s']:.2f}–{t['max_tok_s']:.2f}, n={t['n']}"
         )
-    out.append(f"- gptossd {meta.get('gptossd_rev')}: read bandwidth {fmt(bw, 2)} GB/s, {int(bpt) if bpt else '?'} bytes per batch-1 decode token, "
+    out.append(f"- gptossd {meta.get('gptossd_rev')}: kernels {'/'.join(g['isa']) or '?'}, read bandwidth {fmt(bw, 2)} GB/s, {int(bpt) if bpt else '?'} bytes per batch-1 decode token, "
                f"peak RSS self-reported {fmt((g['peak_rss_bytes_self'] or 0) / GIB, 2)} GiB, measured {fmt((g['peak_rss_bytes_external'] or 0) / GIB, 2)} GiB ({meta.get('rss_method')}), checkpoint {fmt((ckpt or 0) / 1e9, 2)} GB")
     for pl in pls:
         d = gp[pl]
