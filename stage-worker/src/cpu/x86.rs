@@ -22,7 +22,7 @@
 //!   AVX-512 ([`Mxfp4Avx512`]): all four bits index a 16-entry table (`vpermt2ps`).
 //!
 //! Kernels:
-//! - `n < panel_min_n` (decode; 16): tiles of 8 rows × 1 token, 4 × 2, or 2 × 3 up to
+//! - `n < panel_min_n` (16; decode): tiles of 8 rows × 1 token, 4 × 2, or 2 × 3 up to
 //!   2 × `max_tile_tokens` (4 with AVX2's 16 registers, 8 with AVX-512's 32), rows in chunks
 //!   of 32 so that a chunk fetched for the first token tile is in cache for the others, and `k`
 //!   in chunks of 512 for tiles of 3 tokens or more (their x rows then stay in L1). Each tile
