@@ -402,16 +402,9 @@ macro_rules! simd_kernels {
                             }
                         }
                     }
-                    for r in c0..c1 {
-                        for t in 0..tt {
-                            let mut lanes = [0f32; 8];
-                            lanes.copy_from_slice(&abuf.0[((r - c0) * tt + t) * 8..][..8]);
-                            let xrow = &p.x[(t0 + t) * k..(t0 + t + 1) * k];
-                            add_tail(&mut lanes, xrow, |kk| scalar(r, kk));
-                            // SAFETY: t0 + t < n, r < r1 ≤ rows, owned by this task.
-                            unsafe { p.store(t0 + t, r, &lanes) };
-                        }
-                    }
+                    // SAFETY: rows c0..c1 are owned by this task, t0 + tt ≤ n, and the buffer
+                    // holds their accumulators at stride tt.
+                    unsafe { store_block(p, &abuf.0, tt, (c0, c1 - c0), (t0, tt), scalar) };
                     t0 += tt;
                 }
             }
@@ -528,13 +521,34 @@ macro_rules! simd_kernels {
             }
         }
 
-        /// Adds the `k % 8` tail to the lanes, lane by lane (same order as the contract: those
-        /// `k` are the last of their lanes). `w(k)` decodes element `k` of the row.
-        #[inline]
-        fn add_tail(lanes: &mut [f32; 8], xrow: &[f32], w: impl Fn(usize) -> f32) {
-            let k = xrow.len();
-            for kk in k / 8 * 8..k {
-                lanes[kk % 8] = xrow[kk].mul_add(w(kk), lanes[kk % 8]);
+        /// Writes outputs `(t0 + t, r0 + r)` for `r < nr`, `t < nt` from their lane
+        /// accumulators `acc[(r·stride + t)·8..]`, adding the `k % 8` tail lane by lane first
+        /// (those `k` are the last of their lanes, as the contract orders them).
+        ///
+        /// # Safety
+        /// Rows `r0..r0+nr` are owned by this task, `t0 + nt ≤ n`, and `acc` holds `nr` rows of
+        /// `nt·8` accumulators at stride `stride·8`.
+        #[target_feature(enable = $features)]
+        unsafe fn store_block(
+            p: &Problem<'_>,
+            acc: &[f32],
+            stride: usize,
+            (r0, nr): (usize, usize),
+            (t0, nt): (usize, usize),
+            scalar: &impl Fn(usize, usize) -> f32,
+        ) {
+            let k = p.k;
+            for r in 0..nr {
+                for t in 0..nt {
+                    let mut lanes = [0f32; 8];
+                    lanes.copy_from_slice(&acc[(r * stride + t) * 8..][..8]);
+                    let xrow = &p.x[(t0 + t) * k..(t0 + t + 1) * k];
+                    for kk in k / 8 * 8..k {
+                        lanes[kk % 8] = xrow[kk].mul_add(scalar(r0 + r, kk), lanes[kk % 8]);
+                    }
+                    // SAFETY: t0 + t < n and row r0 + r is owned by this task (the contract).
+                    unsafe { p.store(t0 + t, r0 + r, &lanes) };
+                }
             }
         }
 
@@ -629,18 +643,9 @@ macro_rules! simd_kernels {
                             }
                         }
                     }
-                    for r in 0..nr {
-                        for t in 0..nt {
-                            let mut lanes = [0f32; 8];
-                            lanes.copy_from_slice(&abuf.0[(r * NB + t) * 8..][..8]);
-                            let xrow = &p.x[(tb + t) * k..(tb + t + 1) * k];
-                            for kk in k8..k {
-                                lanes[kk % 8] = xrow[kk].mul_add(scalar(rb + r, kk), lanes[kk % 8]);
-                            }
-                            // SAFETY: tb + t < n, rb + r < r1 ≤ rows, owned by this task.
-                            unsafe { p.store(tb + t, rb + r, &lanes) };
-                        }
-                    }
+                    // SAFETY: rows rb..rb+nr are owned by this task, tb + nt ≤ n, and the
+                    // buffer holds their accumulators at stride NB.
+                    unsafe { store_block(p, &abuf.0, NB, (rb, nr), (tb, nt), scalar) };
                 }
             }
         }
