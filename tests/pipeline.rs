@@ -110,14 +110,14 @@ fn four_stages_equal_one_stage_and_the_single_process_path() {
 #[test]
 fn every_cpu_instruction_set_gives_the_same_tokens() {
     // The workers inherit GPTOSSD_CPU_ISA, which caps the kernels' instruction set: the
-    // portable fallback, AVX2 and AVX-512 (each where the CPU has it) must agree token for
+    // portable fallback, AVX2 and both AVX-512 levels (each where the CPU has it) must agree token for
     // token, greedy and seeded, with two threads per stage.
     let view = private_model();
     let mut reqs = requests(2, 6, false);
     reqs.extend(requests(1, 6, true));
     let file = requests_file(&reqs);
     let mut outputs = Vec::new();
-    for isa in ["portable", "avx2", "avx512"] {
+    for isa in ["portable", "avx2", "avx512", "avx512vbmi"] {
         let mut cmd = command();
         cmd.env("GPTOSSD_CPU_ISA", isa)
             .arg("generate")

@@ -35,7 +35,7 @@ pub enum WorkerMsg {
     Loaded {
         weight_bytes: u64,
         kv_bytes: u64,
-        /// The CPU kernels' instruction set (`Portable`, `Avx2Fma`, `Avx512`).
+        /// The CPU kernels' instruction set (`Portable`, `Avx2Fma`, `Avx512`, `Avx512Vbmi`).
         kernels: String,
         /// Compute threads.
         threads: u32,

@@ -212,12 +212,13 @@ fn label(pool: &ThreadPool) -> String {
 fn main() {
     let isa = Isa::detect();
     let threads = [1, 2];
-    // The detected instruction set, and AVX2 as well where that is not it (the ratio between
-    // the two is what the AVX-512 kernels buy).
-    let mut isas = vec![isa];
-    if isa > Isa::Avx2Fma {
-        isas.push(Isa::Avx2Fma);
-    }
+    // The detected instruction set and every lower SIMD level this CPU has (the ratios are
+    // what each level's kernels buy).
+    let isas: Vec<Isa> = [Isa::Avx512Vbmi, Isa::Avx512, Isa::Avx2Fma]
+        .into_iter()
+        .filter(|&i| i <= isa && i.is_available())
+        .collect();
+    let isas = if isas.is_empty() { vec![isa] } else { isas };
     let pools: Vec<ThreadPool> = isas
         .iter()
         .flat_map(|&i| threads.iter().map(move |&t| (i, t)))

@@ -151,6 +151,47 @@ const fn scale_table() -> [f32; 256] {
     t
 }
 
+/// For each E8M0 scale byte `s`, the 8 values a nibble with a clear sign bit decodes to,
+/// `MAG[i] · SCALES[s]` (step 1 of the contract, bit for bit: the products are exact, and const
+/// evaluation rounds like the CPU), so that the x86 decoders load a block's table instead of
+/// multiplying it out. 8 KB.
+pub(super) static SCALED_POSITIVE: ScaledTable = ScaledTable(scaled_table(false));
+
+/// The same for nibbles with the sign bit set: [`SCALED_POSITIVE`] with the sign bit flipped.
+/// A separate table, not the second half of one 16-entry row: the compiler would otherwise
+/// merge the two halves into one 512-bit permute, which Zen 4 runs at half the rate.
+pub(super) static SCALED_NEGATIVE: ScaledTable = ScaledTable(scaled_table(true));
+
+/// 256 tables of 8 f32, one per scale byte, each on its own 32-byte boundary.
+#[repr(C, align(32))]
+pub(super) struct ScaledTable(pub(super) [[f32; 8]; 256]);
+
+const fn scaled_table(negative: bool) -> [[f32; 8]; 256] {
+    let scales = scale_table();
+    let mut t = [[0f32; 8]; 256];
+    let mut s = 0;
+    while s < 256 {
+        let mut i = 0;
+        while i < 8 {
+            let mag = if s == 255 && i == 0 {
+                // 0 · ∞ (scale byte 255, which E8M0 reserves for NaN): the default NaN an x86
+                // multiply returns, where const evaluation would give another NaN payload.
+                f32::from_bits(0xFFC0_0000)
+            } else {
+                MAG[i] * scales[s]
+            };
+            t[s][i] = if negative {
+                f32::from_bits(mag.to_bits() ^ 0x8000_0000)
+            } else {
+                mag
+            };
+            i += 1;
+        }
+        s += 1;
+    }
+    t
+}
+
 /// The weights of one product, by format.
 #[derive(Clone, Copy)]
 pub(super) enum Weights<'a> {
@@ -262,6 +303,9 @@ fn run(pool: &ThreadPool, p: &Problem<'_>, w: Weights<'_>) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, for AVX-512 F + VL (with AVX2 + FMA).
         Isa::Avx512 => unsafe { super::x86::avx512::rows(p, w, r0, r1) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, for AVX-512 F + VL + VBMI (with AVX2 + FMA).
+        Isa::Avx512Vbmi => unsafe { super::x86::avx512vbmi::rows(p, w, r0, r1) },
         _ => super::portable::rows(p, w, r0, r1),
     };
     let blocks = p.rows.div_ceil(ROW_ALIGN);

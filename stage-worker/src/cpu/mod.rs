@@ -10,7 +10,7 @@
 //! - **Exact weights.** bf16 and MXFP4 weights are decoded to f32 exactly; activations are never
 //!   quantized; products accumulate in f32 with fused multiply-add.
 //! - **One binary everywhere.** The instruction set is detected at run time; the AVX2 + FMA path
-//!   path, the AVX-512 path and the portable path produce identical bits.
+//!   path, the AVX-512 paths and the portable path produce identical bits.
 
 pub mod kernels;
 pub mod pool;
@@ -34,18 +34,20 @@ pub enum Isa {
     Avx2Fma,
     /// x86-64 AVX-512 F + VL, with AVX2 + FMA.
     Avx512,
+    /// x86-64 AVX-512 F + VL + VBMI (Ice Lake, Zen 4 and later), with AVX2 + FMA.
+    Avx512Vbmi,
 }
 
 impl Isa {
     /// The fastest instruction set this CPU supports, capped by the environment variable
-    /// [`ISA_ENV`] when it names one (`portable`, `avx2` or `avx512`): a way to run, measure or
-    /// debug a slower path on a faster CPU. An unknown name is ignored.
+    /// [`ISA_ENV`] when it names one (`portable`, `avx2`, `avx512` or `avx512vbmi`): a way to
+    /// run, measure or debug a slower path on a faster CPU. An unknown name is ignored.
     pub fn detect() -> Isa {
         let cap = std::env::var(ISA_ENV)
             .ok()
             .and_then(|name| Isa::from_name(&name))
-            .unwrap_or(Isa::Avx512);
-        [Isa::Avx512, Isa::Avx2Fma]
+            .unwrap_or(Isa::Avx512Vbmi);
+        [Isa::Avx512Vbmi, Isa::Avx512, Isa::Avx2Fma]
             .into_iter()
             .find(|&isa| isa <= cap && isa.is_available())
             .unwrap_or(Isa::Portable)
@@ -57,6 +59,7 @@ impl Isa {
             "portable" => Some(Isa::Portable),
             "avx2" => Some(Isa::Avx2Fma),
             "avx512" => Some(Isa::Avx512),
+            "avx512vbmi" => Some(Isa::Avx512Vbmi),
             _ => None,
         }
     }
@@ -67,6 +70,7 @@ impl Isa {
             Isa::Portable => true,
             Isa::Avx2Fma => avx2_fma_detected(),
             Isa::Avx512 => avx2_fma_detected() && avx512_detected(),
+            Isa::Avx512Vbmi => avx2_fma_detected() && avx512_detected() && vbmi_detected(),
         }
     }
 }
@@ -84,6 +88,11 @@ fn avx512_detected() -> bool {
     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl")
 }
 
+#[cfg(target_arch = "x86_64")]
+fn vbmi_detected() -> bool {
+    is_x86_feature_detected!("avx512vbmi")
+}
+
 #[cfg(not(target_arch = "x86_64"))]
 fn avx2_fma_detected() -> bool {
     false
@@ -91,5 +100,10 @@ fn avx2_fma_detected() -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn avx512_detected() -> bool {
+    false
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn vbmi_detected() -> bool {
     false
 }

@@ -4,7 +4,7 @@
 
 use gptossd_shared::mxfp4::{decode_row, e8m0_to_f32, FP4_VALUES};
 
-use super::kernels::{MAG, SCALES};
+use super::kernels::{MAG, SCALED_NEGATIVE, SCALED_POSITIVE, SCALES};
 use super::*;
 
 /// A small deterministic generator (splitmix64).
@@ -166,7 +166,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 
 /// Every instruction set this CPU can run, fastest first.
 fn available_isas() -> Vec<Isa> {
-    [Isa::Avx512, Isa::Avx2Fma, Isa::Portable]
+    [Isa::Avx512Vbmi, Isa::Avx512, Isa::Avx2Fma, Isa::Portable]
         .into_iter()
         .filter(|isa| isa.is_available())
         .collect()
@@ -206,6 +206,29 @@ fn tables_match_the_shared_decoder() {
     for i in 0..8 {
         assert_eq!(MAG[i].to_bits(), FP4_VALUES[i].to_bits());
         assert_eq!((-MAG[i]).to_bits(), FP4_VALUES[i + 8].to_bits());
+    }
+    // The compile-time scaled tables equal the run-time dequantization on this CPU, subnormals
+    // and the NaN of scale byte 255 included.
+    for s in 0..=255u8 {
+        for nib in 0..16 {
+            // Step 1 of the contract, computed now.
+            let mag = std::hint::black_box(MAG[nib & 7]) * e8m0_to_f32(s);
+            let contract = mag.to_bits() ^ (((nib & 8) as u32) << 28);
+            let table = if nib < 8 {
+                &SCALED_POSITIVE
+            } else {
+                &SCALED_NEGATIVE
+            };
+            assert_eq!(
+                table.0[s as usize][nib & 7].to_bits(),
+                contract,
+                "s={s} nib={nib}"
+            );
+            if s < 255 {
+                let dequantized = FP4_VALUES[nib] * e8m0_to_f32(s);
+                assert_eq!(contract, dequantized.to_bits(), "s={s} nib={nib}");
+            }
+        }
     }
 }
 

@@ -14,7 +14,7 @@ pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     let (a, b) = (&a[..n], &b[..n]);
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2Fma {
-        // SAFETY: `Isa::Avx2Fma` and `Isa::Avx512` are only ever selected when the CPU reports
+        // SAFETY: `Isa::Avx2Fma` and the AVX-512 levels are only ever selected when the CPU reports
         // AVX2 and FMA (`Isa::is_available`); the slices have equal length.
         return unsafe { avx2::dot(a, b) };
     }
