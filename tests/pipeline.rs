@@ -398,3 +398,45 @@ fn kill_9_of_the_supervisor_leaves_no_worker_behind() {
     let _ = child.wait();
     assert_nothing_left(model);
 }
+
+#[test]
+fn bench_reports_speed_bandwidth_and_memory_for_each_batch() {
+    // `gptossd bench` on the tiny model, in process: one JSON line per batch size with the
+    // figures the speed issue asks for, consistent with each other.
+    let view = private_model();
+    let mut cmd = command();
+    cmd.arg("bench")
+        .arg("--model")
+        .arg(view.path())
+        .args(["--threads", "2", "--prompt-len", "8", "--gen", "3"])
+        .args(["--batch", "1,2", "--json"]);
+    let out = run(&mut cmd, Duration::from_secs(300));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows = stdout_lines(&out);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for (row, batch) in rows.iter().zip([1u64, 2]) {
+        let num = |key: &str| {
+            row[key]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{key} missing: {row}"))
+        };
+        assert_eq!(row["batch"].as_u64(), Some(batch), "{row}");
+        assert!(num("prefill_tok_s") > 0.0, "{row}");
+        // Aggregate tokens/s is the batch over the median step.
+        let expected = batch as f64 / (num("decode_step_median_ms") / 1e3);
+        assert!((num("decode_tok_s") / expected - 1.0).abs() < 0.01, "{row}");
+        assert!(num("read_bandwidth_gbs") > 0.1, "{row}");
+        assert!(num("read_bandwidth_best_gbs") > 0.1, "{row}");
+        assert!(num("bytes_per_decode_token") > 0.0, "{row}");
+        assert!(num("peak_rss_bytes") > 0.0, "{row}");
+        assert!(num("checkpoint_bytes") > 0.0, "{row}");
+        if batch == 1 {
+            let roofline = num("roofline_fraction");
+            assert!(roofline > 0.0 && roofline.is_finite(), "{row}");
+            assert!(num("roofline_fraction_vs_best") > 0.0, "{row}");
+        } else {
+            assert!(row["roofline_fraction"].is_null(), "{row}");
+        }
+    }
+    assert_nothing_left(view.path());
+}

@@ -3,10 +3,15 @@
 //!
 //! Figures (one JSON object per batch size): `prefill_tok_s` (one prompt of `--prompt-len`
 //! tokens, after an untimed one with the checkpoint read into the page cache), `decode_tok_s` (aggregate over `--batch` sequences decoding together, greedy),
-//! `read_bandwidth_gbs` (a plain read over 512 MiB by `--threads` threads, the best pass of
-//! 5 before loading the model and 5 after the decode runs, in the same run), `bytes_per_decode_token` (weights a batch-1 decode step reads: every
-//! layer's attention, router and top-k experts, the LM head and one embedding row),
-//! `roofline_fraction` (decode bytes/s at batch 1 ÷ read bandwidth), `peak_rss_bytes` (VmHWM).
+//! `read_bandwidth_gbs` (the median of plain read passes over 64 MiB by `--threads` threads,
+//! one right after each decode step), `read_bandwidth_best_gbs` (the best pass over 512 MiB of
+//! 5 before loading the model and 5 after the decode runs), `bytes_per_decode_token` (weights
+//! a batch-1 decode step reads: every layer's attention, router and top-k experts, the LM head
+//! and one embedding row), `roofline_fraction` (batch 1: for each decode step, bytes/s ÷ the
+//! bandwidth of the read pass right after it; the median: the machine's bandwidth swings by 2x
+//! within minutes, so each step is compared with what the memory gave at that moment),
+//! `roofline_fraction_vs_best` (median step against the best pass of the run: a floor),
+//! `peak_rss_bytes` (VmHWM, including the bench's 64 MiB read buffer).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -67,6 +72,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         block_size: BLOCK,
     };
     let mut model = StageModel::new(cfg.clone(), weights, kv, args.threads);
+    // For the read passes between decode steps: larger than any cache here, small beside the
+    // model (it is part of the peak RSS reported).
+    let probe = ReadBuffer::new(PROBE_BYTES);
     let prompt: Vec<u32> = (0..args.prompt_len as u32)
         .map(|i| (i * 7919 + 13) % 199_000)
         .collect();
@@ -116,6 +124,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             *p = short.len();
         }
         let mut times = Vec::with_capacity(args.gen);
+        let mut reads = Vec::with_capacity(args.gen);
         let mut next: Vec<u32> = vec![1000; b];
         for _ in 0..args.gen {
             let batch = StepBatch {
@@ -131,19 +140,40 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             let t = Instant::now();
             model.forward(&batch, StageInput::Tokens(&next), &mut logits)?;
             times.push(t.elapsed().as_secs_f64());
+            // A read pass right after each step: the bandwidth the machine gives at that moment.
+            reads.push(probe.pass(args.threads));
             for (s, row) in logits.chunks_exact(cfg.vocab_size).enumerate() {
                 next[s] = argmax(row);
                 positions[s] += 1;
             }
         }
-        times.sort_by(f64::total_cmp);
-        let median = times[times.len() / 2];
-        rows.push((b, median, peak_rss_bytes()));
+        // Each step against the read pass beside it (paired: the bandwidth of this shared
+        // machine swings by 2x within minutes), then the median.
+        let mut fractions: Vec<f64> = times
+            .iter()
+            .zip(&reads)
+            .map(|(&t, &gbs)| bytes_per_token as f64 / t / 1e9 / gbs)
+            .collect();
+        let paired = median(&mut fractions);
+        rows.push((
+            b,
+            median(&mut times),
+            median(&mut reads),
+            paired,
+            peak_rss_bytes(),
+        ));
     }
-    // Measured again once everything else is done (peak RSS is read before, so the buffer does
-    // not count): the roofline divides by the best figure the machine gave during the run.
-    let bandwidth = bandwidth.max(read_bandwidth_gbs(args.threads));
-    for (b, median, peak_rss) in rows {
+    // Measured again once everything else is done (peak RSS is read before, so this buffer
+    // does not count): the best figure the machine gave during the run.
+    let best_bandwidth = bandwidth.max(read_bandwidth_gbs(args.threads));
+    for (b, median, bandwidth, paired, peak_rss) in rows {
+        let b1 = |v: f64| {
+            if b == 1 {
+                round(v)
+            } else {
+                serde_json::Value::Null
+            }
+        };
         let out = serde_json::json!({
             "batch": b,
             "stages": 0,
@@ -155,14 +185,25 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             "decode_tok_s": round(b as f64 / median),
             "decode_step_median_ms": round(median * 1e3),
             "read_bandwidth_gbs": round(bandwidth),
+            "read_bandwidth_best_gbs": round(best_bandwidth),
             "bytes_per_decode_token": bytes_per_token,
-            "roofline_fraction": if b == 1 { round(bytes_per_token as f64 / median / 1e9 / bandwidth) } else { serde_json::Value::Null },
+            "roofline_fraction": b1(paired),
+            "roofline_fraction_vs_best": b1(bytes_per_token as f64 / median / 1e9 / best_bandwidth),
             "peak_rss_bytes": peak_rss,
             "checkpoint_bytes": ckpt.payload_bytes(),
         });
         println!("{out}");
     }
     Ok(())
+}
+
+/// Size of the read pass run after every decode step.
+const PROBE_BYTES: usize = 64 << 20;
+
+/// The median (upper middle) of a non-empty list; 0 when empty.
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn round(x: f64) -> serde_json::Value {
@@ -213,19 +254,27 @@ fn warm_page_cache(model: &std::path::Path) -> anyhow::Result<()> {
 }
 
 /// GB/s of `threads` threads summing 512 MiB together, each its own contiguous part (the best
-/// of 5 passes): the read bandwidth the kernels can get with the same threads. The best, not
-/// the median: on a shared machine a pass slowed by other work would lower the denominator
-/// of the roofline fraction and flatter the kernels.
+/// of 5 passes): the most the machine gave to a plain read with the same threads.
 fn read_bandwidth_gbs(threads: usize) -> f64 {
-    let words: usize = 512 * 1024 * 1024 / 8;
-    let buf: Vec<u64> = (0..words as u64).collect();
-    let threads = threads.max(1);
-    let part = words.div_ceil(threads);
-    let mut rates = Vec::new();
-    for _ in 0..5 {
+    let buf = ReadBuffer::new(512 << 20);
+    (0..5).map(|_| buf.pass(threads)).fold(0.0, f64::max)
+}
+
+/// A buffer for plain read passes (contents irrelevant, every page touched).
+struct ReadBuffer(Vec<u64>);
+
+impl ReadBuffer {
+    fn new(bytes: usize) -> ReadBuffer {
+        ReadBuffer((0..(bytes / 8) as u64).collect())
+    }
+
+    /// GB/s of `threads` threads summing the buffer together, each its own contiguous part.
+    fn pass(&self, threads: usize) -> f64 {
+        let words = self.0.len();
+        let part = words.div_ceil(threads.max(1)).max(1);
         let t = Instant::now();
         std::thread::scope(|scope| {
-            for chunk in buf.chunks(part) {
+            for chunk in self.0.chunks(part) {
                 scope.spawn(move || {
                     let mut acc = [0u64; 8];
                     for c in chunk.chunks_exact(8) {
@@ -237,10 +286,8 @@ fn read_bandwidth_gbs(threads: usize) -> f64 {
                 });
             }
         });
-        let secs = t.elapsed().as_secs_f64();
-        rates.push((words * 8) as f64 / secs / 1e9);
+        (words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
     }
-    rates.into_iter().fold(0.0, f64::max)
 }
 
 /// Peak resident memory of this process (VmHWM), in bytes; 0 if unknown.
