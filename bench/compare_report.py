@@ -104,6 +104,27 @@ def load_llama(res: Path):
     return {"prefill": prefill, "decode_b1": decode, "peak_rss_bytes": max(rss) if rss else None, "tests": detail, "info": info, "files": [f.name for f in files]}
 
 
+def llama_decode_by_round(res: Path) -> dict[int, float]:
+    """llama-bench's decode (tg) median per interleaved round, from llama-bench-r<i>.json."""
+    out = {}
+    for f in res.glob("llama-bench-r*.json"):
+        m = re.fullmatch(r"llama-bench-r(\d+)\.json", f.name)
+        if not m:
+            continue
+        for (n_prompt, n_gen), (_, samples) in llama_tests([f]).items():
+            if n_gen > 0 and n_prompt == 0:
+                out[int(m.group(1))] = statistics.median(samples)
+    return out
+
+
+def paired_ratio(num: dict, den: dict):
+    """The median over shared run indices of num[i] / den[i]: runs interleaved in time, so
+    each pair saw the same state of a shared machine."""
+    keys = sorted(set(num) & set(den))
+    vals = [num[k] / den[k] for k in keys if num[k] and den[k]]
+    return (statistics.median(vals), len(vals)) if vals else (None, 0)
+
+
 def llama_line(path: Path) -> str:
     parts = []
     for (n_prompt, n_gen), (_, samples) in llama_tests([path]).items():
@@ -151,11 +172,21 @@ def load_gptossd(res: Path):
             "n_runs": len(reps),
         }
     stages = {}
+    stage_runs = {}  # (stages, prompt_len) -> {run index: decode tok/s}
     for f in sorted(res.glob("gptossd-stages*-p*-r*.jsonl")):
         m = re.fullmatch(r"gptossd-stages(\d+)-p(\d+)-r(\d+)\.jsonl", f.name)
         if m:
             for r in jsonl(f):
                 stages.setdefault((int(m.group(1)), int(m.group(2))), []).append(r["decode_tok_s"])
+                stage_runs.setdefault((int(m.group(1)), int(m.group(2))), {})[int(m.group(3))] = r["decode_tok_s"]
+    # Batch-1 decode per run index and prompt length (for ratios paired by round).
+    b1_runs = {}
+    for f in sorted(res.glob("gptossd-p*-r*.jsonl")):
+        m = re.fullmatch(r"gptossd-p(\d+)-r(\d+)\.jsonl", f.name)
+        if m:
+            for r in jsonl(f):
+                if int(r["batch"]) == 1:
+                    b1_runs.setdefault(int(m.group(1)), {})[int(m.group(2))] = r["decode_tok_s"]
     return {
         "per_prompt_len": per_pl,
         "peak_rss_bytes_self": max((r.get("peak_rss_bytes") or 0) for r in all_rows) or None,
@@ -165,6 +196,8 @@ def load_gptossd(res: Path):
         "isa": sorted({r["isa"] for r in all_rows if r.get("isa")}),
         "bytes_per_decode_token": med(r.get("bytes_per_decode_token") for r in all_rows if int(r["batch"]) == 1),
         "stages": {f"{s}@{pl}": {"decode_tok_s_b1": med(v), "n": len(v)} for (s, pl), v in stages.items()},
+        "stage_runs": {f"{s}@{pl}": v for (s, pl), v in stage_runs.items()},
+        "b1_runs": b1_runs,
     }
 
 
@@ -226,12 +259,13 @@ def main() -> None:
             )
         )
     r_dec = ratio(g_b1, ll["decode_b1"])
+    r_dec_paired, n_dec_paired = paired_ratio(g["b1_runs"].get(short, {}), llama_decode_by_round(res))
     rows.append(
         (
             f"decode, batch 1 (tok/s; gptossd after a {short}-token prompt, llama-bench tg{meta.get('llama_gen', '')} from empty)",
             fmt(ll["decode_b1"], 2),
             fmt(g_b1, 2),
-            fmt(r_dec, 2, "×"),
+            fmt(r_dec, 2, "×") + (f" (paired by round: {fmt(r_dec_paired, 2, '×')}, n={n_dec_paired})" if r_dec_paired else ""),
             "≥ 1.0× llama.cpp",
             verdict(r_dec, 1.0),
         )
@@ -300,14 +334,15 @@ def main() -> None:
             continue
         base = g["stages"].get(f"1@{pl}", {}).get("decode_tok_s_b1")
         r = ratio(st["decode_tok_s_b1"], base)
+        r_paired, n_paired = paired_ratio(g["stage_runs"].get(key, {}), g["stage_runs"].get(f"1@{pl}", {}))
         rows.append(
             (
                 f"{s_}-stage pipeline vs 1 stage, decode batch 1, {pl}-token prompt (tok/s)",
                 "",
                 f"{fmt(st['decode_tok_s_b1'], 2)} vs {fmt(base, 2)}",
-                f"{fmt(r, 2, '×')} 1 stage",
+                f"{fmt(r, 2, '×')} 1 stage (paired by run: {fmt(r_paired, 2, '×')}, n={n_paired})",
                 "≥ 0.95×",
-                verdict(r, 0.95),
+                f"{verdict(r, 0.95)} (paired: {verdict(r_paired, 0.95)})",
             )
         )
 
