@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memmap2::Mmap;
+use memmap2::{Advice, Mmap};
 use safetensors::tensor::{Dtype, SafeTensors};
 
 /// A checkpoint file or tensor that cannot be used.
@@ -273,6 +273,21 @@ impl Checkpoint {
         })
     }
 
+    /// Reads every mapped file into memory through its mapping (so that the page sizes are the
+    /// ones the mapping asks for, see `map_file`), for runs that must not wait on the disk.
+    pub fn populate(&self) {
+        for (_, map) in &self.files {
+            if map.advise(Advice::PopulateRead).is_err() {
+                // Older kernels: one read per page does the same.
+                let mut sum = 0u8;
+                for off in (0..map.len()).step_by(4096) {
+                    sum = sum.wrapping_add(map[off]);
+                }
+                std::hint::black_box(sum);
+            }
+        }
+    }
+
     /// Total payload bytes of all tensors (for memory and bandwidth figures).
     pub fn payload_bytes(&self) -> u64 {
         self.tensors
@@ -289,10 +304,18 @@ fn map_file(path: &Path) -> Result<Mmap, CheckpointError> {
     })?;
     // SAFETY: the mapping is read-only. Like every mmap-based loader we rely on nobody
     // truncating or rewriting the checkpoint while the process runs.
-    unsafe { Mmap::map(&file) }.map_err(|source| CheckpointError::Open {
+    let map = unsafe { Mmap::map(&file) }.map_err(|source| CheckpointError::Open {
         path: path.to_path_buf(),
         source,
-    })
+    })?;
+    // Weights are streamed once per token, so 4 KB pages cost a TLB miss every 4 KB: with
+    // transparent huge pages in "madvise" mode (the common default) and a filesystem whose page
+    // cache holds large folios, this hint makes page faults fill the cache with 2 MB folios and
+    // map them whole, whatever the readahead size (measured here with 128 KB readahead:
+    // FilePmdMapped 0 without it, the whole file with it; bench decode roofline 0.91–0.95 with
+    // 4 KB mappings, 0.94–0.99 with 2 MB). Only a hint: where it fails nothing changes.
+    let _ = map.advise(Advice::HugePage);
+    Ok(map)
 }
 
 /// The distinct shard file names of an index, in first-seen order.
