@@ -2,7 +2,7 @@
 //! measured in one process so ratios between them are meaningful on a noisy machine.
 //!
 //! Figures (one JSON object per batch size): `prefill_tok_s` (one prompt of `--prompt-len`
-//! tokens, after an untimed one with the checkpoint read into the page cache), `decode_tok_s` (aggregate over `--batch` sequences decoding together, greedy),
+//! tokens, after an untimed one with the checkpoint read in through its mapping), `decode_tok_s` (aggregate over `--batch` sequences decoding together, greedy),
 //! `read_bandwidth_gbs` (the median of plain read passes over 64 MiB by `--threads` threads,
 //! one right after each decode step), `read_bandwidth_best_gbs` (the best pass over 512 MiB of
 //! 5 before loading the model and 5 after the decode runs), `bytes_per_decode_token` (weights
@@ -11,7 +11,9 @@
 //! bandwidth of the read pass right after it; the median: the machine's bandwidth swings by 2x
 //! within minutes, so each step is compared with what the memory gave at that moment),
 //! `roofline_fraction_vs_best` (median step against the best pass of the run: a floor),
-//! `peak_rss_bytes` (VmHWM, including the bench's 64 MiB read buffer).
+//! `peak_rss_bytes` (VmHWM, including the bench's 64 MiB read buffer; the whole checkpoint is
+//! read through its mapping before the timed runs, so every weight is resident). Read passes
+//! use buffers advised to 2 MB pages, like the checkpoint mapping.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -60,7 +62,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if args.kill_stage.is_some() {
         bail!("--kill-stage needs --stages");
     }
-    let bandwidth = read_bandwidth_gbs(args.threads);
+    let bandwidth = read_bandwidth_gbs(args.threads)?;
     let cfg = ModelConfig::load(&args.model)?;
     let ckpt = Checkpoint::open(&args.model)?;
     let weights = StageWeights::load(&ckpt, &cfg, &StageSpan::whole(&cfg))?;
@@ -74,7 +76,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut model = StageModel::new(cfg.clone(), weights, kv, args.threads);
     // For the read passes between decode steps: larger than any cache here, small beside the
     // model (it is part of the peak RSS reported).
-    let probe = ReadBuffer::new(PROBE_BYTES);
+    let probe = ReadBuffer::new(PROBE_BYTES)?;
     let prompt: Vec<u32> = (0..args.prompt_len as u32)
         .map(|i| (i * 7919 + 13) % 199_000)
         .collect();
@@ -93,9 +95,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         }],
     };
     // Steady state, not first use: the checkpoint in the page cache and mapped, and the
-    // scratch buffers grown, by reading the files and one untimed prefill of the same prompt
+    // scratch buffers grown, by reading the files through their mappings and one untimed
+    // prefill of the same prompt
     // (it rewrites the same KV slots).
-    warm_page_cache(&args.model)?;
+    ckpt.populate();
     model
         .forward(&batch, StageInput::Tokens(&prompt), &mut logits)
         .context("warm-up prefill step")?;
@@ -163,9 +166,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             peak_rss_bytes(),
         ));
     }
-    // Measured again once everything else is done (peak RSS is read before, so this buffer
-    // does not count): the best figure the machine gave during the run.
-    let best_bandwidth = bandwidth.max(read_bandwidth_gbs(args.threads));
+    // Measured again once everything else is done and the model unmapped (peak RSS is read
+    // before, and an outside measure of the peak does not see this buffer on top of the
+    // model): the best figure the machine gave during the run.
+    let isa = format!("{:?}", model.pool().isa());
+    let checkpoint_bytes = ckpt.payload_bytes();
+    drop((model, ckpt, probe));
+    let best_bandwidth = bandwidth.max(read_bandwidth_gbs(args.threads)?);
     for (b, median, bandwidth, paired, peak_rss) in rows {
         let b1 = |v: f64| {
             if b == 1 {
@@ -178,7 +185,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             "batch": b,
             "stages": 0,
             "mode": "in-process",
-            "isa": format!("{:?}", model.pool().isa()),
+            "isa": isa,
             "threads": args.threads,
             "prompt_len": args.prompt_len,
             "prefill_tok_s": round(prefill_tok_s),
@@ -190,7 +197,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             "roofline_fraction": b1(paired),
             "roofline_fraction_vs_best": b1(bytes_per_token as f64 / median / 1e9 / best_bandwidth),
             "peak_rss_bytes": peak_rss,
-            "checkpoint_bytes": ckpt.payload_bytes(),
+            "checkpoint_bytes": checkpoint_bytes,
         });
         println!("{out}");
     }
@@ -233,48 +240,43 @@ fn decode_bytes_per_token(w: &StageWeights, cfg: &ModelConfig) -> u64 {
     (row + head + layers) as u64
 }
 
-/// Reads every safetensors file of the model once, so that the timed runs find the weights
-/// in the page cache instead of on disk.
-fn warm_page_cache(model: &std::path::Path) -> anyhow::Result<()> {
-    use std::io::Read;
-    let mut buf = vec![0u8; 16 << 20];
-    for entry in std::fs::read_dir(model).with_context(|| format!("{}", model.display()))? {
-        let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "safetensors") {
-            let mut f =
-                std::fs::File::open(&path).with_context(|| format!("{}", path.display()))?;
-            while f
-                .read(&mut buf)
-                .with_context(|| format!("{}", path.display()))?
-                > 0
-            {}
-        }
-    }
-    Ok(())
-}
-
 /// GB/s of `threads` threads summing 512 MiB together, each its own contiguous part (the best
 /// of 5 passes): the most the machine gave to a plain read with the same threads.
-fn read_bandwidth_gbs(threads: usize) -> f64 {
-    let buf = ReadBuffer::new(512 << 20);
-    (0..5).map(|_| buf.pass(threads)).fold(0.0, f64::max)
+fn read_bandwidth_gbs(threads: usize) -> anyhow::Result<f64> {
+    let buf = ReadBuffer::new(512 << 20)?;
+    Ok((0..5).map(|_| buf.pass(threads)).fold(0.0, f64::max))
 }
 
-/// A buffer for plain read passes (contents irrelevant, every page touched).
-struct ReadBuffer(Vec<u64>);
+/// A buffer for plain read passes (contents irrelevant, every page touched), in the page size
+/// the weights get: anonymous memory advised to use 2 MB pages, as the checkpoint mapping is
+/// (a 4 KB-paged buffer reads slower here and would flatter the roofline).
+struct ReadBuffer(memmap2::MmapMut);
 
 impl ReadBuffer {
-    fn new(bytes: usize) -> ReadBuffer {
-        ReadBuffer((0..(bytes / 8) as u64).collect())
+    fn new(bytes: usize) -> anyhow::Result<ReadBuffer> {
+        let mut map = memmap2::MmapMut::map_anon(bytes.max(8))
+            .with_context(|| format!("mapping a {bytes}-byte read buffer"))?;
+        let _ = map.advise(memmap2::Advice::HugePage);
+        for (i, b) in map.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        Ok(ReadBuffer(map))
+    }
+
+    fn words(&self) -> &[u64] {
+        // SAFETY: any bytes are a valid u64; the mapping is page-aligned, so the prefix is empty.
+        let (_, words, _) = unsafe { self.0.align_to::<u64>() };
+        words
     }
 
     /// GB/s of `threads` threads summing the buffer together, each its own contiguous part.
     fn pass(&self, threads: usize) -> f64 {
-        let words = self.0.len();
+        let all = self.words();
+        let words = all.len();
         let part = words.div_ceil(threads.max(1)).max(1);
         let t = Instant::now();
         std::thread::scope(|scope| {
-            for chunk in self.0.chunks(part) {
+            for chunk in all.chunks(part) {
                 scope.spawn(move || {
                     let mut acc = [0u64; 8];
                     for c in chunk.chunks_exact(8) {
