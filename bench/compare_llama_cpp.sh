@@ -329,6 +329,33 @@ run_rss() {
   fi
 }
 
+# ---------------------------------------------------------------------------------------------
+phase_start "page cache: both engines' weight files evicted, then read once"
+# Both engines memory-map their weights, so the page sizes the kernel maps them with depend on
+# how the page cache was filled (a file just written by a converter or generator sits in small
+# folios: 4 KB mappings, a TLB miss per 4 KB of a stream). Evict both files and read both the
+# same way, so both get what a cold read gives on this kernel (readahead: see the report).
+python3 - "$GGUF" "$MODEL_DIR"/*.safetensors <<'PY'
+import os, sys
+for path in sys.argv[1:]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        while os.read(fd, 16 << 20):
+            pass
+    finally:
+        os.close(fd)
+PY
+read_ahead_kb() {
+  local dev parent
+  dev="$(basename "$(df --output=source "$1" | tail -1)")"
+  parent="$(lsblk -no pkname "/dev/$dev" 2>/dev/null | head -1)"
+  cat "/sys/block/${parent:-$dev}/queue/read_ahead_kb" 2>/dev/null || echo unknown
+}
+READ_AHEAD_KB="$(read_ahead_kb "$MODEL_DIR")"
+info "file huge pages in the page cache now: $(awk '/^FileHugePages:/ {print $2, $3}' /proc/meminfo); readahead: $READ_AHEAD_KB KB"
+phase_end
+
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 LOAD_BEFORE="$(loadavg)"
 
@@ -412,6 +439,7 @@ python3 "$SCRIPT_DIR/compare_report.py" --results "$RES" \
   --meta "interleave=$INTERLEAVE" \
   --meta "cpu=$CPU_MODEL ($(nproc) cpus visible; $CPU_FLAGS)" \
   --meta "loadavg_before=$LOAD_BEFORE" \
+  --meta "read_ahead_kb=$READ_AHEAD_KB" \
   --meta "loadavg_after=$LOAD_AFTER" \
   --meta "rss_method=$([[ $HAVE_GNU_TIME == 1 ]] && echo 'GNU time %M' || echo '/proc VmHWM polling')" \
   | tee "$RES/table.md"

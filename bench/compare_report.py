@@ -384,7 +384,7 @@ def main() -> None:
             f"- GGUF {meta.get('gguf')}: {gchk['n_tensors']} tensors, types {gchk['tensor_types']}, expert weights {gchk['expert_tensor_types']}, "
             f"experts kept MXFP4: {'yes' if gchk['experts_mxfp4'] else 'NO'}; tokenizer pre '{gchk['metadata'].get('tokenizer_pre')}', {gchk['metadata'].get('n_tokens')} tokens"
         )
-    out.append(f"- machine: {meta.get('cpu')}; load average before {meta.get('loadavg_before')}, after {meta.get('loadavg_after')} (a shared machine: expect noise)")
+    out.append(f"- machine: {meta.get('cpu')}; load average before {meta.get('loadavg_before')}, after {meta.get('loadavg_after')} (a shared machine: expect noise); both weight files evicted and read once before the runs, readahead {meta.get('read_ahead_kb')} KB")
     print("\n".join(out))
 
     summary = {
