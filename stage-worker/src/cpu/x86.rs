@@ -307,18 +307,16 @@ const MULTISHIFT_NIBBLES: [u8; 32] = {
 };
 
 impl AvxWeights for Mxfp4Vbmi {
-    /// The positive and negative halves of the scaled table, and the block's 16 bytes.
-    type Group = (__m256, __m256, *const u8);
-    const ONE_TOKEN_PREFETCH_TILES: usize = 1;
+    /// As [`Mxfp4Avx512`]'s: the positive and negative halves of the scaled table, and the
+    /// block's 16 bytes.
+    type Group = <Mxfp4Avx512 as AvxWeights>::Group;
+    const ONE_TOKEN_PREFETCH_TILES: usize = Mxfp4Avx512::ONE_TOKEN_PREFETCH_TILES;
 
     #[inline]
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vbmi")]
     unsafe fn group(self, row: usize, g: usize) -> (__m256, __m256, *const u8) {
-        // SAFETY: forwarded from the caller's contract; each table has 8 f32.
-        unsafe {
-            let (pos, neg, blk) = self.0.block(row, g);
-            (_mm256_loadu_ps(pos), _mm256_loadu_ps(neg), blk)
-        }
+        // SAFETY: forwarded from the caller's contract (a subset of these features).
+        unsafe { Mxfp4Avx512(self.0).group(row, g) }
     }
 
     #[inline]
