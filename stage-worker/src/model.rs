@@ -241,7 +241,9 @@ impl SharedOut {
 }
 
 thread_local! {
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Attention scratch of one pool thread: the scores of every head of a KV group, where each
+    /// key of the window lives in the pool, and each head's running maximum and denominator.
+    static SCORES: RefCell<AttentionScratch> = const { RefCell::new(AttentionScratch::new()) };
 }
 
 /// Reusable activation buffers (grown, never shrunk: no allocation per token).
@@ -732,12 +734,18 @@ struct AttentionArgs<'a> {
 }
 
 /// Grouped-query attention with learned sinks (§3.5) for every token of the step, reading keys
-/// and values from the pool. One task per (sequence, query head); keys reduce in ascending
-/// position order, so a token's output never depends on the chunking.
+/// and values from the pool. One task per (sequence, KV head): each key and value row is
+/// located and read once for the query heads that share it. Per query head the arithmetic is
+/// that of one head alone (keys reduce in ascending position order, same functions), so a
+/// token's output never depends on the chunking or on the other heads.
 fn attention(a: AttentionArgs<'_>) {
     let cfg = a.cfg;
-    let (d, nh) = (cfg.head_dim, cfg.num_attention_heads);
-    let group = nh / cfg.num_key_value_heads;
+    let (d, nh, nkv) = (
+        cfg.head_dim,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+    );
+    let group = nh / nkv;
     let qd = cfg.q_dim();
     let scale = 1.0 / (d as f32).sqrt();
     let window = match a.kind {
@@ -752,53 +760,88 @@ fn attention(a: AttentionArgs<'_>) {
     }
     let out = SharedOut(a.out.as_mut_ptr());
     let out_len = a.out.len();
-    let tasks = a.batch.seqs.len() * nh;
+    let tasks = a.batch.seqs.len() * nkv;
     let isa = a.pool.isa();
     a.pool.run(tasks, &|task| {
-        let (si, head) = (task / nh, task % nh);
+        let (si, kv_head) = (task / nkv, task % nkv);
         let seq = &a.batch.seqs[si];
-        let kv_head = head / group;
-        let sink = bf16(a.sinks[head]);
+        let heads = kv_head * group..(kv_head + 1) * group;
         SCORES.with(|cell| {
-            let mut scores = cell.borrow_mut();
+            let AttentionScratch {
+                scores,
+                keys,
+                maxes,
+                denoms,
+            } = &mut *cell.borrow_mut();
             for i in 0..seq.tokens {
                 let tok = seq_offsets[si] + i;
                 let pos = seq.start_pos + i;
                 let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                let qh = &a.q[tok * qd + head * d..tok * qd + (head + 1) * d];
+                keys.clear();
+                keys.extend((lo..=pos).filter_map(|j| a.kv.locate(&seq.blocks, j)));
+                let n = keys.len();
                 scores.clear();
-                let mut max = sink;
-                for j in lo..=pos {
-                    let Some((block, slot)) = a.kv.locate(&seq.blocks, j) else {
-                        continue;
-                    };
-                    let kr = &a.kv.key(a.local, block, slot)[kv_head * d..(kv_head + 1) * d];
-                    let l = vector::dot(isa, qh, kr) * scale;
-                    max = max.max(l);
-                    scores.push(l);
+                scores.resize(group * n, 0.0);
+                // Scores: head by head within each key, each head in ascending key order.
+                maxes.clear();
+                maxes.extend(heads.clone().map(|h| bf16(a.sinks[h])));
+                for (jj, &(block, slot)) in keys.iter().enumerate() {
+                    let krow = a.kv.key(a.local, block, slot);
+                    let kr = &krow[kv_head * d..(kv_head + 1) * d];
+                    for (g, head) in heads.clone().enumerate() {
+                        let qh = &a.q[tok * qd + head * d..tok * qd + (head + 1) * d];
+                        let l = vector::dot(isa, qh, kr) * scale;
+                        maxes[g] = maxes[g].max(l);
+                        scores[g * n + jj] = l;
+                    }
                 }
-                let mut denom = (sink - max).exp();
-                for sc in scores.iter_mut() {
-                    *sc = (*sc - max).exp();
-                    denom += *sc;
+                denoms.clear();
+                for (g, head) in heads.clone().enumerate() {
+                    let max = maxes[g];
+                    let mut denom = (bf16(a.sinks[head]) - max).exp();
+                    for sc in scores[g * n..(g + 1) * n].iter_mut() {
+                        *sc = (*sc - max).exp();
+                        denom += *sc;
+                    }
+                    denoms.push(denom);
                 }
-                let base = tok * qd + head * d;
-                assert!(base + d <= out_len);
-                // SAFETY: task (si, head) is the only writer of columns head·d..(head+1)·d of
-                // the rows of sequence si; the range is checked against the buffer length above,
-                // and the buffer outlives `pool.run`.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(base), d) };
+                let base = tok * qd + kv_head * group * d;
+                assert!(base + group * d <= out_len);
+                // SAFETY: task (si, kv_head) is the only writer of columns of its heads,
+                // kv_head·group·d..(kv_head+1)·group·d, of the rows of sequence si; the range
+                // is checked against the buffer length above, and the buffer outlives
+                // `pool.run`.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(base), group * d) };
                 dst.fill(0.0);
-                for (jj, j) in (lo..=pos).enumerate() {
-                    let Some((block, slot)) = a.kv.locate(&seq.blocks, j) else {
-                        continue;
-                    };
-                    let vr = &a.kv.value(a.local, block, slot)[kv_head * d..(kv_head + 1) * d];
-                    vector::axpy(isa, scores[jj] / denom, vr, dst);
+                for (jj, &(block, slot)) in keys.iter().enumerate() {
+                    let vrow = a.kv.value(a.local, block, slot);
+                    let vr = &vrow[kv_head * d..(kv_head + 1) * d];
+                    for (g, dh) in dst.chunks_exact_mut(d).enumerate() {
+                        vector::axpy(isa, scores[g * n + jj] / denoms[g], vr, dh);
+                    }
                 }
             }
         });
     });
+}
+
+/// See `SCORES`.
+struct AttentionScratch {
+    scores: Vec<f32>,
+    keys: Vec<(u32, usize)>,
+    maxes: Vec<f32>,
+    denoms: Vec<f32>,
+}
+
+impl AttentionScratch {
+    const fn new() -> Self {
+        AttentionScratch {
+            scores: Vec::new(),
+            keys: Vec::new(),
+            maxes: Vec::new(),
+            denoms: Vec::new(),
+        }
+    }
 }
 
 #[cfg(test)]
