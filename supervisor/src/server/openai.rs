@@ -279,6 +279,33 @@ impl Launch<'_> {
         };
         Ok((run, job, self.stream.is_some()))
     }
+
+    /// Submits and answers: an error body, a stream (`stream` feeds it from its own task), or
+    /// the whole response (`whole`).
+    async fn respond<S, W>(
+        self,
+        state: &Arc<AppState>,
+        arrival: Instant,
+        profile: ProfileName,
+        stream: impl FnOnce(Run, Job, tokio::sync::mpsc::Sender<Bytes>) -> S,
+        whole: impl FnOnce(Run, Job) -> W,
+    ) -> HttpResponse
+    where
+        S: std::future::Future<Output = ()> + Send + 'static,
+        W: std::future::Future<Output = HttpResponse>,
+    {
+        match self.start(state, arrival) {
+            Err(e) => reject(state, Some(profile), &e),
+            Ok((run, job, true)) => {
+                let (tx, body) = SseBody::channel();
+                let mut resp = sse(body);
+                tag_headers(&mut resp, &run);
+                tokio::spawn(stream(run, job, tx));
+                resp
+            }
+            Ok((run, job, false)) => whole(run, job).await,
+        }
+    }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -332,17 +359,9 @@ pub async fn chat(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse 
         return_ids: parsed.return_token_ids(),
         id_prefix: "chatcmpl",
     };
-    match launch.start(&state, arrival) {
-        Err(e) => reject(&state, Some(profile), &e),
-        Ok((run, job, true)) => {
-            let (tx, body) = SseBody::channel();
-            let mut resp = sse(body);
-            tag_headers(&mut resp, &run);
-            tokio::spawn(stream_chat(run, job, tx));
-            resp
-        }
-        Ok((run, job, false)) => whole_chat(run, job).await,
-    }
+    launch
+        .respond(&state, arrival, profile, stream_chat, whole_chat)
+        .await
 }
 
 /// Passes content text through the stop matcher; returns the events to show and whether a
@@ -641,17 +660,15 @@ pub async fn completions(state: Arc<AppState>, req: Request<Incoming>) -> HttpRe
         return_ids: parsed.return_token_ids(),
         id_prefix: "cmpl",
     };
-    match launch.start(&state, arrival) {
-        Err(e) => reject(&state, Some(profile), &e),
-        Ok((run, job, true)) => {
-            let (tx, body) = SseBody::channel();
-            let mut resp = sse(body);
-            tag_headers(&mut resp, &run);
-            tokio::spawn(stream_completion(run, job, tx));
-            resp
-        }
-        Ok((run, job, false)) => whole_completion(run, job).await,
-    }
+    launch
+        .respond(
+            &state,
+            arrival,
+            profile,
+            stream_completion,
+            whole_completion,
+        )
+        .await
 }
 
 /// The text a token adds (special tokens add none).
