@@ -62,21 +62,23 @@ trait AvxWeights: Copy {
     /// AVX2 + FMA; `32g + 8j + 8 ≤ k`.
     unsafe fn vec(self, grp: Self::Group, j: usize) -> __m256;
 
+    /// Where the matrix's bytes lie, for cache hints.
+    type Stream: WeightStream;
+
+    fn stream(self) -> Self::Stream;
+}
+
+/// Cache hints about a matrix's rows (safe: a prefetch never faults, whatever the address).
+trait WeightStream: Copy {
     /// Hints the cache about group `g` of `row`, a row some tiles ahead (GEMV): into L1
     /// when `to_l1`, else into L2 only. A one-token GEMV streams from DRAM faster with L2
     /// hints (they do not hold L1 miss buffers: one core measured 17 → 23 GB/s on the bf16 LM
     /// head); tiles of several tokens reuse each line longer and do better with L1 hints
     /// (8 tokens: 141–152 vs 127 GFLOP/s).
-    ///
-    /// # Safety
-    /// AVX2 + FMA (the address need not be valid: prefetches never fault).
-    unsafe fn prefetch(self, row: usize, g: usize, to_l1: bool);
+    fn prefetch(self, row: usize, g: usize, to_l1: bool);
 
     /// Hints the cache about elements `k0..k0+len` of `row` (panel GEMM).
-    ///
-    /// # Safety
-    /// AVX2 + FMA (the addresses need not be valid).
-    unsafe fn prefetch_span(self, row: usize, k0: usize, len: usize);
+    fn prefetch_span(self, row: usize, k0: usize, len: usize);
 }
 
 #[derive(Clone, Copy)]
@@ -87,6 +89,7 @@ struct Bf16W {
 
 impl AvxWeights for Bf16W {
     type Group = *const u16;
+    type Stream = Bf16W;
     const ONE_TOKEN_PREFETCH_TILES: usize = 3;
 
     #[inline]
@@ -104,19 +107,24 @@ impl AvxWeights for Bf16W {
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn prefetch(self, row: usize, g: usize, to_l1: bool) {
+    #[inline(always)]
+    fn stream(self) -> Bf16W {
+        self
+    }
+}
+
+impl WeightStream for Bf16W {
+    #[inline(always)]
+    fn prefetch(self, row: usize, g: usize, to_l1: bool) {
         let p = self.ptr.wrapping_add(row * self.k + 32 * g) as *const i8;
         prefetch_line(p, to_l1);
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn prefetch_span(self, row: usize, k0: usize, len: usize) {
+    #[inline(always)]
+    fn prefetch_span(self, row: usize, k0: usize, len: usize) {
         let p = self.ptr.wrapping_add(row * self.k + k0) as *const i8;
         for off in (0..2 * len).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off));
+            prefetch_line(p.wrapping_add(off), true);
         }
     }
 }
@@ -170,22 +178,22 @@ impl Mxfp4Ptrs {
         // SAFETY: bytes 4j..4j+4 of the 16-byte block; unaligned read.
         unsafe { (blk.add(4 * j) as *const i32).read_unaligned() }
     }
+}
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn prefetch(self, row: usize, g: usize, to_l1: bool) {
+impl WeightStream for Mxfp4Ptrs {
+    #[inline(always)]
+    fn prefetch(self, row: usize, g: usize, to_l1: bool) {
         if g.is_multiple_of(4) {
             let p = self.blocks.wrapping_add(row * self.k / 2 + 16 * g) as *const i8;
             prefetch_line(p, to_l1);
         }
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn prefetch_span(self, row: usize, k0: usize, len: usize) {
+    #[inline(always)]
+    fn prefetch_span(self, row: usize, k0: usize, len: usize) {
         let p = self.blocks.wrapping_add((row * self.k + k0) / 2) as *const i8;
         for off in (0..len / 2).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off));
+            prefetch_line(p.wrapping_add(off), true);
         }
     }
 }
@@ -198,6 +206,7 @@ struct Mxfp4Avx2(Mxfp4Ptrs);
 impl AvxWeights for Mxfp4Avx2 {
     /// The magnitude table times the block scale, and the block's 16 bytes.
     type Group = (__m256, *const u8);
+    type Stream = Mxfp4Ptrs;
     const ONE_TOKEN_PREFETCH_TILES: usize = 1;
 
     #[inline]
@@ -222,18 +231,9 @@ impl AvxWeights for Mxfp4Avx2 {
         _mm256_xor_ps(mag, _mm256_castsi256_ps(sign))
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn prefetch(self, row: usize, g: usize, to_l1: bool) {
-        // SAFETY: a cache hint.
-        unsafe { self.0.prefetch(row, g, to_l1) }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn prefetch_span(self, row: usize, k0: usize, len: usize) {
-        // SAFETY: a cache hint.
-        unsafe { self.0.prefetch_span(row, k0, len) }
+    #[inline(always)]
+    fn stream(self) -> Mxfp4Ptrs {
+        self.0
     }
 }
 
@@ -246,6 +246,7 @@ struct Mxfp4Avx512(Mxfp4Ptrs);
 impl AvxWeights for Mxfp4Avx512 {
     /// The positive and negative halves of the scaled table, and the block's 16 bytes.
     type Group = (__m256, __m256, *const u8);
+    type Stream = Mxfp4Ptrs;
     const ONE_TOKEN_PREFETCH_TILES: usize = 1;
 
     #[inline]
@@ -269,18 +270,9 @@ impl AvxWeights for Mxfp4Avx512 {
         _mm256_permutex2var_ps(pos, idx, neg)
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-    unsafe fn prefetch(self, row: usize, g: usize, to_l1: bool) {
-        // SAFETY: a cache hint.
-        unsafe { self.0.prefetch(row, g, to_l1) }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-    unsafe fn prefetch_span(self, row: usize, k0: usize, len: usize) {
-        // SAFETY: a cache hint.
-        unsafe { self.0.prefetch_span(row, k0, len) }
+    #[inline(always)]
+    fn stream(self) -> Mxfp4Ptrs {
+        self.0
     }
 }
 
@@ -310,6 +302,7 @@ impl AvxWeights for Mxfp4Vbmi {
     /// As [`Mxfp4Avx512`]'s: the positive and negative halves of the scaled table, and the
     /// block's 16 bytes.
     type Group = <Mxfp4Avx512 as AvxWeights>::Group;
+    type Stream = Mxfp4Ptrs;
     const ONE_TOKEN_PREFETCH_TILES: usize = Mxfp4Avx512::ONE_TOKEN_PREFETCH_TILES;
 
     #[inline]
@@ -337,18 +330,9 @@ impl AvxWeights for Mxfp4Vbmi {
         _mm256_permutex2var_ps(pos, idx, neg)
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vbmi")]
-    unsafe fn prefetch(self, row: usize, g: usize, to_l1: bool) {
-        // SAFETY: a cache hint.
-        unsafe { self.0.prefetch(row, g, to_l1) }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vbmi")]
-    unsafe fn prefetch_span(self, row: usize, k0: usize, len: usize) {
-        // SAFETY: a cache hint.
-        unsafe { self.0.prefetch_span(row, k0, len) }
+    #[inline(always)]
+    fn stream(self) -> Mxfp4Ptrs {
+        self.0
     }
 }
 
@@ -569,14 +553,12 @@ macro_rules! simd_kernels {
             while s + 4 <= s1 {
                 let g = s / 4;
                 for (r, ar) in a.iter_mut().enumerate() {
+                    w.stream().prefetch(r0 + r + prefetch_ahead, g, T > 1);
+                    if T > 1 {
+                        w.stream().prefetch(r0 + r + DIRECT_ROWS, g, false);
+                    }
                     // SAFETY: row r0 + r < rows, 32g < k.
-                    let grp = unsafe {
-                        w.prefetch(r0 + r + prefetch_ahead, g, T > 1);
-                        if T > 1 {
-                            w.prefetch(r0 + r + DIRECT_ROWS, g, false);
-                        }
-                        w.group(r0 + r, g)
-                    };
+                    let grp = unsafe { w.group(r0 + r, g) };
                     for j in 0..4 {
                         // SAFETY: 32g + 8j + 8 ≤ k; x loads stay in token row t0 + t.
                         unsafe {
@@ -710,8 +692,7 @@ macro_rules! simd_kernels {
                             let tt = NR.min(nt - t);
                             if let Some((nrb, nnr, nkc)) = next {
                                 for r in i * nnr / tiles..(i + 1) * nnr / tiles {
-                                    // SAFETY: a cache hint; the span is inside row nrb + r.
-                                    unsafe { w.prefetch_span(nrb + r, nkc, KC.min(k8 - nkc)) };
+                                    w.stream().prefetch_span(nrb + r, nkc, KC.min(k8 - nkc));
                                 }
                             }
                             // SAFETY: token rows tb+t..tb+t+tt < n.
