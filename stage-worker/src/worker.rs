@@ -150,24 +150,16 @@ pub fn run(model: &mut StageModel, hops: Hops, shared: &Shared) -> Result<(), Lo
     let mut consumer: Option<Consumer> = Some(in_ring.consumer()?);
     let mut producer: Option<Producer> = Some(out_ring.producer()?);
     let mut scratch = StepScratch::default();
-    // Set when a ring was found closed: its end is dropped at the top of the next turn.
-    let (mut lost_input, mut lost_output) = (false, false);
+    // Set when the input ring was found closed: its end is dropped at the top of the next turn.
+    let mut lost_input = false;
     while !shared.shutdown.load(Ordering::SeqCst) {
         if std::mem::take(&mut lost_input) {
             consumer = None;
-        }
-        if std::mem::take(&mut lost_output) {
-            producer = None;
         }
         if let Some(ring) = shared.new_in.lock().ok().and_then(|mut s| s.take()) {
             drop(consumer.take());
             in_ring = ring;
             consumer = Some(in_ring.consumer()?);
-        }
-        if let Some(ring) = shared.new_out.lock().ok().and_then(|mut s| s.take()) {
-            drop(producer.take());
-            out_ring = ring;
-            producer = Some(out_ring.producer()?);
         }
         let Some(cons) = consumer.as_mut() else {
             std::thread::sleep(POLL);
@@ -194,16 +186,35 @@ pub fn run(model: &mut StageModel, hops: Hops, shared: &Shared) -> Result<(), Lo
         if let Ok(mut b) = shared.busy.lock() {
             *b = Some((header.step, Instant::now()));
         }
-        let Some(prod) = producer.as_mut() else {
-            continue;
+        // The output ring may have been replaced (the next stage restarted) after this loop
+        // last looked, and the replacement may still be on its way from the control reader:
+        // the step belongs to the current epoch, so it waits for the new ring rather than
+        // being dropped (a dropped step would leave its sequences waiting forever). Computing
+        // a step twice writes the same KV rows with the same values.
+        let written = loop {
+            if let Some(ring) = shared.new_out.lock().ok().and_then(|mut s| s.take()) {
+                drop(producer.take());
+                out_ring = ring;
+                producer = Some(out_ring.producer()?);
+            }
+            let result = match producer.as_mut() {
+                Some(prod) => compute_step(model, &header, &slot[payload_at..], prod, &mut scratch),
+                None => Err(RingError::Closed),
+            };
+            match result {
+                Err(RingError::Closed) | Err(RingError::Stale(_)) => {
+                    producer = None;
+                    if !await_replacement(&shared.new_out, shared, header.epoch) {
+                        break Err(RingError::Closed);
+                    }
+                }
+                other => break other,
+            }
         };
-        let written = compute_step(model, &header, &slot[payload_at..], prod, &mut scratch);
         drop(slot);
         match written {
-            Ok(()) => {}
-            Err(RingError::Closed) | Err(RingError::Stale(_)) => {
-                lost_output = true;
-            }
+            // Closed: no replacement came (shutdown, or the step went stale): dropped.
+            Ok(()) | Err(RingError::Closed) => {}
             Err(e) => return Err(e.into()),
         }
         if let Ok(mut b) = shared.busy.lock() {
@@ -212,6 +223,26 @@ pub fn run(model: &mut StageModel, hops: Hops, shared: &Shared) -> Result<(), Lo
         shared.steps_done.fetch_add(1, Ordering::SeqCst);
     }
     Ok(())
+}
+
+/// How long a step of the current epoch waits for a replacement output ring.
+const REPLACEMENT_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits until a replacement ring is in `slot` (true), or gives up (false): on shutdown, when
+/// the epoch moves past `epoch` (the step is stale and will be replayed), or after
+/// [`REPLACEMENT_WAIT`].
+fn await_replacement(slot: &Mutex<Option<Ring>>, shared: &Shared, epoch: u64) -> bool {
+    let deadline = Instant::now() + REPLACEMENT_WAIT;
+    while Instant::now() < deadline
+        && !shared.shutdown.load(Ordering::SeqCst)
+        && shared.epoch.load(Ordering::SeqCst) <= epoch
+    {
+        if slot.lock().is_ok_and(|s| s.is_some()) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    false
 }
 
 /// Buffers reused across steps.
