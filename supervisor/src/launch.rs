@@ -80,10 +80,20 @@ pub fn stage_binary() -> Result<PathBuf, LaunchError> {
         Ok(bin)
     } else {
         Err(LaunchError::StageBinary(format!(
-            "{} does not exist (set {STAGE_BIN_ENV})",
+            "{} does not exist. Build both binaries with `cargo build --release` at the \
+             repository's root (`cargo run --bin gptossd` builds only the supervisor), install \
+             the gptossd package, or set {STAGE_BIN_ENV} to the worker's path",
             bin.display()
         )))
     }
+}
+
+/// The name a model directory is known by: its last component.
+fn model_name(dir: &Path) -> String {
+    dir.file_name().map_or_else(
+        || dir.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
 }
 
 /// Builds the pipeline configuration.
@@ -125,6 +135,7 @@ pub fn pipeline_config(opts: &LaunchOptions) -> Result<PipelineConfig, LaunchErr
         })
         .collect();
     Ok(PipelineConfig {
+        name: model_name(&opts.model),
         model: opts.model.clone(),
         hidden_size: cfg.hidden_size,
         vocab_size: cfg.vocab_size,
@@ -199,6 +210,7 @@ pub fn pipeline_config_for_model(
         .collect();
     let sched = config.scheduler();
     let pipeline = PipelineConfig {
+        name: model.name.clone(),
         model: model.path.clone(),
         hidden_size: cfg.hidden_size,
         vocab_size: cfg.vocab_size,

@@ -18,7 +18,10 @@
 //! sockets), every running sequence is requeued by the scheduler with its tokens so far, and
 //! the worker is restarted after a backoff — unless it crashed more than the crash-loop limit
 //! within the window, or could not load, in which case the model is marked unhealthy and its
-//! requests fail with the stage's reason. Because kernels are batch invariant and sampling
+//! requests fail with the stage's reason. An unhealthy model recovers ([`Recovery`]): after a
+//! crash loop, once the window has passed (the cool-down) or when an administrator restarts
+//! the stage; after a load failure, only through an administrator's restart. An
+//! administrator's restart is not a crash: it restarts at once and counts towards no limit. Because kernels are batch invariant and sampling
 //! depends only on (seed, token index), a replayed sequence continues exactly as it would have.
 
 pub mod worker;
@@ -54,6 +57,8 @@ const HEADER_BYTES: usize = 1 << 20;
 /// Everything the pipeline needs to start.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
+    /// The model's served name (the `model` field of every log record of this pipeline).
+    pub name: String,
     pub model: PathBuf,
     pub hidden_size: usize,
     pub vocab_size: usize,
@@ -134,6 +139,18 @@ pub struct StageStatus {
     pub steps_done: u64,
 }
 
+/// How an unhealthy model can become healthy again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// A stage could not load (or start): it would fail the same way again, so only an
+    /// administrator's stage restart (after fixing the cause) tries again.
+    AdministratorRestart,
+    /// A stage crashed more than the crash-loop limit within the window: it is tried again
+    /// once the window has passed with no crash (the cool-down), or at once when an
+    /// administrator restarts it.
+    CoolDown { retry_at: Instant },
+}
+
 /// The whole pipeline's state, refreshed by the engine every turn.
 #[derive(Debug, Clone, Default)]
 pub struct PipelineStatus {
@@ -142,6 +159,8 @@ pub struct PipelineStatus {
     pub started: bool,
     pub ready: bool,
     pub unhealthy: Option<String>,
+    /// How the model recovers from `unhealthy` (set exactly when `unhealthy` is).
+    pub recovery: Option<Recovery>,
     pub draining: bool,
     pub epoch: u64,
     pub scheduler: SchedulerStats,
@@ -297,11 +316,13 @@ pub fn start(cfg: PipelineConfig) -> std::io::Result<PipelineHandle> {
             .name("results".into())
             .spawn(move || result_loop(result_ring_rx, tx))?;
     }
+    // Every record the engine logs carries the model's name.
+    let span = tracing::info_span!("pipeline", model = %cfg.name);
     let mut engine = Engine::new(cfg, control_name, status.clone(), result_ring_tx)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || engine.run(rx))?;
+        .spawn(move || span.in_scope(|| engine.run(rx)))?;
     Ok(PipelineHandle {
         tx,
         status,
@@ -437,7 +458,8 @@ struct Engine {
     result_ring_tx: Sender<Ring>,
     epoch: u64,
     requests: HashMap<SeqId, Request>,
-    unhealthy: Option<String>,
+    /// Why the model is unhealthy, and how it recovers.
+    unhealthy: Option<(String, Recovery)>,
     draining: Option<(Instant, Sender<()>)>,
     started: bool,
     /// Sequences of each in-flight step, to fail them if the step fails.
@@ -565,7 +587,7 @@ impl Engine {
             }
             Event::RestartStage { stage } => {
                 if stage < self.stages.len() {
-                    self.stage_failed(stage, "restarted by an administrator".into());
+                    self.restart_by_administrator(stage);
                 }
             }
             Event::Shutdown { grace, done } => {
@@ -615,7 +637,7 @@ impl Engine {
         if self.draining.is_some() {
             return Err(SubmitError::Draining);
         }
-        if let Some(reason) = &self.unhealthy {
+        if let Some((reason, _)) = &self.unhealthy {
             return Err(SubmitError::Unhealthy(reason.clone()));
         }
         if let Some((index, &id)) = req
@@ -677,10 +699,13 @@ impl Engine {
                 threads,
                 ..
             } => {
-                eprintln!(
-                    "gptossd: stage {st} loaded: {:.1} MB of weights, {threads} thread(s), \
-                     {kernels} kernels",
-                    weight_bytes as f64 / 1e6
+                tracing::info!(
+                    stage = st,
+                    pid = stage.process.as_ref().map(|p| p.pid),
+                    weight_mb = format_args!("{:.1}", weight_bytes as f64 / 1e6),
+                    threads,
+                    kernels = %kernels,
+                    "stage loaded"
                 );
                 stage.state = WorkerState::Ready;
                 stage.last_heartbeat = Instant::now();
@@ -709,19 +734,25 @@ impl Engine {
     /// A worker that cannot load will not load after a restart either: mark the model
     /// unhealthy with the stage's reason, fail its requests, and do not restart.
     fn load_failed(&mut self, st: usize, reason: String) {
-        eprintln!("gptossd: stage {st} failed to load: {reason}");
         let stage = &mut self.stages[st];
+        let pid = stage.process.as_ref().map(|p| p.pid);
+        tracing::error!(stage = st, pid, %reason, "stage cannot load");
         if let Some(p) = stage.process.as_mut() {
             p.kill();
         }
         stage.state = WorkerState::Failed;
         stage.last_error = Some(reason.clone());
         stage.restart_at = None;
-        self.mark_unhealthy(format!("stage {st} cannot load: {reason}"));
+        self.mark_unhealthy(
+            format!("stage {st} cannot load: {reason}"),
+            Recovery::AdministratorRestart,
+        );
     }
 
-    fn mark_unhealthy(&mut self, reason: String) {
-        self.unhealthy = Some(reason.clone());
+    /// Fails every open request with `reason` and refuses new ones until `recovery` happens.
+    fn mark_unhealthy(&mut self, reason: String, recovery: Recovery) {
+        tracing::error!(%reason, ?recovery, "model unhealthy");
+        self.unhealthy = Some((reason.clone(), recovery));
         let ids: Vec<SeqId> = self.requests.keys().copied().collect();
         for id in ids {
             self.scheduler.cancel(id);
@@ -734,6 +765,12 @@ impl Engine {
     /// Watches heartbeats, load times, step deadlines and restart timers.
     fn supervise(&mut self) {
         let now = Instant::now();
+        if let Some((_, Recovery::CoolDown { retry_at })) = &self.unhealthy {
+            if now >= *retry_at && self.draining.is_none() {
+                tracing::info!("crash-loop cool-down passed: starting the failed stages again");
+                self.recover();
+            }
+        }
         for st in 0..self.stages.len() {
             let stage = &self.stages[st];
             let problem = match stage.state {
@@ -819,29 +856,83 @@ impl Engine {
         }
     }
 
-    /// A worker died or hung: kill it, replay everything, restart it (or give up).
-    fn stage_failed(&mut self, st: usize, reason: String) {
+    /// Stops stage `st`'s process (if any) and makes everything in flight replay: the epoch
+    /// moves on, the two rings it touched are replaced, running sequences are requeued.
+    fn take_down(&mut self, st: usize) {
         let mut tail = Vec::new();
+        let mut pid = None;
         if let Some(mut p) = self.stages[st].process.take() {
             p.kill();
             tail = p.tail();
+            pid = Some(p.pid);
         }
-        eprintln!("gptossd: {reason}");
         for line in &tail {
-            eprintln!("gptossd: [stage {st} stderr] {line}");
+            tracing::warn!(stage = st, pid, %line, "stage stderr");
         }
         self.stages[st].control = None;
+        self.stages[st].busy = None;
         self.bump_epoch();
         for hop in [st, st + 1] {
             if let Err(e) = self.replace_ring(hop) {
-                self.mark_unhealthy(format!("cannot replace ring {hop}: {e}"));
+                self.mark_unhealthy(
+                    format!("cannot replace ring {hop}: {e}"),
+                    Recovery::AdministratorRestart,
+                );
             }
         }
         let requeued = self.scheduler.stage_failed();
         self.in_flight.clear();
         if requeued > 0 {
-            eprintln!("gptossd: requeued {requeued} sequences for replay after stage {st} failed");
+            tracing::warn!(stage = st, requeued, "sequences requeued for replay");
         }
+    }
+
+    /// An administrator asked for stage `st` to be restarted: it is not a crash (it does not
+    /// count towards the crash-loop limit) and it restarts at once. It is also how an
+    /// administrator brings back a model that a crash loop or a load failure made unhealthy.
+    fn restart_by_administrator(&mut self, st: usize) {
+        if self.draining.is_some() {
+            return;
+        }
+        let pid = self.stages[st].process.as_ref().map(|p| p.pid);
+        tracing::info!(
+            stage = st,
+            pid,
+            "stage restart requested by an administrator"
+        );
+        self.take_down(st);
+        let stage = &mut self.stages[st];
+        stage.crashes.clear();
+        stage.restarts += 1;
+        stage.state = WorkerState::Restarting;
+        stage.restart_at = Some(Instant::now());
+        if self.unhealthy.is_some() && !self.stages.iter().any(|s| s.state == WorkerState::Failed) {
+            self.unhealthy = None;
+            tracing::info!(
+                stage = st,
+                "model recovering: restarted by an administrator"
+            );
+        }
+    }
+
+    /// Leaves the unhealthy state: every failed stage starts again with a clean crash record.
+    fn recover(&mut self) {
+        self.unhealthy = None;
+        let now = Instant::now();
+        for stage in &mut self.stages {
+            if stage.state == WorkerState::Failed {
+                stage.crashes.clear();
+                stage.state = WorkerState::Restarting;
+                stage.restart_at = Some(now);
+            }
+        }
+    }
+
+    /// A worker died or hung: kill it, replay everything, restart it (or give up).
+    fn stage_failed(&mut self, st: usize, reason: String) {
+        let pid = self.stages[st].process.as_ref().map(|p| p.pid);
+        tracing::warn!(stage = st, pid, %reason, "stage failed");
+        self.take_down(st);
         let now = Instant::now();
         let window = self.cfg.crash_loop_window;
         let stage = &mut self.stages[st];
@@ -859,9 +950,12 @@ impl Engine {
             stage.state = WorkerState::Failed;
             stage.restart_at = None;
             let n = stage.crashes.len();
-            self.mark_unhealthy(format!(
-                "stage {st} crashed {n} times within {window:?}; last: {reason}"
-            ));
+            self.mark_unhealthy(
+                format!("stage {st} crashed {n} times within {window:?}; last: {reason}"),
+                Recovery::CoolDown {
+                    retry_at: now + window,
+                },
+            );
             return;
         }
         let backoff = self
@@ -975,7 +1069,7 @@ impl Engine {
             self.in_flight
                 .insert(plan.id.0, plan.seqs.iter().map(|p| p.id).collect());
             if let Err(e) = self.send_step(&header, &tokens) {
-                eprintln!("gptossd: cannot send step {}: {e}", plan.id.0);
+                tracing::warn!(step = plan.id.0, error = %e, "cannot send a step to stage 0");
                 // The ring to stage 0 is gone (its stage died): the failure path replays.
                 return;
             }
@@ -1011,16 +1105,17 @@ impl Engine {
                     Ok(events) => self.deliver(events, &by_seq),
                     Err(e) => {
                         // A result that does not match its step: trust nothing in flight.
-                        eprintln!(
-                            "gptossd: step {} result rejected ({e}); replaying every sequence",
-                            result.step
+                        tracing::error!(
+                            step = result.step,
+                            error = %e,
+                            "step result rejected; replaying every sequence"
                         );
                         self.replay_all();
                     }
                 }
             }
             StepOutcome::Failed(message) => {
-                eprintln!("gptossd: step {} failed: {message}", result.step);
+                tracing::error!(step = result.step, %message, "step failed");
                 for id in &members {
                     self.scheduler.cancel(*id);
                     if let Some(r) = self.requests.remove(id) {
@@ -1093,12 +1188,17 @@ impl Engine {
             .collect();
         let ready = self.all_ready() && self.unhealthy.is_none();
         self.started |= ready;
+        let (unhealthy, recovery) = match &self.unhealthy {
+            Some((reason, recovery)) => (Some(reason.clone()), Some(*recovery)),
+            None => (None, None),
+        };
         if let Ok(mut st) = self.status.lock() {
             *st = PipelineStatus {
                 stages,
                 started: self.started,
                 ready,
-                unhealthy: self.unhealthy.clone(),
+                unhealthy,
+                recovery,
                 draining: self.draining.is_some(),
                 epoch: self.epoch,
                 scheduler: self.scheduler.stats(),

@@ -9,6 +9,7 @@ use serde_json::json;
 
 use crate::metrics::Gauges;
 use crate::pipeline::worker::WorkerState;
+use crate::pipeline::Recovery;
 
 use super::http::{json, text, HttpResponse};
 use super::state::{AppState, ENGINE};
@@ -80,6 +81,22 @@ pub fn health(state: &AppState) -> Health {
     }
 }
 
+/// How an unhealthy model comes back, for `/health`.
+fn describe_recovery(r: Recovery) -> String {
+    match r {
+        Recovery::AdministratorRestart => "a stage could not load: fix the cause, then restart \
+            the stage on the control socket (POST /stages/{k}/restart)"
+            .to_string(),
+        Recovery::CoolDown { retry_at } => format!(
+            "crash-loop cool-down: the stage is tried again in {} s, or at once by a restart \
+             on the control socket (POST /stages/{{k}}/restart)",
+            retry_at
+                .saturating_duration_since(std::time::Instant::now())
+                .as_secs()
+        ),
+    }
+}
+
 pub fn health_response(state: &AppState) -> HttpResponse {
     let h = health(state);
     let default = state.default_profile();
@@ -97,6 +114,7 @@ pub fn health_response(state: &AppState) -> HttpResponse {
                 "test_model": m.test_model,
                 "ready": s.ready,
                 "unhealthy": s.unhealthy,
+                "recovery": s.recovery.map(describe_recovery),
                 "epoch": s.epoch,
                 "stages": s.stages,
                 "scheduler": {
