@@ -125,6 +125,7 @@ struct GenerateArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging();
     if let Command::Serve(args) = cli.command {
         return serve(args);
     }
@@ -155,14 +156,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 /// Exit status for a configuration that cannot be used (EX_CONFIG-like; sysexits' 64 family).
 const EXIT_CONFIG: u8 = 64;
 
-fn serve(args: ServeArgs) -> ExitCode {
+/// Log records of the daemon: one line each on stderr, with time, level, target and fields;
+/// ANSI colours only when stderr is a terminal (never in a pipe, a file or the journal).
+/// `GPTOSSD_LOG` filters (tracing's env-filter syntax; default `info`).
+fn init_logging() {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("GPTOSSD_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
     let file = gptossd::config::config_path(args.config.as_deref());
     let mut overrides = gptossd::config::Overrides {
         port: args.port,
@@ -179,7 +188,7 @@ fn serve(args: ServeArgs) -> ExitCode {
                 test_model = true;
             }
             Err(e) => {
-                eprintln!("gptossd: error: {e:#}");
+                tracing::error!("{e:#}");
                 return ExitCode::from(EXIT_CONFIG);
             }
         }
@@ -187,33 +196,25 @@ fn serve(args: ServeArgs) -> ExitCode {
     let config = match gptossd::config::Config::resolve(file.as_deref(), &overrides) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("gptossd: configuration error: {e}");
+            tracing::error!("configuration error: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let models = match gptossd::server::start_models(&config, test_model) {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("gptossd: error: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    tracing::info!(models = %gptossd::server::describe(&models), "starting");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("gptossd: error: cannot start the async runtime: {e}");
+            tracing::error!("cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(gptossd::server::serve(config, models)) {
+    match runtime.block_on(gptossd::server::run(config, test_model)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("gptossd: error: {e}");
-            ExitCode::FAILURE
+            tracing::error!("{e}");
+            ExitCode::from(e.exit_code())
         }
     }
 }
@@ -225,14 +226,11 @@ fn resolve_model(model: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     }
     let dir = Path::new("models").join("tiny-seed0");
     if dir.join("config.json").is_file() {
-        eprintln!(
-            "gptossd: no --model given: using the tiny test model in {}",
-            dir.display()
-        );
+        tracing::info!(path = %dir.display(), "no model given: using the tiny test model");
     } else {
-        eprintln!(
-            "gptossd: no --model given: making the tiny test model (random weights, seed 0) in {}",
-            dir.display()
+        tracing::info!(
+            path = %dir.display(),
+            "no model given: making the tiny test model (random weights, seed 0)"
         );
         write_test_model(Preset::Tiny, 0, &dir)
             .with_context(|| format!("writing the tiny test model to {}", dir.display()))?;
@@ -424,7 +422,7 @@ fn generate_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
         let grace = std::time::Duration::from_secs(args.drain_grace_secs);
         std::thread::spawn(move || {
             if let Some(sig) = signals.forever().next() {
-                eprintln!("gptossd: signal {sig}: draining (grace {grace:?})");
+                tracing::info!(signal = sig, ?grace, "draining");
                 handle.shutdown(grace);
             }
         });

@@ -226,6 +226,10 @@ fn check_server(s: &RawServer, ctx: &Ctx) -> Result<ServerSettings, ConfigError>
             1,
             "server.request_timeout_secs",
         )?),
+        max_connections: match s.max_connections {
+            None => None,
+            Some(_) => Some(ctx.at_least(&s.max_connections, 1, 1, "server.max_connections")?),
+        },
     })
 }
 

@@ -376,8 +376,13 @@ pub struct ServerSettings {
     /// `max_body_bytes`: the largest request body accepted (413 beyond). Default 4 MiB
     /// (4,194,304).
     pub max_body_bytes: usize,
-    /// `request_timeout_secs`: how long reading a request body may take. Default 10 s.
+    /// `request_timeout_secs`: how long a client may take to send a request head (also how
+    /// long an idle keep-alive connection stays open) and, separately, its body. Default 10 s.
     pub request_timeout: Duration,
+    /// `max_connections`: HTTP connections open at once; more wait in the listen backlog.
+    /// Default (`None`): from the file-descriptor limit at start-up (see
+    /// `server::accept::connection_cap`).
+    pub max_connections: Option<usize>,
 }
 
 impl ServerSettings {

@@ -65,6 +65,7 @@ pub(super) struct RawServer {
     pub control_socket: Opt<PathBuf>,
     pub max_body_bytes: Opt<usize>,
     pub request_timeout_secs: Opt<u64>,
+    pub max_connections: Opt<usize>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

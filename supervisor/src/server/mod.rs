@@ -1,8 +1,12 @@
-//! `gptossd serve`: the daemon. Reads like a runbook: start every configured model's
-//! pipeline, bind the HTTP API (localhost by default) and the control socket, report
-//! readiness, serve, and on SIGTERM/SIGINT (or a drain on the control socket) stop taking
-//! requests, let running ones finish within the grace period, stop the workers and exit 0.
+//! `gptossd serve`: the daemon. Reads like a runbook: bind the HTTP API (localhost by
+//! default) and the control socket first, so that a busy port or an unwritable socket
+//! directory is reported at once; start every configured model's pipeline; serve (503 while
+//! loading); report readiness once every stage has loaded — or, if a model cannot load at
+//! start-up, stop and exit non-zero with the reason; on SIGTERM/SIGINT (or a drain on the
+//! control socket) stop taking requests, let running ones finish within the grace period,
+//! stop the workers and exit 0.
 
+pub mod accept;
 pub mod control;
 pub mod generation;
 pub mod http;
@@ -17,16 +21,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::Notify;
 
 use crate::api::{ApiError, ErrorCase};
 use crate::config::Config;
 use crate::launch::{pipeline_config_for_model, LaunchError};
-use crate::pipeline;
+use crate::pipeline::{self, Recovery};
 
 use http::{error, HttpResponse};
 use state::{AppState, ModelEntry};
@@ -51,6 +52,24 @@ pub enum ServeError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("model {model} cannot load: {reason}")]
+    LoadFailed { model: String, reason: String },
+    #[error("model {model} did not start: {reason}")]
+    StartFailed { model: String, reason: String },
+}
+
+impl ServeError {
+    /// The exit status: 64 for what a restart cannot fix (configuration, checkpoint; the
+    /// unit's `RestartPreventExitStatus=64`), 1 for the rest (a busy port may be free later).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Launch { .. } | Self::LoadFailed { .. } => 64,
+            Self::Pipeline { .. }
+            | Self::Bind { .. }
+            | Self::Control { .. }
+            | Self::StartFailed { .. } => 1,
+        }
+    }
 }
 
 /// The drain latch: set once, by a signal or the control socket.
@@ -65,6 +84,17 @@ impl Shutdown {
             began: Mutex::new(None),
             notify: Notify::new(),
         })
+    }
+
+    /// Resolves once a drain has begun.
+    async fn began(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.began.lock().map_or(true, |b| b.is_some()) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Starts draining: new requests get 503, running ones may finish.
@@ -85,6 +115,36 @@ impl Shutdown {
             self.notify.notify_one();
         }
     }
+}
+
+/// Runs the daemon: binds its sockets, starts its models, serves until it has drained.
+pub async fn run(config: Config, test_model: bool) -> Result<(), ServeError> {
+    let addr = config.server().listen_addr();
+    let control_path = config.server().control_socket.clone();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let control = bind_control(&control_path).map_err(|source| ServeError::Control {
+        path: control_path.clone(),
+        source,
+    })?;
+    tracing::info!(path = %control_path.display(), "control socket bound");
+    // Machine-readable for tests and scripts: the port actually bound (port 0 picks one), at
+    // the end of the line (this record has no fields).
+    let local = listener.local_addr().unwrap_or(addr);
+    tracing::info!("listening on http://{local}");
+    let models = match start_models(&config, test_model) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = std::fs::remove_file(&control_path);
+            return Err(e);
+        }
+    };
+    tracing::info!(models = %describe(&models), "starting");
+    serve(config, models, listener, control).await
 }
 
 /// Starts the pipelines of every configured model. `test_model` marks the generated tiny model.
@@ -124,33 +184,48 @@ pub fn start_models(config: &Config, test_model: bool) -> Result<Vec<ModelEntry>
     Ok(entries)
 }
 
-/// Runs the daemon until it has drained.
-pub async fn serve(config: Config, models: Vec<ModelEntry>) -> Result<(), ServeError> {
-    let addr = config.server().listen_addr();
+/// Serves on the bound sockets until the daemon has drained, or until a model fails to
+/// start (then the workers are stopped and the reason returned).
+async fn serve(
+    config: Config,
+    models: Vec<ModelEntry>,
+    listener: tokio::net::TcpListener,
+    control: tokio::net::UnixListener,
+) -> Result<(), ServeError> {
     let control_path = config.server().control_socket.clone();
+    let fd_limit = match accept::raise_fd_limit() {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the file-descriptor limit");
+            u64::MAX
+        }
+    };
+    let max_connections = accept::connection_cap(config.server().max_connections, fd_limit);
+    if max_connections as u64 > fd_limit.saturating_sub(accept::FD_RESERVE as u64) {
+        tracing::warn!(
+            max_connections,
+            fd_limit,
+            "server.max_connections leaves too few file descriptors: raise LimitNOFILE / ulimit -n"
+        );
+    } else {
+        tracing::info!(max_connections, fd_limit, "connection limit");
+    }
     let state = Arc::new(AppState::new(config, models));
     let shutdown = Shutdown::new();
 
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: addr.to_string(),
-            source,
-        })?;
-    let control = bind_control(&control_path).map_err(|source| ServeError::Control {
-        path: control_path.clone(),
-        source,
-    })?;
-    tracing::info!(%addr, control = %control_path.display(), "listening");
-    // Machine-readable for tests and scripts: the port actually bound (port 0 picks one).
-    if let Ok(local) = listener.local_addr() {
-        eprintln!("gptossd: listening on http://{local}");
-    }
-
-    tokio::spawn(report_readiness(state.clone()));
-    tokio::spawn(accept_http(listener, state.clone()));
+    tokio::spawn(accept_http(listener, state.clone(), max_connections));
     tokio::spawn(accept_control(control, state.clone(), shutdown.clone()));
     tokio::spawn(watch_signals(state.clone(), shutdown.clone()));
+
+    let started = tokio::select! {
+        r = wait_until_ready(&state) => r,
+        () = shutdown.began() => Ok(()),
+    };
+    if let Err(e) = started {
+        stop_pipelines(&state).await;
+        let _ = std::fs::remove_file(&control_path);
+        return Err(e);
+    }
 
     // Wait for a drain to begin, then for running requests to finish (or the grace to pass).
     loop {
@@ -166,6 +241,13 @@ pub async fn serve(config: Config, models: Vec<ModelEntry>) -> Result<(), ServeE
         }
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    stop_pipelines(&state).await;
+    let _ = std::fs::remove_file(&control_path);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn stop_pipelines(state: &AppState) {
     let pipelines: Vec<_> = state.models.iter().map(|m| m.pipeline.clone()).collect();
     let _ = tokio::task::spawn_blocking(move || {
         for p in pipelines {
@@ -173,14 +255,18 @@ pub async fn serve(config: Config, models: Vec<ModelEntry>) -> Result<(), ServeE
         }
     })
     .await;
-    let _ = std::fs::remove_file(&control_path);
-    tracing::info!("stopped");
-    Ok(())
 }
 
+/// Binds the control socket, creating its directory (mode 0700: only this user) if needed.
 fn bind_control(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        if !dir.as_os_str().is_empty() && !dir.is_dir() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
     }
     // A socket file left by a previous run that was killed: nobody listens on it any more.
     if path.exists() && std::os::unix::net::UnixStream::connect(path).is_err() {
@@ -191,23 +277,31 @@ fn bind_control(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
-async fn report_readiness(state: Arc<AppState>) {
+/// Waits until every stage of every model has loaded, then tells systemd (READY=1). A model
+/// found unhealthy before it was ever ready did not start: that ends start-up with its reason
+/// (a load failure will not heal by itself; a crash loop while loading is reported too rather
+/// than waiting out its cool-down with the service never ready).
+async fn wait_until_ready(state: &AppState) -> Result<(), ServeError> {
     loop {
-        let statuses: Vec<_> = state.models.iter().map(|m| m.pipeline.status()).collect();
-        if let Some(reason) = statuses.iter().find_map(|s| s.unhealthy.clone()) {
-            tracing::error!(%reason, "a model is unhealthy");
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&format!(
-                "unhealthy: {reason}"
-            ))]);
-            return;
+        for m in &state.models {
+            let s = m.pipeline.status();
+            if let (false, Some(reason)) = (s.started, s.unhealthy) {
+                let model = m.name.clone();
+                return Err(match s.recovery {
+                    Some(Recovery::AdministratorRestart) => {
+                        ServeError::LoadFailed { model, reason }
+                    }
+                    _ => ServeError::StartFailed { model, reason },
+                });
+            }
         }
-        if statuses.iter().all(|s| s.ready) {
+        if state.models.iter().all(|m| m.pipeline.status().ready) {
             tracing::info!("every stage of every model is loaded: ready");
             let _ = sd_notify::notify(&[
                 sd_notify::NotifyState::Ready,
                 sd_notify::NotifyState::Status("serving"),
             ]);
-            return;
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -228,23 +322,29 @@ async fn watch_signals(state: Arc<AppState>, shutdown: Arc<Shutdown>) {
     }
 }
 
-async fn accept_http(listener: tokio::net::TcpListener, state: Arc<AppState>) {
+async fn accept_http(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    max_connections: usize,
+) {
+    let server = state.config.server();
+    let mut gate = accept::Gate::new("http", max_connections);
+    let timeout = server.request_timeout;
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let Some(permit) = gate.admit().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                gate.accept_failed(&e).await;
+                continue;
+            }
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let timeout = state.config.server().request_timeout;
-            let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(state, req).await) }
-            });
-            let _ = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(timeout)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            accept::serve_connection(stream, timeout, move |req| route(state.clone(), req)).await;
+            drop(permit);
         });
     }
 }
@@ -254,23 +354,28 @@ async fn accept_control(
     state: Arc<AppState>,
     shutdown: Arc<Shutdown>,
 ) {
+    let server = state.config.server();
+    let mut gate = accept::Gate::new("control", accept::CONTROL_MAX_CONNECTIONS);
+    let timeout = server.request_timeout;
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let Some(permit) = gate.admit().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                gate.accept_failed(&e).await;
+                continue;
+            }
         };
         let state = state.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let state = state.clone();
-                let shutdown = shutdown.clone();
-                async move {
-                    Ok::<_, std::convert::Infallible>(control::handle(state, shutdown, req).await)
-                }
-            });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            accept::serve_connection(stream, timeout, move |req| {
+                control::handle(state.clone(), shutdown.clone(), req)
+            })
+            .await;
+            drop(permit);
         });
     }
 }

@@ -1,0 +1,527 @@
+//! End-to-end tests of the daemon as a service: what start-up reports and how fast, what the
+//! sockets do under stalled clients and file-descriptor exhaustion, what the log looks like,
+//! and how an operator's stage restarts and a crash loop play out. Each starts the real
+//! `gptossd serve` (and its real stage workers) and talks to it over real sockets.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::daemon::{try_request, Daemon};
+use common::{assert_nothing_left, command, private_model, signal, wait_for_workers};
+
+/// A config file for `serve` on `model` with `stages` stages; `server` goes into `[server]`,
+/// `rest` after the model entry.
+fn config_file(dir: &Path, model: &Path, stages: usize, server: &str, rest: &str) -> PathBuf {
+    let path = dir.join("gptossd.toml");
+    let text = format!(
+        "[server]\nport = 0\ncontrol_socket = {:?}\nrequest_timeout_secs = 2\n{server}\n\n\
+         [[models]]\nname = \"gpt-oss-20b\"\npath = {:?}\nstages = {stages}\n\
+         threads_per_stage = 1\n{rest}\n",
+        dir.join("control.sock").to_string_lossy(),
+        model.to_string_lossy(),
+    );
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// Runs `gptossd serve --config FILE` until it exits (at most `limit`): status, stderr, time.
+fn serve_until_exit(
+    config: &Path,
+    limit: Duration,
+) -> (std::process::ExitStatus, String, Duration) {
+    let start = Instant::now();
+    let child = command()
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn gptossd serve");
+    let out = common::wait_with_limit(child, limit);
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        start.elapsed(),
+    )
+}
+
+#[test]
+fn a_busy_port_is_reported_at_once_before_any_worker_starts() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = busy.local_addr().expect("addr").port();
+    let view = private_model();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_file(dir.path(), view.path(), 2, "", "");
+    let (status, err, took) =
+        serve_until_exit(&config_with_port(&config, port), Duration::from_secs(20));
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(
+        !err.contains("stage loaded"),
+        "workers were started:\n{err}"
+    );
+    assert!(took < Duration::from_secs(3), "took {took:?}:\n{err}");
+    assert_nothing_left(view.path());
+}
+
+fn config_with_port(config: &Path, port: u16) -> PathBuf {
+    let text = std::fs::read_to_string(config).expect("read config");
+    let text = text.replacen("port = 0", &format!("port = {port}"), 1);
+    std::fs::write(config, text).expect("write config");
+    config.to_path_buf()
+}
+
+#[test]
+fn an_unusable_control_socket_directory_is_reported_at_once() {
+    let view = private_model();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A regular file where the socket's directory should be: no user, root included, can
+    // create a directory there.
+    let blocker = dir.path().join("not-a-dir");
+    std::fs::write(&blocker, b"").expect("write");
+    let config = config_file(
+        dir.path(),
+        view.path(),
+        2,
+        &format!(
+            "control_socket = {:?}",
+            blocker.join("control.sock").to_string_lossy()
+        ),
+        "",
+    );
+    // The [server] table now names control_socket twice: keep the second (ours).
+    let text = std::fs::read_to_string(&config).expect("read");
+    let first = text.find("control_socket").expect("key");
+    let end = first + text[first..].find('\n').expect("line");
+    std::fs::write(&config, format!("{}{}", &text[..first], &text[end + 1..])).expect("write");
+
+    let (status, err, took) = serve_until_exit(&config, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("control socket"), "{err}");
+    assert!(
+        !err.contains("stage loaded"),
+        "workers were started:\n{err}"
+    );
+    assert!(took < Duration::from_secs(3), "took {took:?}:\n{err}");
+    assert_nothing_left(view.path());
+}
+
+/// The tiny model with layer 3's sinks renamed in the index and in the shard's header: the
+/// checkpoint is well-formed, but a stage cannot find a tensor it needs.
+fn model_missing_a_tensor() -> tempfile::TempDir {
+    let broken = tempfile::tempdir().expect("tempdir");
+    let dims = gptossd_shared::testmodel::Preset::Tiny.dims();
+    gptossd_shared::testmodel::write_dims(&dims, 0, broken.path()).expect("model");
+    let index_path = broken.path().join("model.safetensors.index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index_path).expect("index")).expect("json");
+    let map = index["weight_map"].as_object_mut().expect("map");
+    let file = map
+        .remove("model.layers.3.self_attn.sinks")
+        .expect("tensor");
+    map.insert("model.layers.3.self_attn.sinkz".into(), file);
+    std::fs::write(&index_path, index.to_string()).expect("write");
+    let shard = broken.path().join(
+        index["weight_map"]["model.layers.3.self_attn.sinkz"]
+            .as_str()
+            .expect("shard"),
+    );
+    let mut bytes = std::fs::read(&shard).expect("read");
+    let at = bytes
+        .windows(30)
+        .position(|w| w == b"model.layers.3.self_attn.sinks")
+        .expect("name in header");
+    bytes[at + 29] = b'z';
+    std::fs::write(&shard, bytes).expect("write");
+    broken
+}
+
+#[test]
+fn a_checkpoint_that_cannot_load_ends_start_up_with_the_reason_and_exit_64() {
+    let broken = model_missing_a_tensor();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_file(dir.path(), broken.path(), 2, "", "");
+    let (status, err, took) = serve_until_exit(&config, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("cannot load") && err.contains("model.layers.3.self_attn.sinks"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert!(
+        !dir.path().join("control.sock").exists(),
+        "control socket left behind"
+    );
+    assert_nothing_left(broken.path());
+}
+
+#[test]
+fn the_control_socket_cuts_a_client_that_stalls_in_its_headers() {
+    let d = Daemon::start(1, "");
+    let mut s = UnixStream::connect(&d.control).expect("connect");
+    s.write_all(b"GET /stages HTTP/1.1\r\nhost: localhost\r\n")
+        .expect("write");
+    s.set_read_timeout(Some(Duration::from_secs(8)))
+        .expect("timeout");
+    let start = Instant::now();
+    let mut raw = Vec::new();
+    // Closed by the daemon (EOF) within its 2 s header timeout; a read error here would be our
+    // own 8 s timeout, i.e. the daemon holding the connection.
+    s.read_to_end(&mut raw)
+        .expect("the daemon never closed the stalled connection");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    if !raw.is_empty() {
+        assert!(
+            raw.starts_with(b"HTTP/1.1 408"),
+            "{}",
+            String::from_utf8_lossy(&raw)
+        );
+    }
+    // The daemon still answers on its control socket.
+    assert_eq!(d.control("GET", "/stages", None).status, 200);
+    assert!(d.stop().success());
+}
+
+/// CPU seconds (user + system) the process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name (which is in parentheses): utime is the 12th, stime 13th.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 =
+        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    // SAFETY: sysconf reads a constant.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Starts `serve` with its open-file limit (soft and hard) set to `nofile`.
+fn serve_with_fd_limit(
+    config: &Path,
+    nofile: u64,
+) -> (Child, u16, std::sync::Arc<std::sync::Mutex<String>>) {
+    let mut cmd = command();
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: setrlimit is async-signal-safe and touches only the child's own limits.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: nofile,
+                rlim_max: nofile,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn gptossd serve");
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    {
+        use std::io::BufRead;
+        let pipe = child.stderr.take().expect("stderr");
+        let log = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    if let Some(port) = rest
+                        .split_whitespace()
+                        .next()
+                        .and_then(|a| a.rsplit(':').next())
+                        .and_then(|p| p.parse::<u16>().ok())
+                    {
+                        let _ = port_tx.send(port);
+                    }
+                }
+                if let Ok(mut l) = log.lock() {
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            }
+        });
+    }
+    let port = port_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the daemon did not report its port");
+    (child, port, log)
+}
+
+fn wait_ready(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !try_request(port, "GET", "/health", None, &[]).is_ok_and(|r| r.status == 200) {
+        assert!(Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn running_out_of_file_descriptors_backs_off_logs_and_recovers() {
+    let view = private_model();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A cap far above what 128 descriptors allow: accept() itself must fail with EMFILE.
+    let config = config_file(dir.path(), view.path(), 1, "max_connections = 10000", "");
+    let (mut child, port, log) = serve_with_fd_limit(&config, 128);
+    wait_ready(port);
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => held.push(s),
+            Err(_) => break,
+        }
+    }
+    // Connections beyond the daemon's descriptors wait in its backlog; accept() fails.
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_seconds(child.id());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_seconds(child.id()) - before;
+    assert!(
+        used < 0.5,
+        "the daemon used {used:.2} CPU seconds in 2 s while out of descriptors (spinning)"
+    );
+    let text = log.lock().map(|l| l.clone()).unwrap_or_default();
+    let records = text.matches("cannot accept a connection").count();
+    assert!(records >= 1, "accept errors were not logged:\n{text}");
+    assert!(
+        records <= 3,
+        "accept errors are not rate-limited ({records}):\n{text}"
+    );
+    assert!(text.contains("Too many open files"), "{text}");
+    drop(held);
+    // Once descriptors are free again the daemon serves.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if try_request(port, "GET", "/health", None, &[]).is_ok_and(|r| r.status == 200) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery:\n{}",
+            log.lock().map(|l| l.clone()).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    signal(child.id(), libc::SIGTERM);
+    let status = child.wait().expect("wait");
+    assert!(status.success());
+    assert_nothing_left(view.path());
+}
+
+#[test]
+fn over_the_connection_cap_a_new_connection_waits_for_a_free_one() {
+    let d = Daemon::start_with(1, "max_connections = 2", "", &[]);
+    let a = TcpStream::connect(("127.0.0.1", d.port)).expect("connect");
+    let b = TcpStream::connect(("127.0.0.1", d.port)).expect("connect");
+    std::thread::sleep(Duration::from_millis(200));
+    let mut third = TcpStream::connect(("127.0.0.1", d.port)).expect("connect");
+    third
+        .write_all(b"GET /live HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .expect("write");
+    third
+        .set_read_timeout(Some(Duration::from_millis(700)))
+        .expect("timeout");
+    let mut buf = [0u8; 64];
+    assert!(
+        third.read(&mut buf).is_err(),
+        "a third connection was served over a cap of 2"
+    );
+    drop(a);
+    third
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut raw = Vec::new();
+    third
+        .read_to_end(&mut raw)
+        .expect("answered once a slot is free");
+    assert!(
+        raw.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    drop(b);
+    assert!(d.stop().success());
+}
+
+#[test]
+fn the_log_is_plain_text_with_fields_and_a_crash_names_its_stage_and_pid() {
+    let d = Daemon::start(2, "");
+    let workers = wait_for_workers(&d.model, 2, Duration::from_secs(10));
+    let (pid, _) = *workers.iter().find(|(_, s)| *s == 1).expect("stage 1");
+    signal(pid, libc::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let log = d.log();
+        if let Some(l) = log.lines().find(|l| l.contains("stage failed")) {
+            break l.to_string();
+        }
+        assert!(Instant::now() < deadline, "no crash record:\n{log}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(line.contains(" WARN "), "{line}");
+    assert!(line.contains("stage=1"), "{line}");
+    assert!(line.contains(&format!("pid={pid}")), "{line}");
+    assert!(line.contains("model=gpt-oss-20b"), "{line}");
+    // Every record starts with an RFC 3339 timestamp and a level.
+    let log = d.log();
+    for l in log.lines().filter(|l| !l.is_empty()) {
+        assert!(
+            l.len() > 30 && l.as_bytes()[4] == b'-' && l.contains('T'),
+            "a line without a timestamp: {l}"
+        );
+    }
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour escapes in a piped log:\n{log}"
+    );
+    d.wait_health(200, Duration::from_secs(20));
+    assert!(d.stop().success());
+}
+
+/// A short chat request that must be answered within `limit` (else the log is shown).
+fn post_within(d: &Daemon, limit: Duration) -> common::daemon::HttpResponse {
+    let port = d.port;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let body =
+            serde_json::json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+        let _ = tx.send(try_request(
+            port,
+            "POST",
+            "/v1/chat/completions",
+            Some(body.to_string().as_bytes()),
+            &[],
+        ));
+    });
+    match rx.recv_timeout(limit) {
+        Ok(Ok(r)) => r,
+        other => panic!(
+            "no answer within {limit:?} ({other:?}); health: {}\n{}",
+            d.get("/health").text(),
+            d.log()
+        ),
+    }
+}
+
+fn health(d: &Daemon) -> (u16, serde_json::Value, Option<String>) {
+    let r = d.get("/health");
+    let retry = r.header("retry-after").map(str::to_string);
+    (r.status, r.json(), retry)
+}
+
+fn wait_health_status(d: &Daemon, want: &str, limit: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (_, h, _) = health(d);
+        if h["status"] == want {
+            return h;
+        }
+        assert!(Instant::now() < deadline, "never {want}: {h}\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn an_operators_restarts_are_not_crashes() {
+    // A crash-loop limit of 1: two crashes within the window would mark the model unhealthy.
+    let d = Daemon::start(
+        2,
+        "[workers]\ncrash_loop_limit = 1\ncrash_loop_window_secs = 600\n",
+    );
+    for round in 0..4 {
+        let r = d.control("POST", "/stages/1/restart", None);
+        assert_eq!(r.status, 202, "{}", r.text());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, h, _) = health(&d);
+            if h["status"] == "healthy" && h["stages"][1]["restarts"] == round + 1 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "round {round}: {h}\n{}", d.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let reply = post_within(&d, Duration::from_secs(20));
+        assert_eq!(reply.status, 200, "round {round}: {}", reply.text());
+    }
+    assert!(d.stop().success());
+}
+
+#[test]
+fn a_crash_loop_marks_the_model_unhealthy_until_an_operator_restarts_the_stage() {
+    let d = Daemon::start(
+        2,
+        "[workers]\ncrash_loop_limit = 1\ncrash_loop_window_secs = 600\nrestart_backoff_initial_ms = 10\n",
+    );
+    for _ in 0..2 {
+        let workers = wait_for_workers(&d.model, 2, Duration::from_secs(20));
+        let (pid, _) = *workers.iter().find(|(_, s)| *s == 1).expect("stage 1");
+        signal(pid, libc::SIGKILL);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let h = wait_health_status(&d, "unhealthy", Duration::from_secs(20));
+    assert!(h.to_string().contains("crashed 2 times"), "{h}");
+    let r = d.post(
+        "/v1/chat/completions",
+        &serde_json::json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(
+        r.header("retry-after"),
+        None,
+        "an unhealthy model is not a 'retry in 1 s'"
+    );
+    let r = d.control("POST", "/stages/1/restart", None);
+    assert_eq!(r.status, 202, "{}", r.text());
+    wait_health_status(&d, "healthy", Duration::from_secs(20));
+    let r = d.post(
+        "/v1/chat/completions",
+        &serde_json::json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(d.stop().success());
+}
+
+#[test]
+fn a_crash_loop_recovers_by_itself_after_its_cool_down() {
+    let d = Daemon::start(
+        2,
+        "[workers]\ncrash_loop_limit = 1\ncrash_loop_window_secs = 3\nrestart_backoff_initial_ms = 10\n",
+    );
+    for _ in 0..2 {
+        let workers = wait_for_workers(&d.model, 2, Duration::from_secs(20));
+        let (pid, _) = *workers.iter().find(|(_, s)| *s == 1).expect("stage 1");
+        signal(pid, libc::SIGKILL);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let h = wait_health_status(&d, "unhealthy", Duration::from_secs(20));
+    assert!(
+        h.to_string().contains("cool-down"),
+        "health should say how it recovers: {h}"
+    );
+    let start = Instant::now();
+    wait_health_status(&d, "healthy", Duration::from_secs(20));
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(d.stop().success());
+}
