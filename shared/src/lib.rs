@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod files;
 pub mod mxfp4;
 pub mod protocol;
 pub mod ring;
