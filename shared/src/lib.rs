@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod files;
 pub mod mxfp4;
+pub mod preflight;
 pub mod protocol;
 pub mod ring;
 pub mod testmodel;
