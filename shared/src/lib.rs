@@ -6,7 +6,9 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod files;
 pub mod mxfp4;
+pub mod preflight;
 pub mod protocol;
 pub mod ring;
 pub mod testmodel;

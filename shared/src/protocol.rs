@@ -136,7 +136,9 @@ pub struct StepResult {
 /// A control or slot message that cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
-    #[error("i/o: {0}")]
+    /// The socket or pipe failed; the OS error is the whole message (and no `source()`, so an
+    /// error chain shows it once).
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Wire(#[from] WireError),

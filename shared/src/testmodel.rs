@@ -8,6 +8,9 @@
 //!
 //! Weights are scaled so that activations stay O(1) through all layers and routing is not
 //! degenerate: projections have row norms near 1, router logits spread about one unit.
+//!
+//! Every file written is mode 0644 and every directory created 0755, whatever the umask or the
+//! temporary-file mode the safetensors writer uses, so a service user can read the model.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -362,10 +365,10 @@ pub fn config_json(d: &Dims) -> serde_json::Value {
 /// A generator failure, naming the file.
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {reason}")]
     Serialize { path: PathBuf, reason: String },
@@ -379,11 +382,7 @@ pub fn write_test_model(preset: Preset, seed: u64, out: &Path) -> Result<u64, Ge
 
 /// Writes a random checkpoint with explicit dimensions.
 pub fn write_dims(d: &Dims, seed: u64, out: &Path) -> Result<u64, GenerateError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| GenerateError::Io { path, source }
-    };
-    std::fs::create_dir_all(out).map_err(io(out))?;
+    create_model_dir(out)?;
     let all = tensors(d, seed);
 
     // Greedy sharding in name order, like the hub's index (one shard when it all fits).
@@ -417,6 +416,7 @@ pub fn write_dims(d: &Dims, seed: u64, out: &Path) -> Result<u64, GenerateError>
                 reason: e.to_string(),
             }
         })?;
+        set_mode(&path, FILE_MODE)?;
     }
     let index = serde_json::json!({
         "metadata": { "total_size": total },
@@ -443,15 +443,42 @@ impl LazyTensor {
     }
 }
 
+/// The mode of every file of a generated model: readable by a service user.
+const FILE_MODE: u32 = 0o644;
+/// The mode of every directory the generator creates.
+const DIR_MODE: u32 = 0o755;
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> GenerateError {
+    let path = path.to_path_buf();
+    move |error| GenerateError::Io { path, error }
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), GenerateError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_error(path))
+}
+
+/// Creates `out` and any missing parents, each 0755. Directories that already exist keep
+/// their mode (the caller may have passed `/tmp`).
+fn create_model_dir(out: &Path) -> Result<(), GenerateError> {
+    let missing: Vec<&Path> = out
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && d.symlink_metadata().is_err())
+        .collect();
+    std::fs::create_dir_all(out).map_err(io_error(out))?;
+    for dir in missing {
+        set_mode(dir, DIR_MODE)?;
+    }
+    Ok(())
+}
+
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), GenerateError> {
     let text = serde_json::to_string_pretty(value).map_err(|e| GenerateError::Serialize {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    std::fs::write(path, text + "\n").map_err(|source| GenerateError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::write(path, text + "\n").map_err(io_error(path))?;
+    set_mode(path, FILE_MODE)
 }
 
 #[cfg(test)]

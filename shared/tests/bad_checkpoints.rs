@@ -1,9 +1,12 @@
-//! Bad checkpoints give an error that names the file and the tensor, never a panic.
+//! Bad checkpoints give an error that names the file and the tensor, never a panic or a hang.
 
 use std::path::Path;
+use std::sync::mpsc;
+use std::time::Duration;
 
 use gptossd_shared::checkpoint::Checkpoint;
 use gptossd_shared::config::ModelConfig;
+use gptossd_shared::preflight::preflight;
 use gptossd_shared::testmodel::{write_dims, Dims, Preset};
 use gptossd_shared::weights::{StageSpan, StageWeights};
 
@@ -197,4 +200,157 @@ fn a_single_model_safetensors_without_index_loads() {
     let ck = Checkpoint::open(dir.path()).expect("open");
     let w = StageWeights::load(&ck, &cfg, &StageSpan::whole(&cfg)).expect("weights");
     assert_eq!(w.layers.len(), 4);
+}
+
+/// Runs `f` on its own thread and returns its result, failing the test if it takes longer than
+/// a few seconds (a thread stuck in `open` on a pipe is left behind; the test process exits).
+fn within_seconds<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("loading blocked instead of failing at once")
+}
+
+fn replace_with_fifo(path: &Path) {
+    std::fs::remove_file(path).expect("remove");
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o644)).expect("mkfifo");
+}
+
+#[test]
+fn a_named_pipe_in_place_of_any_file_is_refused_at_once() {
+    for victim in ["config.json", "model.safetensors.index.json", "a shard"] {
+        let dir = small_model();
+        let path = if victim == "a shard" {
+            shard_holding(dir.path(), "model.layers.1.mlp.router.bias")
+        } else {
+            dir.path().join(victim)
+        };
+        replace_with_fifo(&path);
+        let model = dir.path().to_path_buf();
+        let e = within_seconds(move || load_error(&model));
+        assert!(
+            e.contains(&format!(
+                "{}: is not a regular file (it is a named pipe)",
+                path.display()
+            )),
+            "{victim}: {e}"
+        );
+        let model = dir.path().to_path_buf();
+        let e = within_seconds(move || preflight(&model).map(|_| ()))
+            .expect_err("preflight of a pipe")
+            .to_string();
+        assert!(e.contains("is not a regular file"), "{victim}: {e}");
+    }
+}
+
+#[test]
+fn a_directory_in_place_of_a_shard_is_refused() {
+    let dir = small_model();
+    let shard = shard_holding(dir.path(), "lm_head.weight");
+    std::fs::remove_file(&shard).expect("remove");
+    std::fs::create_dir(&shard).expect("mkdir");
+    let e = load_error(dir.path());
+    assert!(
+        e.contains(&format!(
+            "{}: is not a regular file (it is a directory)",
+            shard.display()
+        )),
+        "{e}"
+    );
+}
+
+/// A safetensors file whose header names tensor `a` twice, first as 4 f32, then as 16 u8 over
+/// the same bytes, with `b` in between: valid in every other respect.
+fn header_with_a_duplicate() -> Vec<u8> {
+    let header = concat!(
+        r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"#,
+        r#""b":{"dtype":"U8","shape":[4],"data_offsets":[16,20]},"#,
+        r#""a":{"dtype":"U8","shape":[16],"data_offsets":[0,16]}}"#
+    );
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(&[7u8; 20]);
+    bytes
+}
+
+#[test]
+fn a_header_naming_a_tensor_twice_is_refused() {
+    let bytes = header_with_a_duplicate();
+    // Not the point of the test, but what makes it meaningful: a plain parser takes this file
+    // (keeping the second `a`), so only the duplicate check stands between it and the model.
+    safetensors::SafeTensors::deserialize(&bytes).expect("otherwise valid");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("model.safetensors");
+    std::fs::write(&path, &bytes).expect("write");
+    let e = Checkpoint::open(dir.path())
+        .err()
+        .expect("duplicate accepted")
+        .to_string();
+    assert_eq!(
+        e,
+        format!("{}: the header names tensor `a` twice", path.display())
+    );
+}
+
+#[test]
+fn a_tensor_in_two_shards_is_refused() {
+    let dir = small_model();
+    let first = shard_holding(dir.path(), "lm_head.weight");
+    let second = dir.path().join("model-extra.safetensors");
+    std::fs::copy(&first, &second).expect("copy");
+    let index_path = dir.path().join("model.safetensors.index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index_path).expect("index")).expect("json");
+    index["weight_map"]["extra"] = "model-extra.safetensors".into();
+    std::fs::write(&index_path, index.to_string()).expect("write index");
+    let e = load_error(dir.path());
+    assert!(
+        e.contains(&first.display().to_string()) && e.contains(&second.display().to_string()),
+        "{e}"
+    );
+}
+
+/// The whole error chain as `anyhow`'s `{:#}` prints it: each cause after a colon.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
+}
+
+#[test]
+fn a_missing_file_shows_the_os_error_once() {
+    let dir = small_model();
+    let shard = shard_holding(dir.path(), "model.norm.weight");
+    std::fs::remove_file(&shard).expect("remove");
+    std::fs::remove_file(dir.path().join("config.json")).expect("remove");
+    let checkpoint = Checkpoint::open(dir.path()).err().expect("missing shard");
+    let config = ModelConfig::load(dir.path()).expect_err("missing config");
+    let checked = preflight(dir.path()).expect_err("missing config");
+    for text in [chain(&checkpoint), chain(&config), chain(&checked)] {
+        assert_eq!(text.matches("os error 2").count(), 1, "{text}");
+    }
+    assert!(chain(&checkpoint).contains(&shard.display().to_string()));
+}
+
+#[test]
+fn an_absurd_config_value_is_refused_on_load() {
+    let dir = small_model();
+    let path = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&path).expect("config");
+    let absurd = text.replace("\"rms_norm_eps\": 0.00001", "\"rms_norm_eps\": 4294967296");
+    assert_ne!(absurd, text);
+    std::fs::write(&path, absurd).expect("write");
+    let e = load_error(dir.path());
+    assert!(
+        e.contains(&path.display().to_string())
+            && e.contains("rms_norm_eps")
+            && e.contains("4294967296"),
+        "{e}"
+    );
 }

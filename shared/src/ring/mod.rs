@@ -129,11 +129,11 @@ const SPINS_PER_CLOCK_READ: u32 = 64;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RingError {
-    /// A system call failed.
+    /// A system call failed. The errno is in the message only, not chained as a `source()`
+    /// too, so an error chain shows it once.
     #[error("{op} failed: {errno}")]
     Os {
         op: &'static str,
-        #[source]
         errno: nix::errno::Errno,
     },
     /// [`Ring::create`] was asked for a ring it cannot make.
