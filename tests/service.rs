@@ -167,6 +167,39 @@ fn a_checkpoint_that_cannot_load_ends_start_up_with_the_reason_and_exit_64() {
 }
 
 #[test]
+fn a_missing_shard_is_reported_in_a_second_before_any_worker_starts() {
+    let view = private_model();
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(view.path().join("model.safetensors.index.json")).expect("index"),
+    )
+    .expect("json");
+    let shard = index["weight_map"]["model.layers.3.self_attn.sinks"]
+        .as_str()
+        .expect("shard")
+        .to_string();
+    std::fs::remove_file(view.path().join(&shard)).expect("remove the shard's link");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_file(dir.path(), view.path(), 2, "", "");
+    let (status, err, took) = serve_until_exit(&config, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(64), "{err}");
+    assert!(
+        err.contains(&shard) && err.contains("No such file"),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("os error 2").count(),
+        1,
+        "the OS error is printed once:\n{err}"
+    );
+    assert!(
+        !err.contains("stage loaded"),
+        "workers were started:\n{err}"
+    );
+    assert!(took < Duration::from_secs(3), "took {took:?}:\n{err}");
+    assert_nothing_left(view.path());
+}
+
+#[test]
 fn the_control_socket_cuts_a_client_that_stalls_in_its_headers() {
     let d = Daemon::start(1, "");
     let mut s = UnixStream::connect(&d.control).expect("connect");

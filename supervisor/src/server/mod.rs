@@ -34,23 +34,28 @@ use state::{AppState, ModelEntry};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
+///
+/// Each variant prints its cause in its own message (and does not chain it as a `source`),
+/// so the cause appears once however the error is printed.
 pub enum ServeError {
-    #[error("model {model}: {source}")]
-    Launch { model: String, source: LaunchError },
-    #[error("model {model}: cannot start its workers: {source}")]
+    #[error("model {model}: {error}")]
+    Launch { model: String, error: LaunchError },
+    #[error("model {model}: {error}")]
+    Checkpoint {
+        model: String,
+        error: gptossd_shared::preflight::PreflightError,
+    },
+    #[error("model {model}: cannot start its workers: {error}")]
     Pipeline {
         model: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: String,
-        source: std::io::Error,
-    },
-    #[error("control socket {path}: {source}")]
+    #[error("cannot listen on {addr}: {error}")]
+    Bind { addr: String, error: std::io::Error },
+    #[error("control socket {path}: {error}")]
     Control {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("model {model} cannot load: {reason}")]
     LoadFailed { model: String, reason: String },
@@ -63,7 +68,7 @@ impl ServeError {
     /// unit's `RestartPreventExitStatus=64`), 1 for the rest (a busy port may be free later).
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Launch { .. } | Self::LoadFailed { .. } => 64,
+            Self::Launch { .. } | Self::Checkpoint { .. } | Self::LoadFailed { .. } => 64,
             Self::Pipeline { .. }
             | Self::Bind { .. }
             | Self::Control { .. }
@@ -123,20 +128,20 @@ pub async fn run(config: Config, test_model: bool) -> Result<(), ServeError> {
     let control_path = config.server().control_socket.clone();
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| ServeError::Bind {
+        .map_err(|error| ServeError::Bind {
             addr: addr.to_string(),
-            source,
+            error,
         })?;
-    let control = bind_control(&control_path).map_err(|source| ServeError::Control {
+    let control = bind_control(&control_path).map_err(|error| ServeError::Control {
         path: control_path.clone(),
-        source,
+        error,
     })?;
     tracing::info!(path = %control_path.display(), "control socket bound");
     // Machine-readable for tests and scripts: the port actually bound (port 0 picks one), at
     // the end of the line (this record has no fields).
     let local = listener.local_addr().unwrap_or(addr);
     tracing::info!("listening on http://{local}");
-    let models = match start_models(&config, test_model) {
+    let models = match preflight(&config).and_then(|()| start_models(&config, test_model)) {
         Ok(m) => m,
         Err(e) => {
             let _ = std::fs::remove_file(&control_path);
@@ -147,6 +152,28 @@ pub async fn run(config: Config, test_model: bool) -> Result<(), ServeError> {
     serve(config, models, listener, control).await
 }
 
+/// Checks every model's checkpoint without loading it (config.json in range, every shard
+/// present, a regular readable file with a sound header), so that a missing or unreadable
+/// shard is reported in a second, before any worker starts.
+fn preflight(config: &Config) -> Result<(), ServeError> {
+    for m in config.models() {
+        let report = gptossd_shared::preflight::preflight(&m.path).map_err(|error| {
+            ServeError::Checkpoint {
+                model: m.name.clone(),
+                error,
+            }
+        })?;
+        tracing::info!(
+            model = %m.name,
+            files = report.files.len(),
+            tensors = report.tensors,
+            gb = format_args!("{:.2}", report.payload_bytes as f64 / 1e9),
+            "checkpoint checked"
+        );
+    }
+    Ok(())
+}
+
 /// Starts the pipelines of every configured model. `test_model` marks the generated tiny model.
 pub fn start_models(config: &Config, test_model: bool) -> Result<Vec<ModelEntry>, ServeError> {
     let profile = config.profile(config.scheduler().default_profile);
@@ -154,9 +181,9 @@ pub fn start_models(config: &Config, test_model: bool) -> Result<Vec<ModelEntry>
     for m in config.models() {
         let (pcfg, mcfg) =
             pipeline_config_for_model(m, config, profile.max_batch, profile.prefill_window)
-                .map_err(|source| ServeError::Launch {
+                .map_err(|error| ServeError::Launch {
                     model: m.name.clone(),
-                    source,
+                    error,
                 })?;
         let context = pcfg.scheduler.max_context;
         let stages = pcfg.stages.len();
@@ -165,9 +192,9 @@ pub fn start_models(config: &Config, test_model: bool) -> Result<Vec<ModelEntry>
         } else {
             "cpu"
         };
-        let handle = pipeline::start(pcfg).map_err(|source| ServeError::Pipeline {
+        let handle = pipeline::start(pcfg).map_err(|error| ServeError::Pipeline {
             model: m.name.clone(),
-            source,
+            error,
         })?;
         tracing::info!(model = %m.name, path = %m.path.display(), stages, "model pipeline starting");
         entries.push(ModelEntry {
