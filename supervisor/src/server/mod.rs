@@ -43,7 +43,7 @@ pub enum ServeError {
     #[error("model {model}: {error}")]
     Checkpoint {
         model: String,
-        error: gptossd_shared::preflight::PreflightError,
+        error: Box<gptossd_shared::preflight::PreflightError>,
     },
     #[error("model {model}: cannot start its workers: {error}")]
     Pipeline {
@@ -160,7 +160,7 @@ fn preflight(config: &Config) -> Result<(), ServeError> {
         let report = gptossd_shared::preflight::preflight(&m.path).map_err(|error| {
             ServeError::Checkpoint {
                 model: m.name.clone(),
-                error,
+                error: Box::new(error),
             }
         })?;
         tracing::info!(
