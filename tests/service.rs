@@ -558,3 +558,53 @@ fn a_crash_loop_recovers_by_itself_after_its_cool_down() {
     );
     assert!(d.stop().success());
 }
+
+/// Resident memory of a process, in bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+#[test]
+fn an_idle_stage_gives_back_the_memory_of_a_burst() {
+    let d = Daemon::start(1, "");
+    let workers = wait_for_workers(&d.model, 1, Duration::from_secs(10));
+    let pid = workers[0].0;
+    // 32 sequences at once: the last stage's logits alone are 32 × 201,088 floats (26 MB).
+    let port = d.port;
+    let threads: Vec<_> = (0..32)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let body = serde_json::json!({
+                    "messages": [{"role": "user", "content": format!("burst {i}")}],
+                    "max_tokens": 3,
+                });
+                try_request(
+                    port,
+                    "POST",
+                    "/v1/chat/completions",
+                    Some(body.to_string().as_bytes()),
+                    &[],
+                )
+                .map(|r| r.status)
+            })
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().expect("thread").expect("request"), 200);
+    }
+    let after_burst = rss_bytes(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let idle = rss_bytes(pid);
+    assert!(
+        after_burst > idle + 10_000_000,
+        "the stage kept its high-water mark: {after_burst} bytes after the burst, {idle} when idle"
+    );
+    assert!(d.stop().success());
+}

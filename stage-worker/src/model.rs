@@ -246,7 +246,8 @@ thread_local! {
     static SCORES: RefCell<AttentionScratch> = const { RefCell::new(AttentionScratch::new()) };
 }
 
-/// Reusable activation buffers (grown, never shrunk: no allocation per token).
+/// Reusable activation buffers (grown, never shrunk while steps come: no allocation per
+/// token; [`StageModel::release_scratch`] drops them when the stage is idle).
 #[derive(Default)]
 struct Scratch {
     normed: Vec<f32>,
@@ -298,6 +299,41 @@ impl StageModel {
             pool: ThreadPool::new(threads),
             scratch: Scratch::default(),
         }
+    }
+
+    /// Drops the step buffers (they grow to the largest step seen, e.g. a burst of long
+    /// prompts) so that an idle stage does not keep its high-water mark; the next step grows
+    /// them again. The per-thread attention scratch stays (a few MB at most: one KV group's
+    /// scores over the window).
+    pub fn release_scratch(&mut self) {
+        self.scratch = Scratch::default();
+    }
+
+    /// Bytes held by the step buffers.
+    pub fn scratch_bytes(&self) -> usize {
+        let s = &self.scratch;
+        let floats = [
+            &s.normed,
+            &s.q,
+            &s.k,
+            &s.v,
+            &s.attn,
+            &s.proj,
+            &s.router,
+            &s.gathered,
+            &s.gate_up,
+            &s.act,
+            &s.expert_out,
+            &s.routed,
+            &s.head_in,
+            &s.head_rows,
+        ]
+        .iter()
+        .map(|v| v.capacity() * 4)
+        .sum::<usize>();
+        floats
+            + s.routes.capacity() * std::mem::size_of::<(usize, f32)>()
+            + s.members.capacity() * std::mem::size_of::<(usize, usize)>()
     }
 
     pub fn config(&self) -> &ModelConfig {

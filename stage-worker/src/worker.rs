@@ -31,6 +31,8 @@ use crate::sampler::{SampleScratch, Sampler, SamplingParams};
 
 /// How long one ring wait lasts before the loop re-checks its flags.
 const POLL: Duration = Duration::from_millis(50);
+/// After this long with no step, the step buffers are given back to the OS.
+const IDLE_RELEASE: Duration = Duration::from_secs(1);
 
 /// State shared by the worker's threads.
 pub struct Shared {
@@ -152,6 +154,8 @@ pub fn run(model: &mut StageModel, hops: Hops, shared: &Shared) -> Result<(), Lo
     let mut scratch = StepScratch::default();
     // Set when the input ring was found closed: its end is dropped at the top of the next turn.
     let mut lost_input = false;
+    // When the last step finished, while its buffers are still held.
+    let mut holding_since: Option<Instant> = None;
     while !shared.shutdown.load(Ordering::SeqCst) {
         if std::mem::take(&mut lost_input) {
             consumer = None;
@@ -167,7 +171,13 @@ pub fn run(model: &mut StageModel, hops: Hops, shared: &Shared) -> Result<(), Lo
         };
         let slot = match cons.recv(POLL) {
             Ok(slot) => slot,
-            Err(RingError::Timeout(_)) => continue,
+            Err(RingError::Timeout(_)) => {
+                if holding_since.is_some_and(|t| t.elapsed() >= IDLE_RELEASE) {
+                    release_memory(model, &mut scratch);
+                    holding_since = None;
+                }
+                continue;
+            }
             Err(RingError::Closed) | Err(RingError::Stale(_)) => {
                 // The neighbour upstream died; the supervisor sends a replacement.
                 lost_input = true;
@@ -221,6 +231,7 @@ pub fn run(model: &mut StageModel, hops: Hops, shared: &Shared) -> Result<(), Lo
             *b = None;
         }
         shared.steps_done.fetch_add(1, Ordering::SeqCst);
+        holding_since = Some(Instant::now());
     }
     Ok(())
 }
@@ -243,6 +254,18 @@ fn await_replacement(slot: &Mutex<Option<Ring>>, shared: &Shared, epoch: u64) ->
         std::thread::sleep(Duration::from_millis(1));
     }
     false
+}
+
+/// Gives an idle stage's step buffers back to the OS: the model's and the loop's are dropped,
+/// then glibc returns the freed heap pages (large buffers were mapped and are unmapped on
+/// free already).
+fn release_memory(model: &mut StageModel, scratch: &mut StepScratch) {
+    model.release_scratch();
+    *scratch = StepScratch::default();
+    // SAFETY: malloc_trim only walks glibc's own free lists; no pointer of ours is involved.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Buffers reused across steps.
