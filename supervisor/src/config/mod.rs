@@ -321,9 +321,10 @@ impl Config {
     /// for `auto` what its `config.json` says ([`ModelSettings::resolve_size`]).
     ///
     /// The primary model is the profile's `model`, else the first model of the profile's
-    /// preferred size ([`ProfileName::preferred_size`]), else the first model. The fallback is
-    /// the profile's `fallback`, else for `quality_first` the first 20b model other than the
-    /// primary; never the primary itself.
+    /// preferred size ([`ProfileName::preferred_size`]), else the first model standing in for
+    /// that size ([`ModelSize::serves_as`]: a test model for the 20b), else the first model.
+    /// The fallback is the profile's `fallback`, else for `quality_first` the first 20b model
+    /// (or stand-in) other than the primary; never the primary itself.
     pub fn profile_models(
         &self,
         profile: ProfileName,
@@ -331,9 +332,14 @@ impl Config {
     ) -> ProfileModels<'_> {
         let settings = self.profiles.get(profile);
         let of_size = |size: ModelSize, except: Option<&str>| {
-            self.models
-                .iter()
-                .find(|m| size_of(m) == size && Some(m.name.as_str()) != except)
+            let others = || {
+                self.models
+                    .iter()
+                    .filter(move |m| Some(m.name.as_str()) != except)
+            };
+            others()
+                .find(|m| size_of(m) == size)
+                .or_else(|| others().find(|m| size_of(m).serves_as() == size))
         };
         let primary = settings
             .model
@@ -387,31 +393,49 @@ impl ServerSettings {
     }
 }
 
-/// A model family size: which of the two GPT-OSS models.
+/// A model family size: which of the two GPT-OSS models, or neither.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ModelSize {
-    /// gpt-oss-20b (24 layers, 32 experts).
+    /// gpt-oss-20b (24 layers, 32 experts, hidden size 2880).
     B20,
-    /// gpt-oss-120b (36 layers, 128 experts).
+    /// gpt-oss-120b (36 layers, 128 experts, hidden size 2880).
     B120,
+    /// Neither shape: the small test models (random weights), or any other shape. Profiles
+    /// use it as a stand-in for the 20b ([`ModelSize::serves_as`]).
+    Test,
 }
 
 impl ModelSize {
-    /// `"20b"` or `"120b"`.
+    /// `"20b"`, `"120b"` or `"test"`.
     pub fn as_str(self) -> &'static str {
         match self {
             ModelSize::B20 => "20b",
             ModelSize::B120 => "120b",
+            ModelSize::Test => "test",
         }
     }
 
-    /// The size a `config.json` describes: 120b from 36 layers or 128 experts up, else 20b
-    /// (test models included).
+    /// The size a `config.json` describes: 20b or 120b when its layer count, expert count and
+    /// hidden size are those of the real model, else [`ModelSize::Test`].
     pub fn detect(cfg: &ModelConfig) -> Self {
-        if cfg.num_hidden_layers >= 36 || cfg.num_local_experts >= 128 {
-            ModelSize::B120
-        } else {
-            ModelSize::B20
+        match (
+            cfg.num_hidden_layers,
+            cfg.num_local_experts,
+            cfg.hidden_size,
+        ) {
+            (24, 32, 2880) => ModelSize::B20,
+            (36, 128, 2880) => ModelSize::B120,
+            _ => ModelSize::Test,
+        }
+    }
+
+    /// The size a profile treats a model of this size as: its own, and 20b for a test model,
+    /// so that a single test model serves every profile (`quality_first` then says it fell
+    /// back, as on a real 20b).
+    pub fn serves_as(self) -> ModelSize {
+        match self {
+            ModelSize::Test => ModelSize::B20,
+            size => size,
         }
     }
 }
@@ -427,7 +451,8 @@ impl fmt::Display for ModelSize {
 pub enum SizeSetting {
     /// `"auto"`: from the model's `config.json` ([`ModelSize::detect`]).
     Auto,
-    /// `"20b"` or `"120b"`, as the operator says (not checked against `config.json`).
+    /// `"20b"` or `"120b"`, as the operator says (not checked against `config.json`; e.g. for
+    /// a model of another shape that should serve as one of them).
     Fixed(ModelSize),
 }
 
@@ -439,8 +464,8 @@ pub struct ModelSettings {
     pub name: String,
     /// `path`: the model directory (Hugging Face layout). Required.
     pub path: PathBuf,
-    /// `size`: `"20b"`, `"120b"` or `"auto"` (from `config.json`'s layer and expert counts).
-    /// Default `"auto"`. Profiles pick models by size.
+    /// `size`: `"20b"`, `"120b"` or `"auto"` (from `config.json`'s shape: 20b, 120b, or
+    /// `test` for any other shape). Default `"auto"`. Profiles pick models by size.
     pub size: SizeSetting,
     /// `stages`: pipeline stages (worker processes), ≥ 1 and ≤ the model's layers. Default:
     /// the length of `devices` or `layers` when given, else 4.

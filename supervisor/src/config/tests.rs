@@ -666,12 +666,26 @@ fn sizes_resolve_from_config_json() {
         experts: 128,
         ..Preset::Shape20b.dims()
     });
-    assert_eq!(ModelSize::detect(&tiny), ModelSize::B20);
+    assert_eq!(ModelSize::detect(&tiny), ModelSize::Test);
+    assert_eq!(ModelSize::detect(&tiny).as_str(), "test");
+    assert_eq!(
+        ModelSize::detect(&model_config(&Preset::Bench.dims())),
+        ModelSize::Test
+    );
     assert_eq!(
         ModelSize::detect(&model_config(&Preset::Shape20b.dims())),
         ModelSize::B20
     );
     assert_eq!(ModelSize::detect(&big), ModelSize::B120);
+    // Only the real shapes are 20b or 120b: a 36-layer model with the 20b's experts is neither.
+    let odd = model_config(&Dims {
+        layers: 36,
+        ..Preset::Shape20b.dims()
+    });
+    assert_eq!(ModelSize::detect(&odd), ModelSize::Test);
+    // The `size` setting still makes a model of another shape a 20b.
+    let c = parse(&one_model("size = \"20b\"\n")).expect("valid");
+    assert_eq!(c.models()[0].resolve_size(&tiny), ModelSize::B20);
     let c = parse(&one_model("size = \"120b\"\n")).expect("valid");
     assert_eq!(
         c.models()[0].resolve_size(&tiny),
@@ -690,4 +704,46 @@ fn profile_names_round_trip() {
         assert_eq!(p.as_str().parse::<ProfileName>(), Ok(p));
     }
     assert!("fast".parse::<ProfileName>().is_err());
+}
+
+#[test]
+fn a_test_model_serves_every_profile_as_the_20b_stand_in() {
+    let size = |m: &ModelSettings| match m.name.as_str() {
+        "tiny" => ModelSize::Test,
+        "big" => ModelSize::B120,
+        _ => ModelSize::B20,
+    };
+    let names = |c: &Config, p: ProfileName| {
+        let pm = c.profile_models(p, size);
+        (pm.primary.name.clone(), pm.fallback.map(|f| f.name.clone()))
+    };
+    // One test model: every profile runs on it.
+    let c = parse("[[models]]\nname = \"tiny\"\npath = \"/m/t\"\n").expect("valid");
+    for p in ProfileName::ALL {
+        assert_eq!(names(&c, p), ("tiny".into(), None), "{p}");
+    }
+    // A 120b listed first and a test model: the test model stands in for the 20b, also as
+    // quality_first's fallback.
+    let c = parse(
+        "[[models]]\nname = \"big\"\npath = \"/m/b\"\n[[models]]\nname = \"tiny\"\npath = \"/m/t\"\n",
+    )
+    .expect("valid");
+    assert_eq!(names(&c, ProfileName::LatencyFirst), ("tiny".into(), None));
+    assert_eq!(names(&c, ProfileName::Balanced), ("tiny".into(), None));
+    assert_eq!(
+        names(&c, ProfileName::QualityFirst),
+        ("big".into(), Some("tiny".into()))
+    );
+    // A real 20b is preferred to a stand-in, wherever it is listed.
+    let c = parse(
+        "[[models]]\nname = \"tiny\"\npath = \"/m/t\"\n[[models]]\nname = \"real\"\npath = \"/m/r\"\n[[models]]\nname = \"big\"\npath = \"/m/b\"\n",
+    )
+    .expect("valid");
+    assert_eq!(names(&c, ProfileName::Balanced), ("real".into(), None));
+    assert_eq!(
+        names(&c, ProfileName::QualityFirst),
+        ("big".into(), Some("real".into()))
+    );
+    assert_eq!(ModelSize::Test.serves_as(), ModelSize::B20);
+    assert_eq!(ModelSize::B120.serves_as(), ModelSize::B120);
 }
