@@ -440,3 +440,53 @@ fn bench_reports_speed_bandwidth_and_memory_for_each_batch() {
     }
     assert_nothing_left(view.path());
 }
+
+/// Issue 14: a repeated prompt of whole KV blocks (16 and 32 tokens, blocks of 16) reuses its
+/// cached blocks, recomputing only its last token, and still yields exactly the greedy tokens
+/// of the first run (the recomputed K/V is bitwise what the shared block held).
+#[test]
+fn a_repeated_block_aligned_prompt_hits_the_prefix_cache_and_gives_the_same_tokens() {
+    let d = common::daemon::Daemon::start(2, "");
+    let scheduler_stats = || {
+        let stats = d.get("/stats").json();
+        let s = &stats["schedulers"][0];
+        let count = |key: &str| {
+            s[key]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{key} missing: {stats}"))
+        };
+        (count("prefix_cache_hits"), count("prefix_cache_queries"))
+    };
+    for len in [16u32, 32] {
+        let prompt: Vec<u32> = (0..len).map(|i| 3000 + 97 * len + 13 * i).collect();
+        let body =
+            json!({"prompt": prompt, "max_tokens": 8, "temperature": 0, "return_token_ids": true});
+        let mut runs = Vec::new();
+        for run in 0..3 {
+            let (hits, queries) = scheduler_stats();
+            let r = d.post("/v1/completions", &body);
+            assert_eq!(r.status, 200, "{}", r.text());
+            runs.push(r.json()["choices"][0]["token_ids"].clone());
+            let (hits_after, queries_after) = scheduler_stats();
+            assert_eq!(
+                queries_after - queries,
+                u64::from(len),
+                "{len} tokens, run {run}"
+            );
+            // The first run computes everything; a repeat finds every block and computes
+            // only the last token again.
+            let want = if run == 0 { 0 } else { u64::from(len) - 1 };
+            assert_eq!(hits_after - hits, want, "{len} tokens, run {run}");
+        }
+        assert_eq!(runs[0].as_array().map(Vec::len), Some(8), "{:?}", runs[0]);
+        assert_eq!(
+            runs[1], runs[0],
+            "{len} tokens: a cache hit changed the tokens"
+        );
+        assert_eq!(
+            runs[2], runs[0],
+            "{len} tokens: a cache hit changed the tokens"
+        );
+    }
+    assert!(d.stop().success());
+}
