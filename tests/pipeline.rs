@@ -490,3 +490,60 @@ fn a_repeated_block_aligned_prompt_hits_the_prefix_cache_and_gives_the_same_toke
     }
     assert!(d.stop().success());
 }
+
+/// Issue 14: with no `control_socket` configured, `serve` binds `$RUNTIME_DIRECTORY/control.sock`
+/// (as under systemd's `RuntimeDirectory=gptossd`) rather than a fixed path under /run that
+/// only root may create.
+#[test]
+fn serve_binds_its_default_control_socket_in_the_runtime_directory() {
+    let view = private_model();
+    let runtime = tempfile::tempdir().expect("tempdir");
+    let socket = runtime.path().join("control.sock");
+    let mut cmd = command();
+    cmd.arg("serve")
+        .arg("--model")
+        .arg(view.path())
+        .args(["--port", "0", "--stages", "1"])
+        .env("RUNTIME_DIRECTORY", runtime.path())
+        .env_remove("XDG_RUNTIME_DIR")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn gptossd serve");
+    let pipe = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut log = String::new();
+        for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+            if line.contains("listening on http://") {
+                let _ = tx.send(None);
+            }
+            log.push_str(&line);
+            log.push('\n');
+        }
+        let _ = tx.send(Some(log));
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(None) => {}
+        other => {
+            let _ = child.kill();
+            panic!("serve did not start listening: {other:?}");
+        }
+    }
+    let answer = {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&socket)
+            .unwrap_or_else(|e| panic!("{}: {e}", socket.display()));
+        s.write_all(b"GET /profile HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+            .expect("write");
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).expect("read");
+        String::from_utf8_lossy(&raw).to_string()
+    };
+    assert!(answer.contains("default_profile"), "{answer}");
+    signal(child.id(), libc::SIGTERM);
+    let status = wait_with_limit(child, Duration::from_secs(30)).status;
+    assert!(status.success(), "{status:?}");
+    assert!(!socket.exists(), "control socket left behind");
+    assert_nothing_left(view.path());
+}
