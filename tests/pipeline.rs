@@ -440,3 +440,110 @@ fn bench_reports_speed_bandwidth_and_memory_for_each_batch() {
     }
     assert_nothing_left(view.path());
 }
+
+/// Issue 14: a repeated prompt of whole KV blocks (16 and 32 tokens, blocks of 16) reuses its
+/// cached blocks, recomputing only its last token, and still yields exactly the greedy tokens
+/// of the first run (the recomputed K/V is bitwise what the shared block held).
+#[test]
+fn a_repeated_block_aligned_prompt_hits_the_prefix_cache_and_gives_the_same_tokens() {
+    let d = common::daemon::Daemon::start(2, "");
+    let scheduler_stats = || {
+        let stats = d.get("/stats").json();
+        let s = &stats["schedulers"][0];
+        let count = |key: &str| {
+            s[key]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{key} missing: {stats}"))
+        };
+        (count("prefix_cache_hits"), count("prefix_cache_queries"))
+    };
+    for len in [16u32, 32] {
+        let prompt: Vec<u32> = (0..len).map(|i| 3000 + 97 * len + 13 * i).collect();
+        let body =
+            json!({"prompt": prompt, "max_tokens": 8, "temperature": 0, "return_token_ids": true});
+        let mut runs = Vec::new();
+        for run in 0..3 {
+            let (hits, queries) = scheduler_stats();
+            let r = d.post("/v1/completions", &body);
+            assert_eq!(r.status, 200, "{}", r.text());
+            runs.push(r.json()["choices"][0]["token_ids"].clone());
+            let (hits_after, queries_after) = scheduler_stats();
+            assert_eq!(
+                queries_after - queries,
+                u64::from(len),
+                "{len} tokens, run {run}"
+            );
+            // The first run computes everything; a repeat finds every block and computes
+            // only the last token again.
+            let want = if run == 0 { 0 } else { u64::from(len) - 1 };
+            assert_eq!(hits_after - hits, want, "{len} tokens, run {run}");
+        }
+        assert_eq!(runs[0].as_array().map(Vec::len), Some(8), "{:?}", runs[0]);
+        assert_eq!(
+            runs[1], runs[0],
+            "{len} tokens: a cache hit changed the tokens"
+        );
+        assert_eq!(
+            runs[2], runs[0],
+            "{len} tokens: a cache hit changed the tokens"
+        );
+    }
+    assert!(d.stop().success());
+}
+
+/// Issue 14: with no `control_socket` configured, `serve` binds `$RUNTIME_DIRECTORY/control.sock`
+/// (as under systemd's `RuntimeDirectory=gptossd`) rather than a fixed path under /run that
+/// only root may create.
+#[test]
+fn serve_binds_its_default_control_socket_in_the_runtime_directory() {
+    let view = private_model();
+    let runtime = tempfile::tempdir().expect("tempdir");
+    let socket = runtime.path().join("control.sock");
+    let mut cmd = command();
+    cmd.arg("serve")
+        .arg("--model")
+        .arg(view.path())
+        .args(["--port", "0", "--stages", "1"])
+        .env("RUNTIME_DIRECTORY", runtime.path())
+        .env_remove("XDG_RUNTIME_DIR")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn gptossd serve");
+    let pipe = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut log = String::new();
+        for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+            if line.contains("listening on http://") {
+                let _ = tx.send(None);
+            }
+            log.push_str(&line);
+            log.push('\n');
+        }
+        let _ = tx.send(Some(log));
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(None) => {}
+        other => {
+            let _ = child.kill();
+            panic!("serve did not start listening: {other:?}");
+        }
+    }
+    let answer = {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&socket)
+            .unwrap_or_else(|e| panic!("{}: {e}", socket.display()));
+        s.write_all(b"GET /profile HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+            .expect("write");
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).expect("read");
+        String::from_utf8_lossy(&raw).to_string()
+    };
+    assert!(answer.contains("default_profile"), "{answer}");
+    signal(child.id(), libc::SIGTERM);
+    let status = wait_with_limit(child, Duration::from_secs(30)).status;
+    assert!(status.success(), "{status:?}");
+    assert!(!socket.exists(), "control socket left behind");
+    assert_nothing_left(view.path());
+}

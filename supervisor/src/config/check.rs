@@ -1,28 +1,37 @@
-//! Raw file + overrides → checked [`Config`]: the defaults, every check, and error messages
-//! that name the key, the value and where it came from.
+//! Raw file + overrides (+ the machine's facts, a [`Host`]) → checked [`Config`]: the defaults,
+//! every check, and error messages that name the key, the value and where it came from.
 
 use std::fmt::Debug;
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
+use super::host::{default_control_socket, default_layout, stages_phrase, Host};
 use super::location::{key_path_near, line_column};
 use super::overrides::{apply_overrides, derived_name};
 use super::raw::{At, RawFile, RawModel, RawProfile, RawScheduler, RawServer, RawWorkers, Val};
 use super::{
-    defaults, Config, ConfigError, Device, ModelSettings, ModelSize, Origin, Overrides,
-    ProfileName, ProfileSettings, Profiles, ReasoningEffort, SchedulerSettings, ServerSettings,
-    SizeSetting, WorkerSettings,
+    defaults, Config, ConfigError, ControlSocketSource, Device, ModelSettings, ModelSize, Origin,
+    Overrides, ProfileName, ProfileSettings, Profiles, ReasoningEffort, SchedulerSettings,
+    ServerSettings, SizeSetting, WorkerSettings,
 };
 use crate::split::explicit_split;
 
 /// Where a model's layer-dependent settings came from, for the checks that can only run once
-/// the model's `config.json` is known. Not part of the settings: all provenances are equal.
+/// the model's `config.json` is known, and the sentence saying why it has its stage count. Not
+/// part of the settings: all provenances are equal.
 #[derive(Debug, Clone)]
 pub(super) struct ModelProvenance {
     stages: Origin,
     layers: Option<Origin>,
+    stages_reason: String,
+}
+
+impl ModelProvenance {
+    pub(super) fn stages_reason(&self) -> &str {
+        &self.stages_reason
+    }
 }
 
 impl PartialEq for ModelProvenance {
@@ -107,11 +116,13 @@ fn get<T: Clone>(v: &Option<Val<T>>, default: T) -> T {
     v.as_ref().map_or(default, |v| v.value.clone())
 }
 
-/// Reads, overrides and checks. `file` is `None` only with empty `text` (no config file).
+/// Reads, overrides and checks, with the defaults of `host`. `file` is `None` only with empty
+/// `text` (no config file).
 pub(super) fn resolve(
     file: Option<&Path>,
     text: &str,
     overrides: &Overrides,
+    host: &Host,
 ) -> Result<Config, ConfigError> {
     let ctx = Ctx { file, text };
     let mut raw: RawFile = toml::from_str(text).map_err(|e| {
@@ -124,11 +135,11 @@ pub(super) fn resolve(
         }
     })?;
     apply_overrides(&mut raw, overrides)?;
-    check(raw, &ctx)
+    check(raw, &ctx, host)
 }
 
-fn check(raw: RawFile, ctx: &Ctx) -> Result<Config, ConfigError> {
-    let server = check_server(&raw.server, ctx)?;
+fn check(raw: RawFile, ctx: &Ctx, host: &Host) -> Result<Config, ConfigError> {
+    let server = check_server(&raw.server, ctx, host)?;
     if raw.models.is_empty() {
         return Err(ConfigError::Missing {
             origin: ctx.default_origin(),
@@ -138,10 +149,9 @@ fn check(raw: RawFile, ctx: &Ctx) -> Result<Config, ConfigError> {
                     .into(),
         });
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut models: Vec<ModelSettings> = Vec::with_capacity(raw.models.len());
     for (i, m) in raw.models.iter().enumerate() {
-        let checked = check_model(i, m, cores, ctx)?;
+        let checked = check_model(i, m, host, ctx)?;
         if models.iter().any(|o| o.name == checked.name) {
             let origin = m
                 .value
@@ -185,9 +195,9 @@ fn check(raw: RawFile, ctx: &Ctx) -> Result<Config, ConfigError> {
     })
 }
 
-fn check_server(s: &RawServer, ctx: &Ctx) -> Result<ServerSettings, ConfigError> {
+fn check_server(s: &RawServer, ctx: &Ctx, host: &Host) -> Result<ServerSettings, ConfigError> {
     let host_text = get(&s.host, defaults::HOST.to_string());
-    let host = if host_text == "localhost" {
+    let ip = if host_text == "localhost" {
         IpAddr::V4(Ipv4Addr::LOCALHOST)
     } else {
         host_text.parse::<IpAddr>().map_err(|_| {
@@ -201,7 +211,14 @@ fn check_server(s: &RawServer, ctx: &Ctx) -> Result<ServerSettings, ConfigError>
     };
     // 0 asks the OS for a free port (the bound one is logged): for tests and ad-hoc runs.
     let port = ctx.at_least(&s.port, defaults::PORT, 0, "server.port")?;
-    let control_socket = get(&s.control_socket, PathBuf::from(defaults::CONTROL_SOCKET));
+    let (control_socket, control_socket_source) = match &s.control_socket {
+        Some(v) => (v.value.clone(), ControlSocketSource::Configured),
+        None => default_control_socket(
+            host.runtime_directory.as_deref(),
+            host.xdg_runtime_dir.as_deref(),
+            host.uid,
+        ),
+    };
     if control_socket.as_os_str().is_empty() {
         return Err(ctx.invalid(
             ctx.origin_of(&s.control_socket),
@@ -211,9 +228,10 @@ fn check_server(s: &RawServer, ctx: &Ctx) -> Result<ServerSettings, ConfigError>
         ));
     }
     Ok(ServerSettings {
-        host,
+        host: ip,
         port,
         control_socket,
+        control_socket_source,
         max_body_bytes: ctx.at_least(
             &s.max_body_bytes,
             defaults::MAX_BODY_BYTES,
@@ -247,7 +265,7 @@ fn name_problem(name: &str) -> Option<&'static str> {
 fn check_model(
     i: usize,
     raw: &Val<RawModel>,
-    cores: usize,
+    host: &Host,
     ctx: &Ctx,
 ) -> Result<ModelSettings, ConfigError> {
     let m = &raw.value;
@@ -328,12 +346,12 @@ fn check_model(
             ));
         }
     }
-    let (stages, stages_origin) = match (&m.stages, &m.devices, &m.layers) {
-        (Some(s), _, _) => (s.value, ctx.origin(&s.at)),
-        (None, Some(d), _) => (d.value.len(), ctx.origin(&d.at)),
-        (None, None, Some(l)) => (l.value.len(), ctx.origin(&l.at)),
-        (None, None, None) => (defaults::STAGES, ctx.default_origin()),
-    };
+    let StageCount {
+        stages,
+        origin: stages_origin,
+        reason: stages_reason,
+        default_devices,
+    } = stage_count(m, host, ctx);
     if stages == 0 {
         return Err(ctx.invalid(stages_origin, key("stages"), 0, "must be at least 1"));
     }
@@ -354,7 +372,7 @@ fn check_model(
     };
 
     let devices = match &m.devices {
-        None => vec![Device::Cpu { cores: None }; stages],
+        None => default_devices.unwrap_or_else(|| vec![Device::Cpu { cores: None }; stages]),
         Some(list) => {
             let texts: Vec<&str> = list.value.iter().map(|d| d.value.as_str()).collect();
             per_stage("devices", list.value.len(), ctx.origin(&list.at), &texts)?;
@@ -393,10 +411,18 @@ fn check_model(
 
     // Every core per stage: one sequence's step visits the stages one after another, and idle
     // stage threads sleep; measured on the bench preset with 4 stages on 2 cores, batch-1
-    // decode ran at 14.9 tok/s with 2 threads per stage against 8.7 with 1.
+    // decode ran at 14.9 tok/s with 2 threads per stage against 8.7 with 1. A stage pinned to
+    // a core set gets no more threads than it has cores.
+    let pinned = devices
+        .iter()
+        .filter_map(|d| match d {
+            Device::Cpu { cores: Some(set) } => Some(set.len()),
+            _ => None,
+        })
+        .min();
     let threads_per_stage = ctx.at_least(
         &m.threads_per_stage,
-        cores.max(1),
+        pinned.unwrap_or(host.cores).max(1),
         1,
         &key("threads_per_stage"),
     )?;
@@ -434,8 +460,61 @@ fn check_model(
         provenance: ModelProvenance {
             stages: stages_origin,
             layers: m.layers.as_ref().map(|l| ctx.origin(&l.at)),
+            stages_reason,
         },
     })
+}
+
+/// A model's stage count, where it came from, the sentence saying so for the start-up log, and
+/// the devices when the machine's default layout chose them.
+struct StageCount {
+    stages: usize,
+    origin: Origin,
+    reason: String,
+    default_devices: Option<Vec<Device>>,
+}
+
+/// `stages` (from the file or `--stages`), else the length of `devices`, else of `layers`, else
+/// the machine's default layout ([`default_layout`]).
+fn stage_count(m: &RawModel, host: &Host, ctx: &Ctx) -> StageCount {
+    let given = |stages: usize, at: &At, reason: String| StageCount {
+        stages,
+        origin: ctx.origin(at),
+        reason,
+        default_devices: None,
+    };
+    let one_per_entry = |n: usize, list: &str, at: &At| {
+        let reason = format!(
+            "{}: one per entry of `{list}` ({})",
+            stages_phrase(n),
+            ctx.origin(at)
+        );
+        given(n, at, reason)
+    };
+    match (&m.stages, &m.devices, &m.layers) {
+        (Some(s), _, _) => {
+            let from = match &s.at {
+                At::Flag(flag) => flag.to_string(),
+                At::Span(_) => format!("`stages` ({})", ctx.origin(&s.at)),
+            };
+            given(
+                s.value,
+                &s.at,
+                format!("{}: from {from}", stages_phrase(s.value)),
+            )
+        }
+        (None, Some(d), _) => one_per_entry(d.value.len(), "devices", &d.at),
+        (None, None, Some(l)) => one_per_entry(l.value.len(), "layers", &l.at),
+        (None, None, None) => {
+            let layout = default_layout(host);
+            StageCount {
+                stages: layout.devices.len(),
+                origin: ctx.default_origin(),
+                reason: layout.reason,
+                default_devices: Some(layout.devices),
+            }
+        }
+    }
 }
 
 /// The layer-count checks of [`ModelSettings::check_layers`]; the explicit split when the

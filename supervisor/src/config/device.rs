@@ -48,8 +48,8 @@ impl FromStr for Device {
     }
 }
 
-/// `0,2,4-7` → `[0, 2, 4, 5, 6, 7]`.
-fn parse_core_set(set: &str) -> Result<Vec<usize>, DeviceParseError> {
+/// `0,2,4-7` → `[0, 2, 4, 5, 6, 7]` (also the form of Linux's `cpulist` files).
+pub(super) fn parse_core_set(set: &str) -> Result<Vec<usize>, DeviceParseError> {
     let fail = |why: String| DeviceParseError(why);
     let core = |t: &str| -> Result<usize, DeviceParseError> {
         let n = t

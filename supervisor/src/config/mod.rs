@@ -4,7 +4,8 @@
 //! # What it owns
 //!
 //! The file's schema (the private `raw` structs: every key optional, unknown keys refused), the
-//! defaults ([`defaults`], also written out in `packaging/gptossd.toml`), the checks, and the
+//! defaults ([`defaults`], also written out in `packaging/gptossd.toml`, and the few that
+//! depend on the machine: [`default_control_socket`], [`default_layout`]), the checks, and the
 //! command-line overrides ([`Overrides`]). Parse, don't validate: only the checked [`Config`]
 //! leaves this module, and it cannot be built any other way.
 //!
@@ -26,11 +27,14 @@
 //! that set it. Syntax and type errors come from the TOML parser, with the key path worked out
 //! from the text around the position it reports.
 //!
-//! It reads the config file and nothing else: no model files, no devices, no sockets. The one
-//! fact it takes from the machine is the number of cores, for the `threads_per_stage` default.
+//! It reads the config file and nothing else: no model files, no devices, no sockets. The facts
+//! it takes from the machine and the environment (cores, NUMA nodes, GPUs, user id, runtime
+//! directories) are read in one place, [`Host::detect`], and passed in as a [`Host`]
+//! ([`Config::resolve_on`], [`Config::parse_on`]), so tests can describe any machine.
 
 mod check;
 mod device;
+mod host;
 mod location;
 mod overrides;
 mod raw;
@@ -48,6 +52,10 @@ use std::time::Duration;
 use gptossd_shared::config::ModelConfig;
 
 pub use self::device::{Device, DeviceParseError};
+pub use self::host::{
+    default_control_socket, default_layout, ControlSocketSource, DefaultLayout, Host,
+    RUNTIME_DIRECTORY_ENV, XDG_RUNTIME_DIR_ENV,
+};
 pub use crate::chat::ReasoningEffort;
 use crate::split::{split_layers, CostModel};
 
@@ -72,8 +80,10 @@ pub fn config_path_from(flag: Option<&Path>, env: Option<&OsStr>) -> Option<Path
     }
 }
 
-/// Every default, in one place. `packaging/gptossd.toml` shows the same values (a test checks
-/// that uncommenting its settings changes nothing).
+/// Every fixed default, in one place. `packaging/gptossd.toml` shows the same values (a test
+/// checks that uncommenting its settings changes nothing). The defaults that depend on the
+/// machine are rules instead: `server.control_socket` ([`default_control_socket`](super::default_control_socket)),
+/// `models.stages` and `models.devices` ([`default_layout`](super::default_layout)).
 pub mod defaults {
     use super::ProfileName;
 
@@ -81,15 +91,11 @@ pub mod defaults {
     pub const HOST: &str = "127.0.0.1";
     /// `server.port`.
     pub const PORT: u16 = 8080;
-    /// `server.control_socket`.
-    pub const CONTROL_SOCKET: &str = "/run/gptossd/control.sock";
     /// `server.max_body_bytes`: 4 MiB.
     pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
     /// `server.request_timeout_secs`.
     pub const REQUEST_TIMEOUT_SECS: u64 = 10;
 
-    /// `models.stages`, when neither `devices` nor `layers` gives the count.
-    pub const STAGES: usize = 4;
     /// `models.kv_cache_tokens`: positions of KV cache per stage pool.
     pub const KV_CACHE_TOKENS: usize = 65_536;
     /// `models.block_size`: positions per KV block.
@@ -247,23 +253,43 @@ impl PartialEq for Config {
 }
 
 impl Config {
-    /// Reads the config file (when there is one), applies the overrides and checks the result.
+    /// Reads the config file (when there is one), applies the overrides and checks the result,
+    /// with the defaults of this machine ([`Host::detect`]).
     pub fn resolve(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        Self::resolve_on(file, overrides, &Host::detect())
+    }
+
+    /// [`Config::resolve`] with the defaults of `host`.
+    pub fn resolve_on(
+        file: Option<&Path>,
+        overrides: &Overrides,
+        host: &Host,
+    ) -> Result<Self, ConfigError> {
         match file {
-            None => check::resolve(None, "", overrides),
+            None => check::resolve(None, "", overrides, host),
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.to_path_buf(),
                     source,
                 })?;
-                check::resolve(Some(path), &text, overrides)
+                check::resolve(Some(path), &text, overrides, host)
             }
         }
     }
 
-    /// Checks config text; `path` names the file in errors.
+    /// Checks config text; `path` names the file in errors. Defaults of this machine.
     pub fn parse(text: &str, path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
-        check::resolve(Some(path), text, overrides)
+        Self::parse_on(text, path, overrides, &Host::detect())
+    }
+
+    /// [`Config::parse`] with the defaults of `host`.
+    pub fn parse_on(
+        text: &str,
+        path: &Path,
+        overrides: &Overrides,
+        host: &Host,
+    ) -> Result<Self, ConfigError> {
+        check::resolve(Some(path), text, overrides, host)
     }
 
     /// Every default, serving the model in `path` (the daemon started with `--model DIR` and
@@ -321,9 +347,10 @@ impl Config {
     /// for `auto` what its `config.json` says ([`ModelSettings::resolve_size`]).
     ///
     /// The primary model is the profile's `model`, else the first model of the profile's
-    /// preferred size ([`ProfileName::preferred_size`]), else the first model. The fallback is
-    /// the profile's `fallback`, else for `quality_first` the first 20b model other than the
-    /// primary; never the primary itself.
+    /// preferred size ([`ProfileName::preferred_size`]), else the first model standing in for
+    /// that size ([`ModelSize::serves_as`]: a test model for the 20b), else the first model.
+    /// The fallback is the profile's `fallback`, else for `quality_first` the first 20b model
+    /// (or stand-in) other than the primary; never the primary itself.
     pub fn profile_models(
         &self,
         profile: ProfileName,
@@ -331,9 +358,14 @@ impl Config {
     ) -> ProfileModels<'_> {
         let settings = self.profiles.get(profile);
         let of_size = |size: ModelSize, except: Option<&str>| {
-            self.models
-                .iter()
-                .find(|m| size_of(m) == size && Some(m.name.as_str()) != except)
+            let others = || {
+                self.models
+                    .iter()
+                    .filter(move |m| Some(m.name.as_str()) != except)
+            };
+            others()
+                .find(|m| size_of(m) == size)
+                .or_else(|| others().find(|m| size_of(m).serves_as() == size))
         };
         let primary = settings
             .model
@@ -370,9 +402,15 @@ pub struct ServerSettings {
     pub host: IpAddr,
     /// `port`: 0–65535 (0: the OS picks a free port, which the log reports). Default 8080.
     pub port: u16,
-    /// `control_socket`: the Unix socket for administration (mode 0660). Default
-    /// `/run/gptossd/control.sock`.
+    /// `control_socket`: the Unix socket for administration (mode 0660). Default: by
+    /// [`default_control_socket`]: `$RUNTIME_DIRECTORY/control.sock` under systemd, else
+    /// `$XDG_RUNTIME_DIR/gptossd/control.sock`, else `/run/gptossd/control.sock` for root, else
+    /// `/tmp/gptossd-<uid>/control.sock`.
     pub control_socket: PathBuf,
+    /// Which rule chose `control_socket`: for the start-up log
+    /// ([`ControlSocketSource::describe`]) and whether the server must make its directory
+    /// private ([`ControlSocketSource::needs_private_dir`]).
+    pub control_socket_source: ControlSocketSource,
     /// `max_body_bytes`: the largest request body accepted (413 beyond). Default 4 MiB
     /// (4,194,304).
     pub max_body_bytes: usize,
@@ -392,31 +430,49 @@ impl ServerSettings {
     }
 }
 
-/// A model family size: which of the two GPT-OSS models.
+/// A model family size: which of the two GPT-OSS models, or neither.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ModelSize {
-    /// gpt-oss-20b (24 layers, 32 experts).
+    /// gpt-oss-20b (24 layers, 32 experts, hidden size 2880).
     B20,
-    /// gpt-oss-120b (36 layers, 128 experts).
+    /// gpt-oss-120b (36 layers, 128 experts, hidden size 2880).
     B120,
+    /// Neither shape: the small test models (random weights), or any other shape. Profiles
+    /// use it as a stand-in for the 20b ([`ModelSize::serves_as`]).
+    Test,
 }
 
 impl ModelSize {
-    /// `"20b"` or `"120b"`.
+    /// `"20b"`, `"120b"` or `"test"`.
     pub fn as_str(self) -> &'static str {
         match self {
             ModelSize::B20 => "20b",
             ModelSize::B120 => "120b",
+            ModelSize::Test => "test",
         }
     }
 
-    /// The size a `config.json` describes: 120b from 36 layers or 128 experts up, else 20b
-    /// (test models included).
+    /// The size a `config.json` describes: 20b or 120b when its layer count, expert count and
+    /// hidden size are those of the real model, else [`ModelSize::Test`].
     pub fn detect(cfg: &ModelConfig) -> Self {
-        if cfg.num_hidden_layers >= 36 || cfg.num_local_experts >= 128 {
-            ModelSize::B120
-        } else {
-            ModelSize::B20
+        match (
+            cfg.num_hidden_layers,
+            cfg.num_local_experts,
+            cfg.hidden_size,
+        ) {
+            (24, 32, 2880) => ModelSize::B20,
+            (36, 128, 2880) => ModelSize::B120,
+            _ => ModelSize::Test,
+        }
+    }
+
+    /// The size a profile treats a model of this size as: its own, and 20b for a test model,
+    /// so that a single test model serves every profile (`quality_first` then says it fell
+    /// back, as on a real 20b).
+    pub fn serves_as(self) -> ModelSize {
+        match self {
+            ModelSize::Test => ModelSize::B20,
+            size => size,
         }
     }
 }
@@ -432,7 +488,8 @@ impl fmt::Display for ModelSize {
 pub enum SizeSetting {
     /// `"auto"`: from the model's `config.json` ([`ModelSize::detect`]).
     Auto,
-    /// `"20b"` or `"120b"`, as the operator says (not checked against `config.json`).
+    /// `"20b"` or `"120b"`, as the operator says (not checked against `config.json`; e.g. for
+    /// a model of another shape that should serve as one of them).
     Fixed(ModelSize),
 }
 
@@ -444,21 +501,27 @@ pub struct ModelSettings {
     pub name: String,
     /// `path`: the model directory (Hugging Face layout). Required.
     pub path: PathBuf,
-    /// `size`: `"20b"`, `"120b"` or `"auto"` (from `config.json`'s layer and expert counts).
-    /// Default `"auto"`. Profiles pick models by size.
+    /// `size`: `"20b"`, `"120b"` or `"auto"` (from `config.json`'s shape: 20b, 120b, or
+    /// `test` for any other shape). Default `"auto"`. Profiles pick models by size.
     pub size: SizeSetting,
     /// `stages`: pipeline stages (worker processes), ≥ 1 and ≤ the model's layers. Default:
-    /// the length of `devices` or `layers` when given, else 4.
+    /// the length of `devices` or `layers` when given, else [`default_layout`]'s: one per GPU,
+    /// or with no GPU one per NUMA node (1 on an ordinary workstation). Which rule applied:
+    /// [`ModelSettings::stages_reason`].
     pub stages: usize,
     /// `devices`: one per stage: `"cpu"`, `"cpu:0-3"` (a core set: ranges and commas, e.g.
-    /// `"cpu:0,2,4-7"`) or `"cuda:N"`. Default: `"cpu"` for every stage.
+    /// `"cpu:0,2,4-7"`) or `"cuda:N"`. Default: with `stages` (or `layers`) given, `"cpu"` for
+    /// every stage; else [`default_layout`]'s: `"cuda:N"` per GPU, or `"cpu:LIST"` per NUMA
+    /// node (its cores) when there are several, else `"cpu"`.
     pub devices: Vec<Device>,
     /// `layers`: explicit layer counts per stage (e.g. `[7, 7, 7, 3]`), adding up to the
     /// model's layers; overrides the cost model. Default: none, the split minimising the
     /// slowest stage's decode traffic ([`crate::split`]).
     pub layers: Option<Vec<usize>>,
-    /// `threads_per_stage`: CPU threads per stage worker. Default: all the cores available to
-    /// the daemon (a step visits the stages one after another; idle stage threads sleep).
+    /// `threads_per_stage`: CPU threads per stage worker. Default: when stages are pinned to
+    /// core sets, the size of the smallest set (no more threads than cores to run them); else
+    /// all the cores available to the daemon (a step visits the stages one after another; idle
+    /// stage threads sleep).
     pub threads_per_stage: usize,
     /// `kv_blocks` (or `kv_cache_tokens`, in positions, rounded up to whole blocks; not both):
     /// the KV pool of every stage, in blocks. Default: 65,536 tokens, i.e. 4,096 blocks of 16.
@@ -469,6 +532,12 @@ pub struct ModelSettings {
 }
 
 impl ModelSettings {
+    /// Which rule set `stages` and why, for the start-up log: e.g. "1 stage: one per NUMA node
+    /// (1 node, no GPU devices configured)", "4 stages: from --stages".
+    pub fn stages_reason(&self) -> &str {
+        self.provenance.stages_reason()
+    }
+
     /// Positions the KV pool of a stage holds.
     pub fn kv_cache_tokens(&self) -> usize {
         self.kv_blocks * self.block_size

@@ -20,6 +20,25 @@ fn parse_with(text: &str, overrides: &Overrides) -> Result<Config, ConfigError> 
     Config::parse(text, Path::new(FILE), overrides)
 }
 
+/// A machine with `nodes` NUMA nodes of `per_node` cores each, no GPU, run by root with no
+/// runtime-directory variables.
+fn machine(nodes: usize, per_node: usize) -> Host {
+    Host {
+        cores: nodes * per_node,
+        numa_nodes: (0..nodes)
+            .map(|n| (n * per_node..(n + 1) * per_node).collect())
+            .collect(),
+        gpus: Vec::new(),
+        uid: 0,
+        runtime_directory: None,
+        xdg_runtime_dir: None,
+    }
+}
+
+fn parse_on(text: &str, overrides: &Overrides, host: &Host) -> Result<Config, ConfigError> {
+    Config::parse_on(text, Path::new(FILE), overrides, host)
+}
+
 /// One model and `extra` appended (which may add keys to the model's table first).
 fn one_model(extra: &str) -> String {
     format!("[[models]]\nname = \"m\"\npath = \"/models/m\"\n{extra}")
@@ -67,20 +86,28 @@ fn uncommenting_the_shipped_defaults_changes_nothing() {
             _ => format!("{line}\n"),
         })
         .collect();
-    assert!(uncommented >= 35, "only {uncommented} settings documented");
+    // Every fixed default: all but `control_socket`, `stages` and `devices`, whose defaults
+    // depend on the machine and are shown as examples.
+    assert!(uncommented >= 32, "only {uncommented} settings documented");
     let c = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     assert_eq!(c, shipped_defaults());
 }
 
 #[test]
 fn the_defaults_are_the_documented_ones() {
-    let c =
-        Config::default_for_model(Path::new("/srv/models/gpt-oss-20b/"), None).expect("defaults");
+    // A workstation: one NUMA node of 2 cores, root, no runtime directory variables.
+    let host = machine(1, 2);
+    let overrides = Overrides {
+        model: Some("/srv/models/gpt-oss-20b/".into()),
+        ..Overrides::default()
+    };
+    let c = Config::resolve_on(None, &overrides, &host).expect("defaults");
     let s = c.server();
     assert_eq!(s.host, IpAddr::V4(Ipv4Addr::LOCALHOST));
     assert_eq!(s.port, 8080);
     assert_eq!(s.listen_addr().to_string(), "127.0.0.1:8080");
     assert_eq!(s.control_socket, PathBuf::from("/run/gptossd/control.sock"));
+    assert_eq!(s.control_socket_source, ControlSocketSource::SystemRun);
     assert_eq!(s.max_body_bytes, 4 << 20);
     assert_eq!(s.request_timeout, Duration::from_secs(10));
 
@@ -90,11 +117,14 @@ fn the_defaults_are_the_documented_ones() {
     assert_eq!(m.name, "gpt-oss-20b", "named after the directory");
     assert_eq!(m.path, PathBuf::from("/srv/models/gpt-oss-20b/"));
     assert_eq!(m.size, SizeSetting::Auto);
-    assert_eq!(m.stages, 4);
-    assert_eq!(m.devices, vec![Device::Cpu { cores: None }; 4]);
+    assert_eq!(m.stages, 1);
+    assert_eq!(m.devices, vec![Device::Cpu { cores: None }]);
+    assert_eq!(
+        m.stages_reason(),
+        "1 stage: one per NUMA node (1 node, no GPU devices configured)"
+    );
     assert_eq!(m.layers, None);
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    assert_eq!(m.threads_per_stage, cores.max(1));
+    assert_eq!(m.threads_per_stage, 2, "every core");
     assert_eq!(m.block_size, 16);
     assert_eq!(m.kv_blocks, 4096);
     assert_eq!(m.kv_cache_tokens(), 65_536);
@@ -129,7 +159,7 @@ fn the_defaults_are_the_documented_ones() {
     assert_eq!(s.max_waiting, 256);
     assert_eq!(s.max_tokens_per_step, 512);
     assert_eq!(s.max_in_flight, None);
-    assert_eq!(s.max_in_flight_for(m), 4);
+    assert_eq!(s.max_in_flight_for(m), 1);
 
     let w = c.workers();
     assert_eq!(w.heartbeat_interval, Duration::from_millis(200));
@@ -352,9 +382,15 @@ fn stages_are_checked_against_the_layer_count() {
     for n in [":4:10", "`models.m.stages`", "= 5", "4 layers"] {
         assert!(e.contains(n), "{n:?} not in {e}");
     }
-    // The default 4 stages on the 4-layer tiny model: one layer each.
-    let c = Config::default_for_model(Path::new("models/tiny-seed0"), None).expect("defaults");
+    // The default on a machine with 4 NUMA nodes, 4 stages on the 4-layer tiny model: one layer
+    // each.
+    let overrides = Overrides {
+        model: Some("models/tiny-seed0".into()),
+        ..Overrides::default()
+    };
+    let c = Config::resolve_on(None, &overrides, &machine(4, 2)).expect("defaults");
     let m = &c.models()[0];
+    assert_eq!(m.stages, 4);
     assert_eq!(m.name, "tiny-seed0");
     assert_eq!(
         m.layer_split(&tiny).expect("fits"),
@@ -666,12 +702,26 @@ fn sizes_resolve_from_config_json() {
         experts: 128,
         ..Preset::Shape20b.dims()
     });
-    assert_eq!(ModelSize::detect(&tiny), ModelSize::B20);
+    assert_eq!(ModelSize::detect(&tiny), ModelSize::Test);
+    assert_eq!(ModelSize::detect(&tiny).as_str(), "test");
+    assert_eq!(
+        ModelSize::detect(&model_config(&Preset::Bench.dims())),
+        ModelSize::Test
+    );
     assert_eq!(
         ModelSize::detect(&model_config(&Preset::Shape20b.dims())),
         ModelSize::B20
     );
     assert_eq!(ModelSize::detect(&big), ModelSize::B120);
+    // Only the real shapes are 20b or 120b: a 36-layer model with the 20b's experts is neither.
+    let odd = model_config(&Dims {
+        layers: 36,
+        ..Preset::Shape20b.dims()
+    });
+    assert_eq!(ModelSize::detect(&odd), ModelSize::Test);
+    // The `size` setting still makes a model of another shape a 20b.
+    let c = parse(&one_model("size = \"20b\"\n")).expect("valid");
+    assert_eq!(c.models()[0].resolve_size(&tiny), ModelSize::B20);
     let c = parse(&one_model("size = \"120b\"\n")).expect("valid");
     assert_eq!(
         c.models()[0].resolve_size(&tiny),
@@ -690,4 +740,215 @@ fn profile_names_round_trip() {
         assert_eq!(p.as_str().parse::<ProfileName>(), Ok(p));
     }
     assert!("fast".parse::<ProfileName>().is_err());
+}
+
+#[test]
+fn a_test_model_serves_every_profile_as_the_20b_stand_in() {
+    let size = |m: &ModelSettings| match m.name.as_str() {
+        "tiny" => ModelSize::Test,
+        "big" => ModelSize::B120,
+        _ => ModelSize::B20,
+    };
+    let names = |c: &Config, p: ProfileName| {
+        let pm = c.profile_models(p, size);
+        (pm.primary.name.clone(), pm.fallback.map(|f| f.name.clone()))
+    };
+    // One test model: every profile runs on it.
+    let c = parse("[[models]]\nname = \"tiny\"\npath = \"/m/t\"\n").expect("valid");
+    for p in ProfileName::ALL {
+        assert_eq!(names(&c, p), ("tiny".into(), None), "{p}");
+    }
+    // A 120b listed first and a test model: the test model stands in for the 20b, also as
+    // quality_first's fallback.
+    let c = parse(
+        "[[models]]\nname = \"big\"\npath = \"/m/b\"\n[[models]]\nname = \"tiny\"\npath = \"/m/t\"\n",
+    )
+    .expect("valid");
+    assert_eq!(names(&c, ProfileName::LatencyFirst), ("tiny".into(), None));
+    assert_eq!(names(&c, ProfileName::Balanced), ("tiny".into(), None));
+    assert_eq!(
+        names(&c, ProfileName::QualityFirst),
+        ("big".into(), Some("tiny".into()))
+    );
+    // A real 20b is preferred to a stand-in, wherever it is listed.
+    let c = parse(
+        "[[models]]\nname = \"tiny\"\npath = \"/m/t\"\n[[models]]\nname = \"real\"\npath = \"/m/r\"\n[[models]]\nname = \"big\"\npath = \"/m/b\"\n",
+    )
+    .expect("valid");
+    assert_eq!(names(&c, ProfileName::Balanced), ("real".into(), None));
+    assert_eq!(
+        names(&c, ProfileName::QualityFirst),
+        ("big".into(), Some("real".into()))
+    );
+    assert_eq!(ModelSize::Test.serves_as(), ModelSize::B20);
+    assert_eq!(ModelSize::B120.serves_as(), ModelSize::B120);
+}
+
+#[test]
+fn stages_default_to_one_per_numa_node_pinned_to_its_cores() {
+    let model = one_model("");
+    let c = parse_on(&model, &Overrides::default(), &machine(2, 4)).expect("valid");
+    let m = &c.models()[0];
+    assert_eq!(m.stages, 2);
+    assert_eq!(
+        m.devices.iter().map(Device::to_string).collect::<Vec<_>>(),
+        ["cpu:0-3", "cpu:4-7"]
+    );
+    assert_eq!(
+        m.threads_per_stage, 4,
+        "a node's cores, not the machine's 8"
+    );
+    assert_eq!(
+        m.stages_reason(),
+        "2 stages: one per NUMA node (2 nodes, no GPU devices configured), each pinned to its \
+         node's cores"
+    );
+    assert_eq!(c.scheduler().max_in_flight_for(m), 2);
+
+    // One node (or none known): one unpinned stage on every core.
+    for host in [
+        machine(1, 8),
+        Host {
+            numa_nodes: Vec::new(),
+            ..machine(1, 8)
+        },
+    ] {
+        let c = parse_on(&model, &Overrides::default(), &host).expect("valid");
+        let m = &c.models()[0];
+        assert_eq!(
+            (m.stages, m.devices.clone(), m.threads_per_stage),
+            (1, vec![Device::Cpu { cores: None }], 8)
+        );
+        assert!(m.stages_reason().starts_with("1 stage: one per NUMA node"));
+    }
+
+    // GPUs (once discovery finds them): one stage each.
+    let gpus = Host {
+        gpus: vec![0, 1],
+        ..machine(2, 4)
+    };
+    let c = parse_on(&model, &Overrides::default(), &gpus).expect("valid");
+    let m = &c.models()[0];
+    assert_eq!(
+        m.devices,
+        vec![Device::Cuda { ordinal: 0 }, Device::Cuda { ordinal: 1 }]
+    );
+    assert_eq!(m.stages_reason(), "2 stages: one per GPU (2 found)");
+    assert_eq!(m.threads_per_stage, 8);
+}
+
+#[test]
+fn the_config_or_the_command_line_overrides_the_stage_default() {
+    let host = machine(2, 4);
+    let stages_flag = Overrides {
+        stages: Some(4),
+        ..Overrides::default()
+    };
+    let c = parse_on(&one_model(""), &stages_flag, &host).expect("valid");
+    let m = &c.models()[0];
+    assert_eq!(m.stages, 4);
+    assert_eq!(m.devices, vec![Device::Cpu { cores: None }; 4]);
+    assert_eq!(m.threads_per_stage, 8);
+    assert_eq!(m.stages_reason(), "4 stages: from --stages");
+
+    let c = parse_on(&one_model("stages = 3\n"), &Overrides::default(), &host).expect("valid");
+    let m = &c.models()[0];
+    assert_eq!(
+        (m.stages, m.devices.len(), m.stages_reason()),
+        (
+            3,
+            3,
+            "3 stages: from `stages` (/etc/gptossd/gptossd.toml:4:10)"
+        )
+    );
+
+    let c = parse_on(
+        &one_model("devices = [\"cpu:0-3\", \"cpu:4-5\", \"cpu:6\"]\n"),
+        &Overrides::default(),
+        &host,
+    )
+    .expect("valid");
+    let m = &c.models()[0];
+    assert_eq!(
+        m.stages_reason(),
+        "3 stages: one per entry of `devices` (/etc/gptossd/gptossd.toml:4:11)"
+    );
+    assert_eq!(m.threads_per_stage, 1, "the smallest pinned core set");
+
+    let c = parse_on(
+        &one_model("layers = [2, 2]\n"),
+        &Overrides::default(),
+        &host,
+    )
+    .expect("valid");
+    let m = &c.models()[0];
+    assert_eq!((m.stages, m.devices.len()), (2, 2));
+    assert_eq!(m.devices, vec![Device::Cpu { cores: None }; 2]);
+    assert!(
+        m.stages_reason()
+            .starts_with("2 stages: one per entry of `layers`"),
+        "{}",
+        m.stages_reason()
+    );
+}
+
+#[test]
+fn the_control_socket_default_follows_the_environment() {
+    let user = Host {
+        uid: 1000,
+        ..machine(1, 2)
+    };
+    let socket = |host: &Host| {
+        let s = parse_on(&one_model(""), &Overrides::default(), host)
+            .expect("valid")
+            .server()
+            .clone();
+        (s.control_socket, s.control_socket_source)
+    };
+    assert_eq!(
+        socket(&user),
+        (
+            PathBuf::from("/tmp/gptossd-1000/control.sock"),
+            ControlSocketSource::TmpPerUser
+        )
+    );
+    let xdg = Host {
+        xdg_runtime_dir: Some("/run/user/1000".into()),
+        ..user.clone()
+    };
+    assert_eq!(
+        socket(&xdg),
+        (
+            PathBuf::from("/run/user/1000/gptossd/control.sock"),
+            ControlSocketSource::XdgRuntimeDir
+        )
+    );
+    let systemd = Host {
+        runtime_directory: Some("/run/gptossd".into()),
+        ..xdg.clone()
+    };
+    assert_eq!(
+        socket(&systemd),
+        (
+            PathBuf::from("/run/gptossd/control.sock"),
+            ControlSocketSource::RuntimeDirectory
+        )
+    );
+    // A configured path wins over every default.
+    let c = parse_on(
+        &one_model("[server]\ncontrol_socket = \"/srv/admin.sock\"\n"),
+        &Overrides::default(),
+        &systemd,
+    )
+    .expect("valid");
+    assert_eq!(
+        (
+            c.server().control_socket.as_path(),
+            c.server().control_socket_source
+        ),
+        (
+            Path::new("/srv/admin.sock"),
+            ControlSocketSource::Configured
+        )
+    );
 }

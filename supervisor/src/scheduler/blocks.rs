@@ -336,6 +336,14 @@ impl BlockPool {
         Ok(())
     }
 
+    /// Whether `block`'s contents are indexed by the prefix cache.
+    #[cfg(test)]
+    pub fn is_cached(&self, block: BlockId) -> bool {
+        self.entries
+            .get(block as usize)
+            .is_some_and(|e| e.is_some())
+    }
+
     /// Test hook: files `block` under a foreign hash bucket, as a hash collision would.
     #[cfg(test)]
     fn force_collision(&mut self, block: BlockId, hash: u64) {

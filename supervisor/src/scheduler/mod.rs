@@ -40,9 +40,9 @@
 //!   current context on top of what admitted sequences still need for theirs. The queue is
 //!   served strictly in order: one that does not fit stops admission (no starvation of long
 //!   prompts). Admission first reuses the longest cached chain of full blocks of the sequence's
-//!   tokens, capped at `(len − 1) / block_size` blocks so the last token is always computed.
-//!   Every full block a completed step computed (prompt or generated tokens) is registered in
-//!   the cache; finished sequences leave theirs there, idle and evictable (LRU).
+//!   tokens (see *Prefix cache* below). Every full block a completed step computed (prompt or
+//!   generated tokens) is registered in the cache; finished sequences leave theirs there, idle
+//!   and evictable (LRU).
 //! - Prefill window: a step with only fresh prefill work is held until the oldest fresh request
 //!   has waited `prefill_window`, unless enough fresh prompt tokens or sequences wait to fill a
 //!   step, or a resumed sequence waits. Any step launched anyway (decode work is ready) takes
@@ -52,12 +52,30 @@
 //!   enough — and they are requeued at the front. Otherwise its chunk shrinks to the blocks
 //!   available, or it waits. No admission happens in a step where memory ran short.
 //!
+//! # Prefix cache: a fully cached prompt
+//!
+//! The last known token always goes through the model: its logits are what the step samples
+//! from. When the cached chain covers every token (a prompt of whole blocks, all cached), the
+//! sequence holds all of the chain's blocks and starts at `computed = len − 1`: its first step
+//! recomputes only the last token, and the stages write that position's K/V into the last
+//! cached block, which other sequences may hold too. That write is safe because it changes no
+//! bit: by the stages' numeric contract (a position's K/V depends only on the sequence's tokens
+//! up to it, never on the chunking, the batch or the thread split — the contract exact crash
+//! replay already rests on) the recomputed K/V equals what the block holds, and a stage stores
+//! a step's K/V before any attention of that step reads it, one step at a time. Nothing else is
+//! written to that block: the sequence's next position starts a new one. The alternatives cost
+//! more: copy-on-write (copy the block into one the sequence owns, then write) needs a block
+//! copy command in every stage, and recomputing the whole last block (the rule before this
+//! one) never reused anything of a one-block prompt.
+//!
 //! # Invariants (checked after every operation by the random-operations test)
 //!
 //! - The reference count of a block equals the number of block tables holding it; a block is
 //!   free, idle cached or in use, never two of them.
 //! - Waiting sequences hold no blocks; a running sequence's table covers `0..computed` (and
-//!   `0..end` of its step while in flight).
+//!   `0..end` of its step while in flight). Its registered blocks hold only computed
+//!   positions, except the last position of a fully cached prompt, recomputed by the step in
+//!   flight (same bits, see above).
 //! - At most `max_in_flight` steps are in flight; a sequence is in at most one of them.
 //! - A block is registered in the prefix cache only once the step that computed it completed.
 //!
@@ -767,7 +785,7 @@ impl Scheduler {
                 debug_assert!(false, "queued sequence {id} unknown");
                 continue;
             };
-            let hits = self.pool.lookup(&seq.tokens, (seq.tokens.len() - 1) / bs);
+            let hits = self.pool.lookup(&seq.tokens, seq.tokens.len() / bs);
             let idle_hits = hits
                 .iter()
                 .filter(|(b, _)| self.pool.is_idle_cached(*b))
@@ -786,7 +804,8 @@ impl Scheduler {
         }
     }
 
-    /// Moves a waiting sequence to running, holding the prefix-cache `hits`.
+    /// Moves a waiting sequence to running, holding the prefix-cache `hits`. Every hit position
+    /// counts as computed but the last token, which is always computed again (module docs).
     fn admit(&mut self, id: SeqId, hits: &[(BlockId, ChainLink)]) {
         self.queue.remove(id);
         let Some(seq) = self.seqs.get_mut(&id) else {
@@ -797,7 +816,7 @@ impl Scheduler {
             self.pool.retain(b);
             seq.table.push(b);
         }
-        seq.computed = hits.len() * self.cfg.block_size;
+        seq.computed = (hits.len() * self.cfg.block_size).min(seq.tokens.len() - 1);
         seq.cached_blocks = hits.len();
         seq.link = hits.last().map_or(ChainLink::ROOT, |&(_, link)| link);
         seq.prefill_target = seq.tokens.len();

@@ -16,7 +16,11 @@ impl Scheduler {
             for &b in &s.table {
                 holders[b as usize] += 1;
             }
-            if s.cached_blocks > s.computed / bs || s.computed > s.tokens.len() {
+            // Registered blocks hold computed positions, except the last position of a fully
+            // cached prompt, which its step recomputes.
+            let registered = s.cached_blocks * bs;
+            let recomputing_last = registered == s.computed + 1 && registered == s.tokens.len();
+            if (registered > s.computed && !recomputing_last) || s.computed > s.tokens.len() {
                 return Err(format!("seq {id}: cached/computed out of range"));
             }
             match s.state {
@@ -164,8 +168,9 @@ fn content_ids(tokens: &[u32]) -> Vec<u64> {
 
 /// A simulated pipeline around a scheduler. At launch it checks each planned chunk against the
 /// sequence's known tokens and a model of the stages' K/V (every earlier position must hold
-/// the right contents in the block the table names; written blocks must be exclusively held),
-/// then writes the chunk's positions. Completing a step samples with [`model_token`].
+/// the right contents in the block the table names; a write to a block that another sequence
+/// holds or the prefix cache indexes must leave its contents as they are), then writes the
+/// chunk's positions. Completing a step samples with [`model_token`].
 struct Sim {
     s: Scheduler,
     now: Instant,
@@ -295,13 +300,16 @@ impl Sim {
             }
             for (q, &c) in content.iter().enumerate().take(end).skip(p.start_pos) {
                 let b = p.blocks[q / bs];
-                assert_eq!(
-                    self.s.pool.refcount(b),
-                    1,
-                    "seq {} writes shared block {b}",
-                    p.id
-                );
-                self.kv[b as usize][q % bs] = Some(c);
+                let slot = &mut self.kv[b as usize][q % bs];
+                if self.s.pool.refcount(b) > 1 || self.s.pool.is_cached(b) {
+                    assert_eq!(
+                        *slot,
+                        Some(c),
+                        "seq {} changes position {q} of shared or cached block {b}",
+                        p.id
+                    );
+                }
+                *slot = Some(c);
             }
         }
         self.flying.push_back(plan.clone());
@@ -765,23 +773,49 @@ fn shared_prefix_is_computed_once_and_blocks_are_refcounted() {
 }
 
 #[test]
-fn prefix_reuse_always_leaves_the_last_token_to_compute() {
+fn prefix_reuse_of_a_block_aligned_prompt_leaves_only_the_last_token_to_compute() {
     let mut sim = Sim::new(SchedulerConfig {
         max_in_flight: 1,
         ..cfg()
     });
-    let p = prompt(3, 8); // exactly two blocks
-    sim.submit(1, p.clone(), 1).unwrap();
-    sim.advance(T_WINDOW);
-    sim.launch().unwrap();
-    sim.complete(0);
-    sim.submit(2, p, 1).unwrap();
-    sim.advance(T_WINDOW);
-    let step = sim.launch().unwrap();
-    let b = plan_of(&step, 2);
-    // (8 - 1) / 4 = 1 block reused; the second block is recomputed (into a new block).
-    assert_eq!((b.start_pos, b.tokens.len(), b.sample), (4, 4, true));
-    sim.complete(0);
+    for len in [4, 8] {
+        // Whole blocks of 4. The first sequence keeps running, so the blocks are shared.
+        let (first, second) = (len as SeqId, 100 + len as SeqId);
+        let p = prompt(3 + len as u32, len);
+        sim.submit(first, p.clone(), 3).unwrap();
+        sim.advance(T_WINDOW);
+        let a = plan_of(&sim.launch().unwrap(), first).blocks.clone();
+        sim.complete(0);
+        let before = sim.s.stats();
+        sim.submit(second, p, 1).unwrap();
+        sim.advance(T_WINDOW);
+        let step = sim.launch().unwrap();
+        let b = plan_of(&step, second);
+        // Every block is reused (no new one); only the last token goes through the model again.
+        assert_eq!(
+            (b.start_pos, b.tokens.len(), b.sample, b.sample_index),
+            (len - 1, 1, true, 0),
+            "{len} tokens"
+        );
+        assert_eq!(b.blocks, a, "{len} tokens");
+        for blk in &a {
+            assert_eq!(sim.s.pool.refcount(*blk), 2, "{len} tokens");
+        }
+        let after = sim.s.stats();
+        assert_eq!(
+            after.prefill_tokens_computed - before.prefill_tokens_computed,
+            1
+        );
+        assert_eq!(
+            after.prefix_cache_hits - before.prefix_cache_hits,
+            len as u64 - 1
+        );
+        assert_eq!(
+            after.prefix_cache_queries - before.prefix_cache_queries,
+            len as u64
+        );
+        sim.drain();
+    }
     sim.assert_all_finished();
 }
 
