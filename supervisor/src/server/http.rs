@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Frame, Incoming};
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Request, Response, StatusCode};
 use tokio::sync::mpsc;
 
@@ -39,13 +39,13 @@ pub fn text(status: StatusCode, content_type: &'static str, body: String) -> Htt
     r
 }
 
-/// The OpenAI-style error response for `e` (with `Retry-After` on 429 and 503).
+/// The OpenAI-style error response for `e`, with `Retry-After` when its case is transient
+/// ([`ErrorCase::retry_after`]).
 pub fn error(e: &ApiError) -> HttpResponse {
     let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut r = json(status, &e.body());
-    if matches!(e.status, 429 | 503) {
-        r.headers_mut()
-            .insert("retry-after", HeaderValue::from_static("1"));
+    if let Some(secs) = e.case.retry_after() {
+        r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
     }
     r
 }
@@ -143,4 +143,27 @@ pub fn sse(body: SseBody) -> HttpResponse {
 /// One SSE data frame.
 pub fn sse_data(value: &serde_json::Value) -> Bytes {
     Bytes::from(format!("data: {value}\n\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_transient_refusals_say_retry_after() {
+        let retry_after = |case| {
+            error(&ApiError::new(case, "x"))
+                .headers()
+                .get(RETRY_AFTER)
+                .map(|v| v.to_str().unwrap_or_default().to_owned())
+        };
+        assert_eq!(retry_after(ErrorCase::QueueFull).as_deref(), Some("1"));
+        assert_eq!(retry_after(ErrorCase::Overloaded).as_deref(), Some("1"));
+        assert_eq!(retry_after(ErrorCase::Unavailable).as_deref(), Some("1"));
+        let unhealthy = error(&ApiError::new(ErrorCase::Unhealthy, "stage 1 failed"));
+        assert_eq!(unhealthy.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(unhealthy.headers().get(RETRY_AFTER), None);
+        assert_eq!(retry_after(ErrorCase::Internal), None);
+        assert_eq!(retry_after(ErrorCase::InvalidValue), None);
+    }
 }

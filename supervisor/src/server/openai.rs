@@ -124,7 +124,7 @@ fn submit_error(e: SubmitError) -> ApiError {
         SubmitError::TokenOutOfRange { .. } => ApiError::invalid_value("prompt", e.to_string()),
         SubmitError::Draining => ApiError::new(ErrorCase::Unavailable, e.to_string()),
         SubmitError::Unhealthy(_) | SubmitError::Stopped => {
-            ApiError::new(ErrorCase::Unavailable, e.to_string())
+            ApiError::new(ErrorCase::Unhealthy, e.to_string())
         }
     }
 }
@@ -189,7 +189,9 @@ fn tag_headers(resp: &mut HttpResponse, run: &Run) {
 
 fn failure(message: &str) -> ApiError {
     tracing::error!(%message, "generation failed");
-    if message.contains("unhealthy") || message.contains("shutting down") {
+    if message.contains("unhealthy") {
+        ApiError::new(ErrorCase::Unhealthy, message.to_string())
+    } else if message.contains("shutting down") {
         ApiError::new(ErrorCase::Unavailable, message.to_string())
     } else {
         ApiError::internal()

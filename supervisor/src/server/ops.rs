@@ -4,6 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use hyper::header::{HeaderValue, RETRY_AFTER};
 use hyper::StatusCode;
 use serde_json::json;
 
@@ -18,6 +19,17 @@ pub struct Health {
     pub status: &'static str,
     pub score: f64,
     pub serving: bool,
+}
+
+impl Health {
+    /// `Retry-After` seconds of a 503 that will pass (starting, draining); none while serving,
+    /// and none when unhealthy: that does not pass by waiting.
+    pub fn retry_after(&self) -> Option<u32> {
+        match (self.serving, self.status) {
+            (true, _) | (false, "unhealthy") => None,
+            (false, _) => Some(1),
+        }
+    }
 }
 
 /// Health from the pipelines' states.
@@ -136,7 +148,13 @@ pub fn health_response(state: &AppState) -> HttpResponse {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    json(status, &body)
+    let mut response = json(status, &body);
+    if let Some(secs) = h.retry_after() {
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
 }
 
 /// Refreshes the gauges from the pipelines (called before `/metrics` and `/stats` answer).
@@ -244,5 +262,24 @@ pub fn cancel_response(state: &Arc<AppState>, id: &str) -> HttpResponse {
             )
             .with_param("id"),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_503_that_passes_by_waiting_says_retry_after() {
+        let h = |status, serving| Health {
+            status,
+            score: 0.0,
+            serving,
+        };
+        assert_eq!(h("starting", false).retry_after(), Some(1));
+        assert_eq!(h("draining", false).retry_after(), Some(1));
+        assert_eq!(h("unhealthy", false).retry_after(), None);
+        assert_eq!(h("healthy", true).retry_after(), None);
+        assert_eq!(h("degraded", true).retry_after(), None);
     }
 }
