@@ -645,3 +645,50 @@ fn auto_profile_picks_by_request_shape() {
     assert_eq!(named.json()["gptossd"]["profile"], "balanced");
     assert!(d.stop().success());
 }
+
+#[track_caller]
+fn assert_json_error(raw: &[u8], status: u16, code: &str) {
+    let r = common::daemon::parse_response(raw);
+    assert_eq!(r.status, status, "{}", String::from_utf8_lossy(raw));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let body = r.json();
+    let e = &body["error"];
+    assert_eq!(e["code"], code, "{body}");
+    assert!(e["message"].is_string() && e["type"].is_string(), "{body}");
+    assert!(
+        e.as_object().is_some_and(|o| o.contains_key("param")),
+        "{body}"
+    );
+}
+
+#[test]
+fn errors_hyper_answers_by_itself_have_openai_bodies() {
+    let d = Daemon::start(1, "");
+    let limit = Duration::from_secs(20);
+    let control_byte = b"GET /health HTTP/1.1\r\nhost: x\r\nx-foo: a\x01b\r\n\r\n";
+    let raw = common::daemon::raw_exchange(d.port, control_byte, limit);
+    assert_json_error(&raw, 400, "malformed_request");
+
+    let mut many = String::from("GET /health HTTP/1.1\r\nhost: x\r\n");
+    for i in 0..150 {
+        many.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let raw = common::daemon::raw_exchange(d.port, many.as_bytes(), limit);
+    assert_json_error(&raw, 431, "request_header_fields_too_large");
+
+    // A head that stops halfway: a 408 once the header timeout (2 s here) has passed.
+    let t = Instant::now();
+    let slow = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-slow: ";
+    let raw = common::daemon::raw_exchange(d.port, slow, limit);
+    assert_json_error(&raw, 408, "request_timeout");
+    assert!(
+        t.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+
+    // The server goes on serving.
+    assert_eq!(d.post("/v1/chat/completions", &chat(2)).status, 200);
+    assert!(d.stop().success());
+}

@@ -1,5 +1,9 @@
-//! HTTP plumbing shared by the API and the control socket: reading a body within its size and
-//! time limits, JSON and error responses, and the SSE body that streams from a channel.
+//! HTTP plumbing shared by the API and the control socket: serving one connection (with every
+//! error response in OpenAI's JSON shape, hyper's own included: see [`canned`]), reading a body
+//! within its size and time limits, JSON and error responses, and the SSE body that streams
+//! from a channel.
+
+pub mod canned;
 
 use std::convert::Infallible;
 use std::pin::Pin;

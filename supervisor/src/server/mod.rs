@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::sync::Notify;
 
 use crate::api::{ApiError, ErrorCase};
@@ -234,18 +234,13 @@ async fn accept_http(listener: tokio::net::TcpListener, state: Arc<AppState>) {
             continue;
         };
         let state = state.clone();
-        tokio::spawn(async move {
-            let timeout = state.config.server().request_timeout;
-            let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(state, req).await) }
-            });
-            let _ = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(timeout)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+        let timeout = state.config.server().request_timeout;
+        // Every error an API client sees is an OpenAI body, hyper's own 400/408/431 included.
+        tokio::spawn(http::canned::serve_connection(
+            stream,
+            Some(timeout),
+            move |req| route(state.clone(), req),
+        ));
     }
 }
 
