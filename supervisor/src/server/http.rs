@@ -1,7 +1,7 @@
 //! HTTP plumbing shared by the API and the control socket: serving one connection (with every
-//! error response in OpenAI's JSON shape, hyper's own included: see [`canned`]), reading a body
-//! within its size and time limits, JSON and error responses, and the SSE body that streams
-//! from a channel.
+//! error response in OpenAI's JSON shape, hyper's own included: see [`canned`]), checking a
+//! body's `Content-Type`, reading a body within its size and time limits, JSON and error
+//! responses, and the SSE body that streams from a channel.
 
 pub mod canned;
 
@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Frame, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
-use hyper::{Request, Response, StatusCode};
+use hyper::{HeaderMap, Request, Response, StatusCode};
 use tokio::sync::mpsc;
 
 use crate::api::{ApiError, ErrorCase};
@@ -52,6 +52,29 @@ pub fn error(e: &ApiError) -> HttpResponse {
         r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
     }
     r
+}
+
+/// Checks that a POST body is declared as JSON: `application/json` or any `+json` media type,
+/// parameters such as `charset` aside. A missing `Content-Type` is accepted as JSON (many
+/// scripts send none); any other type is a 415, so a form-encoded body (what `curl -d` sends
+/// unless told otherwise) is not read as JSON by accident.
+pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let text = value.to_str().unwrap_or_default();
+    let media = text.split(';').next().unwrap_or_default().trim();
+    let media = media.to_ascii_lowercase();
+    if media == "application/json"
+        || (media.starts_with("application/") && media.ends_with("+json"))
+    {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        ErrorCase::UnsupportedMediaType,
+        format!("the request body must be JSON (Content-Type: application/json), got Content-Type {text:?}"),
+    )
+    .with_param("content-type"))
 }
 
 /// Reads the whole body: 413 past `max_bytes`, 408 if it takes longer than `timeout` (a slow
@@ -169,5 +192,35 @@ mod tests {
         assert_eq!(unhealthy.headers().get(RETRY_AFTER), None);
         assert_eq!(retry_after(ErrorCase::Internal), None);
         assert_eq!(retry_after(ErrorCase::InvalidValue), None);
+    }
+
+    #[test]
+    fn only_json_bodies_are_read() {
+        let with = |value: Option<&'static str>| {
+            let mut h = HeaderMap::new();
+            if let Some(v) = value {
+                h.insert(CONTENT_TYPE, HeaderValue::from_static(v));
+            }
+            require_json(&h)
+        };
+        for ok in [
+            None,
+            Some("application/json"),
+            Some("Application/JSON; charset=utf-8"),
+            Some("application/merge-patch+json"),
+        ] {
+            assert_eq!(with(ok), Ok(()), "{ok:?}");
+        }
+        for bad in [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "",
+        ] {
+            let e = with(Some(bad)).expect_err(bad);
+            assert_eq!((e.status, e.kind), (415, "invalid_request_error"));
+            assert_eq!(e.code.as_deref(), Some("unsupported_media_type"));
+            assert!(e.message.contains(&format!("{bad:?}")), "{}", e.message);
+        }
     }
 }

@@ -31,7 +31,7 @@ use crate::scheduler::Rejected;
 use gptossd_stage::sampler::{Sampler, SamplingParams, STOP_TOKENS};
 
 use super::generation::{Run, RunEvent, StopMatcher};
-use super::http::{error, json, read_body, sse, sse_data, HttpResponse, SseBody};
+use super::http::{error, json, read_body, require_json, sse, sse_data, HttpResponse, SseBody};
 use super::state::{AppState, Route, ENGINE};
 
 /// Comment-line interval while a streaming request waits for its first token.
@@ -198,8 +198,8 @@ fn failure(message: &str) -> ApiError {
     }
 }
 
-/// The headers and body of an API request, or the response that refuses it (draining, body
-/// too large or too slow).
+/// The headers and body of an API request, or the response that refuses it (draining, a body
+/// that is not JSON, too large or too slow).
 async fn read_request(
     state: &Arc<AppState>,
     req: Request<Incoming>,
@@ -209,6 +209,9 @@ async fn read_request(
             ErrorCase::Unavailable,
             "the server is draining and takes no new requests",
         );
+        return Err(reject(state, None, &e));
+    }
+    if let Err(e) = require_json(req.headers()) {
         return Err(reject(state, None, &e));
     }
     let headers = req.headers().clone();
@@ -237,6 +240,7 @@ struct Launch<'a> {
     stop: Vec<String>,
     stream: Option<StreamOptions>,
     return_ids: bool,
+    ignore_eos: bool,
     id_prefix: &'static str,
 }
 
@@ -262,7 +266,11 @@ impl Launch<'_> {
             max_new_tokens: self.max_tokens,
             sampler,
             priority: self.priority,
-            stop_tokens: STOP_TOKENS.to_vec(),
+            stop_tokens: if self.ignore_eos {
+                Vec::new()
+            } else {
+                STOP_TOKENS.to_vec()
+            },
         };
         let run = Run::submit(state.clone(), &self.route, id.clone(), gen, arrival)
             .map_err(submit_error)?;
@@ -359,6 +367,7 @@ pub async fn chat(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse 
         stop: parsed.stop().to_vec(),
         stream: parsed.stream(),
         return_ids: parsed.return_token_ids(),
+        ignore_eos: parsed.ignore_eos(),
         id_prefix: "chatcmpl",
     };
     launch
@@ -660,6 +669,7 @@ pub async fn completions(state: Arc<AppState>, req: Request<Incoming>) -> HttpRe
         stop: parsed.stop().to_vec(),
         stream: parsed.stream(),
         return_ids: parsed.return_token_ids(),
+        ignore_eos: parsed.ignore_eos(),
         id_prefix: "cmpl",
     };
     launch
