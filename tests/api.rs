@@ -191,6 +191,10 @@ fn cancel_by_endpoint_gives_the_capacity_to_a_waiting_request() {
         text.contains("[DONE]"),
         "the cancelled stream must end cleanly: {text}"
     );
+    assert!(
+        text.contains("\"finish_reason\":\"abort\""),
+        "a cancelled request is told from a natural stop: {text}"
+    );
     assert!(text.matches("\"text\"").count() < 4000);
     let unknown = d.post("/v1/requests/cmpl-nope/cancel", &json!({}));
     assert_eq!(unknown.status, 404);
@@ -202,6 +206,100 @@ fn cancel_by_endpoint_gives_the_capacity_to_a_waiting_request() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+    assert!(d.stop().success());
+}
+
+/// Waits until the model runs `n` sequences.
+fn wait_running(d: &Daemon, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.get("/health").json()["models"][0]["scheduler"]["running"] != n {
+        assert!(Instant::now() < deadline, "never {n} running");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The finish reason of the last chunk before `[DONE]` (usage off) of a stream's raw bytes.
+fn last_finish_reason(raw: &[u8]) -> Value {
+    let text = String::from_utf8_lossy(raw);
+    let frames: Vec<&str> = text
+        .split("\n\n")
+        .filter_map(|f| f.lines().find_map(|l| l.strip_prefix("data: ")))
+        .collect();
+    assert_eq!(frames.last(), Some(&"[DONE]"), "{text}");
+    let finish: Value = serde_json::from_str(frames[frames.len() - 2]).expect("finish chunk");
+    finish["choices"][0]["finish_reason"].clone()
+}
+
+#[test]
+fn cancel_ends_chat_and_completions_whole_and_streamed_with_abort() {
+    let d = Daemon::start(1, capacity_config());
+    let pid = d.child.as_ref().expect("child").id();
+    let port = d.port;
+    let long_chat = json!({"messages": [{"role": "user", "content": "Go on"}], "max_tokens": 4000, "temperature": 0, "ignore_eos": true});
+    let long_prompt =
+        json!({"prompt": [1, 2, 3], "max_tokens": 4000, "temperature": 0, "ignore_eos": true});
+
+    // Whole responses: the id is only in the answer, so it is predicted from the daemon's
+    // scheme (`{prefix}-{pid:x}{n:08x}`, n counting submitted requests from 1).
+    for (n, (path, prefix, body)) in [
+        ("/v1/chat/completions", "chatcmpl", &long_chat),
+        ("/v1/completions", "cmpl", &long_prompt),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let body = body.to_string();
+        let whole =
+            std::thread::spawn(move || request(port, "POST", path, Some(body.as_bytes()), &[]));
+        wait_running(&d, 1);
+        let id = format!("{prefix}-{pid:x}{:08x}", n + 1);
+        let c = d.post(&format!("/v1/requests/{id}/cancel"), &json!({}));
+        assert_eq!(c.status, 200, "{id}: {}", c.text());
+        let r = whole.join().expect("client");
+        assert_eq!(r.status, 200, "{}", r.text());
+        let body = r.json();
+        assert_eq!(body["choices"][0]["finish_reason"], "abort", "{body}");
+        assert!(body["usage"]["completion_tokens"].as_u64() < Some(4000));
+        wait_running(&d, 0);
+    }
+
+    // Streams: the id comes with the head.
+    for (path, body) in [
+        ("/v1/chat/completions", &long_chat),
+        ("/v1/completions", &long_prompt),
+    ] {
+        let mut body = body.clone();
+        body["stream"] = json!(true);
+        let body = body.to_string();
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
+        let mut raw = Vec::new();
+        let mut byte = [0u8; 1];
+        while !raw.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).expect("read head");
+            raw.push(byte[0]);
+        }
+        let head = common::daemon::parse_response(&raw);
+        let id = head
+            .header("x-request-id")
+            .expect("x-request-id")
+            .to_string();
+        wait_running(&d, 1);
+        let c = d.post(&format!("/v1/requests/{id}/cancel"), &json!({}));
+        assert_eq!(c.status, 200, "{}", c.text());
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).expect("read stream");
+        let rest = common::daemon::parse_response(&[raw, rest].concat()).body;
+        assert_eq!(last_finish_reason(&rest), "abort", "{path}");
+        wait_running(&d, 0);
+    }
+    let metrics = d.get("/metrics").text();
+    assert!(metrics.contains("finished_reason=\"abort\""), "{metrics}");
     assert!(d.stop().success());
 }
 
@@ -229,10 +327,7 @@ fn a_client_that_disconnects_frees_its_sequence() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let metrics = d.get("/metrics").text();
-    assert!(
-        metrics.contains("finished_reason=\"cancelled\""),
-        "{metrics}"
-    );
+    assert!(metrics.contains("finished_reason=\"abort\""), "{metrics}");
     assert!(d.stop().success());
 }
 

@@ -39,14 +39,15 @@
 //! - `prefix_cache_*`, `stage_restarts_total`: cumulative counts kept by the scheduler and the
 //!   pipeline; each [`Metrics::set_gauges`] copies them in as they are (a smaller value than
 //!   last time reads to Prometheus as a counter reset, which is what it is).
-//! - `request_success_total{finished_reason}`: `stop`, `length`, `tool_calls`, `cancelled`.
+//! - `request_success_total{finished_reason}`: `stop`, `length`, `tool_calls`, `abort` (a
+//!   request cancelled, or whose client went away).
 //! - `request_failure_total{reason}`: requests refused before they ran ([`Metrics::rejected`]:
 //!   `invalid_request`, `queue_full`, `unhealthy`, …) and requests that failed while running
 //!   ([`Outcome::Error`], e.g. `internal`). Reasons and finished reasons must come from a fixed
 //!   set (an error enum's names), never from client text: each one is a new series.
 //! - Tokens (`prompt_tokens_total`, `generation_tokens_total`) and `profile_fallbacks_total`
 //!   count every [`Metrics::record`]. The latency histograms observe only requests whose
-//!   outcome is [`Outcome::Finished`] (`cancelled` included), so a failure's short run does not
+//!   outcome is [`Outcome::Finished`] (`abort` included), so a failure's short run does not
 //!   pull the latencies down; `inter_token_latency_seconds` gets one observation per gap.
 //! - Histogram buckets (seconds) are vLLM's, written out below: [`TTFT_BUCKETS`],
 //!   [`INTER_TOKEN_BUCKETS`] (vLLM's with 1, 2.5 and 5 ms added below, for fast decoders),
@@ -128,7 +129,7 @@ pub struct Labels {
 /// How a request that ran ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// Generation ended: `stop`, `length`, `tool_calls` or `cancelled`.
+    /// Generation ended: `stop`, `length`, `tool_calls` or `abort`.
     Finished { reason: String },
     /// The request failed while running, e.g. `internal`.
     Error { reason: String },

@@ -396,19 +396,17 @@ fn filter_stops(events: Vec<ChatEvent>, stops: &mut StopMatcher) -> (Vec<ChatEve
     (out, false)
 }
 
+/// The chat finish reason: `stop` for a stop string, `abort` for a cancelled request, else
+/// what the reply's ending says.
 fn chat_finish(
     summary_reason: FinishReason,
     finish: Option<Finish>,
     stopped_by_string: bool,
-) -> (FinishReason, &'static str) {
-    if stopped_by_string {
-        return (FinishReason::Stop, "stop");
-    }
-    match (finish, summary_reason) {
-        (Some(Finish::Cancelled), _) => (FinishReason::Stop, "cancelled"),
-        (_, FinishReason::ToolCalls) => (FinishReason::ToolCalls, "tool_calls"),
-        (_, FinishReason::Length) => (FinishReason::Length, "length"),
-        (_, FinishReason::Stop) => (FinishReason::Stop, "stop"),
+) -> FinishReason {
+    match (stopped_by_string, finish) {
+        (true, _) => FinishReason::Stop,
+        (false, Some(Finish::Cancelled)) => FinishReason::Abort,
+        (false, _) => summary_reason,
     }
 }
 
@@ -459,7 +457,7 @@ async fn whole_chat(mut run: Run, job: Job) -> HttpResponse {
         reply.content.push_str(&stops.finish());
     }
     let length_limited = finish == Some(Finish::Length);
-    let (reason, label) = chat_finish(
+    let reason = chat_finish(
         FinishReason::for_chat(&summary, length_limited),
         finish,
         stopped,
@@ -475,7 +473,7 @@ async fn whole_chat(mut run: Run, job: Job) -> HttpResponse {
         body = body.with_token_ids(job.prompt.clone(), ids);
     }
     run.record(Outcome::Finished {
-        reason: label.into(),
+        reason: reason.as_str().into(),
     });
     let value = serde_json::to_value(&body).unwrap_or_default();
     let mut resp = json(hyper::StatusCode::OK, &value);
@@ -591,13 +589,13 @@ async fn stream_chat(mut run: Run, job: Job, tx: tokio::sync::mpsc::Sender<Bytes
             }
         }
     }
-    let (reason, label) = chat_finish(
+    let reason = chat_finish(
         FinishReason::for_chat(&summary, finish == Some(Finish::Length)),
         finish,
         stopped,
     );
     run.record(Outcome::Finished {
-        reason: label.into(),
+        reason: reason.as_str().into(),
     });
     let mut meta = run.meta();
     meta["cancelled"] = serde_json::json!(finish == Some(Finish::Cancelled));
@@ -694,12 +692,14 @@ fn token_text(tokenizer: &Tokenizer, utf8: &mut Utf8Stream, token: u32) -> Strin
         .unwrap_or_default()
 }
 
-fn completion_finish(finish: Option<Finish>, stopped: bool) -> (FinishReason, &'static str) {
+/// The completion finish reason: `stop` for a stop string or token, `length`, or `abort` for
+/// a cancelled request.
+fn completion_finish(finish: Option<Finish>, stopped: bool) -> FinishReason {
     match (stopped, finish) {
-        (true, _) => (FinishReason::Stop, "stop"),
-        (false, Some(Finish::Length)) => (FinishReason::Length, "length"),
-        (false, Some(Finish::Cancelled)) => (FinishReason::Stop, "cancelled"),
-        _ => (FinishReason::Stop, "stop"),
+        (true, _) => FinishReason::Stop,
+        (false, Some(Finish::Length)) => FinishReason::Length,
+        (false, Some(Finish::Cancelled)) => FinishReason::Abort,
+        _ => FinishReason::Stop,
     }
 }
 
@@ -744,7 +744,7 @@ async fn whole_completion(mut run: Run, job: Job) -> HttpResponse {
         text.push_str(&emit);
         text.push_str(&stops.finish());
     }
-    let (reason, label) = completion_finish(finish, stopped);
+    let reason = completion_finish(finish, stopped);
     let usage = Usage::new(job.prompt.len(), ids.len());
     let mut body = Completion::new(&job.meta, text, reason, usage).with_metadata(run.meta());
     if job.logprobs {
@@ -754,7 +754,7 @@ async fn whole_completion(mut run: Run, job: Job) -> HttpResponse {
         body = body.with_token_ids(Some(job.prompt.clone()), Some(ids));
     }
     run.record(Outcome::Finished {
-        reason: label.into(),
+        reason: reason.as_str().into(),
     });
     let value = serde_json::to_value(&body).unwrap_or_default();
     let mut resp = json(hyper::StatusCode::OK, &value);
@@ -823,9 +823,9 @@ async fn stream_completion(mut run: Run, job: Job, tx: tokio::sync::mpsc::Sender
             return;
         }
     }
-    let (reason, label) = completion_finish(finish, stopped);
+    let reason = completion_finish(finish, stopped);
     run.record(Outcome::Finished {
-        reason: label.into(),
+        reason: reason.as_str().into(),
     });
     if !send(
         &tx,
