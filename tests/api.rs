@@ -741,6 +741,191 @@ fn auto_profile_picks_by_request_shape() {
     assert!(d.stop().success());
 }
 
+/// The sample lines of a Prometheus text exposition: (`name{labels}`, value).
+fn samples(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sum of the samples of `name` whose labels contain every one of `labels`.
+fn sum(samples: &[(String, f64)], name: &str, labels: &[&str]) -> f64 {
+    samples
+        .iter()
+        .filter(|(s, _)| s.split('{').next() == Some(name) && labels.iter().all(|l| s.contains(l)))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+#[test]
+fn client_errors_count_as_rejections_not_failures() {
+    let d = Daemon::start(2, "");
+    let post = |path: &str, body: &str, content_type: &str| {
+        d.post_raw(path, body.as_bytes(), &[("content-type", content_type)])
+    };
+    let json_type = "application/json";
+    let hello = r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}"#;
+    let bad = [
+        (
+            post("/v1/chat/completions", "{\"messages\": [", json_type),
+            400,
+            "invalid_json",
+        ),
+        (
+            post(
+                "/v1/chat/completions",
+                r#"{"messages": [{"role": "user", "content": "x"}], "temprature": 0.5}"#,
+                json_type,
+            ),
+            400,
+            "unknown_parameter",
+        ),
+        (
+            post(
+                "/v1/chat/completions",
+                r#"{"model": "gpt-5", "messages": [{"role": "user", "content": "x"}]}"#,
+                json_type,
+            ),
+            404,
+            "model_not_found",
+        ),
+        (
+            post("/v1/chat/completions", hello, "text/plain"),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            post(
+                "/v1/completions",
+                r#"{"prompt": "a"}"#,
+                "application/x-www-form-urlencoded",
+            ),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            post(
+                "/v1/completions",
+                r#"{"prompt": "a", "min_p": 0.1}"#,
+                json_type,
+            ),
+            400,
+            "unsupported_parameter",
+        ),
+        (
+            post(
+                "/v1/completions",
+                r#"{"prompt": "a", "max_tokens": 0}"#,
+                json_type,
+            ),
+            400,
+            "invalid_value",
+        ),
+    ];
+    for (r, status, code) in &bad {
+        assert_eq!(r.status, *status, "{}", r.text());
+        assert_eq!(r.json()["error"]["code"], *code, "{}", r.text());
+    }
+    let unknown = bad[1].0.json();
+    assert_eq!(
+        unknown["error"]["message"],
+        "Unrecognized request argument supplied: temprature"
+    );
+    assert_eq!(unknown["error"]["param"], "temprature");
+
+    // Other servers' extension fields are accepted, and so is a body with no Content-Type.
+    let good = d.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "user": "u",
+                "metadata": {"k": "v"}, "top_k": 5, "min_p": 0, "repetition_penalty": 1,
+                "chat_template_kwargs": {}, "parallel_tool_calls": false}),
+    );
+    assert_eq!(good.status, 200, "{}", good.text());
+    let untyped = common::daemon::raw_exchange(
+        d.port,
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{hello}",
+            hello.len()
+        )
+        .as_bytes(),
+        Duration::from_secs(60),
+    );
+    let untyped = common::daemon::parse_response(&untyped);
+    assert_eq!(untyped.status, 200, "{}", untyped.text());
+
+    let text = d.get("/metrics").text();
+    let m = samples(&text);
+    assert_eq!(sum(&m, "gptossd_request_failure_total", &[]), 0.0, "{text}");
+    assert_eq!(
+        sum(&m, "gptossd_request_rejected_total", &[]),
+        bad.len() as f64,
+        "{text}"
+    );
+    let not_found = ["code=\"model_not_found\""];
+    assert_eq!(sum(&m, "gptossd_request_rejected_total", &not_found), 1.0);
+    assert_eq!(
+        sum(
+            &m,
+            "gptossd_request_rejected_total",
+            &[not_found[0], "model=\"unknown\""]
+        ),
+        1.0,
+        "an unknown model is not the default one: {text}"
+    );
+    assert_eq!(
+        sum(
+            &m,
+            "gptossd_request_success_total",
+            &["model=\"gpt-oss-20b\""]
+        ),
+        2.0
+    );
+    for stage in ["0", "1"] {
+        let ready = [
+            "model=\"gpt-oss-20b\"",
+            &format!("stage=\"{stage}\""),
+            "state=\"ready\"",
+        ];
+        let busy = [ready[0], ready[1], "state=\"busy\""];
+        let current =
+            sum(&m, "gptossd_stage_state", &ready) + sum(&m, "gptossd_stage_state", &busy);
+        assert_eq!(current, 1.0, "stage {stage}: {text}");
+        assert_eq!(
+            sum(&m, "gptossd_stage_state", &ready[..2]),
+            1.0,
+            "one state at a time"
+        );
+    }
+
+    let stats = d.get("/stats").json();
+    let series = stats["series"].as_array().expect("series");
+    assert!(
+        series.iter().all(|s| s["requests"]["failed"] == 0),
+        "{stats}"
+    );
+    assert_eq!(
+        series
+            .iter()
+            .map(|s| s["requests"]["finished"].as_u64().unwrap_or(0))
+            .sum::<u64>(),
+        2
+    );
+    assert_eq!(stats["rejected"]["total"], bad.len(), "{stats}");
+    let unknown = stats["rejected"]["series"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["model"] == "unknown"))
+        .expect("rejections of no served model");
+    assert_eq!(unknown["by_code"]["model_not_found"], 1, "{stats}");
+    assert!(stats["rejected"]["series"]
+        .as_array()
+        .is_some_and(|a| a.iter().all(|s| s["model"] == "unknown")));
+    assert!(d.stop().success());
+}
+
 #[track_caller]
 fn assert_json_error(raw: &[u8], status: u16, code: &str) {
     let r = common::daemon::parse_response(raw);

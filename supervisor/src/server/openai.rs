@@ -25,7 +25,7 @@ use crate::api::{parse_chat, parse_completion, ApiError, ErrorCase, Limits, Stre
 use crate::chat::parser::{ChatEvent, Reply, ReplyParser};
 use crate::chat::tokenizer::{Tokenizer, Utf8Stream};
 use crate::config::ProfileName;
-use crate::metrics::{Labels, Outcome};
+use crate::metrics::{Labels, Outcome, Rejection, UNKNOWN};
 use crate::pipeline::{Finish, GenRequest, SubmitError};
 use crate::scheduler::Rejected;
 use gptossd_stage::sampler::{Sampler, SamplingParams, STOP_TOKENS};
@@ -129,23 +129,30 @@ fn submit_error(e: SubmitError) -> ApiError {
     }
 }
 
-/// Counts a rejection and answers it.
-fn reject(state: &AppState, profile: Option<ProfileName>, e: &ApiError) -> HttpResponse {
-    let model = state
-        .route(state.default_profile())
-        .map(|r| r.model.name.clone())
-        .unwrap_or_default();
-    let labels = Labels {
-        engine: ENGINE.to_string(),
-        model,
-        profile: profile
-            .unwrap_or_else(|| state.default_profile())
-            .as_str()
-            .to_string(),
-    };
-    state
-        .metrics
-        .rejected(&labels, e.code.as_deref().unwrap_or("error"));
+/// Counts a request refused before it ran and answers it: a 4xx as a rejection, a 5xx as a
+/// failure ([`ErrorCase::is_rejection`]). `model` is the served model it was routed to and
+/// `profile` the profile chosen, when it got that far; otherwise they count as unknown.
+fn reject(
+    state: &AppState,
+    model: Option<&str>,
+    profile: Option<ProfileName>,
+    e: &ApiError,
+) -> HttpResponse {
+    let model = model.unwrap_or(UNKNOWN).to_string();
+    if e.case.is_rejection() {
+        state.metrics.rejected(&Rejection {
+            engine: ENGINE.to_string(),
+            model,
+            code: e.case.code().to_string(),
+        });
+    } else {
+        let labels = Labels {
+            engine: ENGINE.to_string(),
+            model,
+            profile: profile.map_or(UNKNOWN, ProfileName::as_str).to_string(),
+        };
+        state.metrics.failed(&labels, e.case.code());
+    }
     error(e)
 }
 
@@ -209,16 +216,16 @@ async fn read_request(
             ErrorCase::Unavailable,
             "the server is draining and takes no new requests",
         );
-        return Err(reject(state, None, &e));
+        return Err(reject(state, None, None, &e));
     }
     if let Err(e) = require_json(req.headers()) {
-        return Err(reject(state, None, &e));
+        return Err(reject(state, None, None, &e));
     }
     let headers = req.headers().clone();
     let server = state.config.server();
     match read_body(req, server.max_body_bytes, server.request_timeout).await {
         Ok(b) => Ok((headers, b)),
-        Err(e) => Err(reject(state, None, &e)),
+        Err(e) => Err(reject(state, None, None, &e)),
     }
 }
 
@@ -304,8 +311,9 @@ impl Launch<'_> {
         S: std::future::Future<Output = ()> + Send + 'static,
         W: std::future::Future<Output = HttpResponse>,
     {
+        let model = self.route.model.name.clone();
         match self.start(state, arrival) {
-            Err(e) => reject(state, Some(profile), &e),
+            Err(e) => reject(state, Some(&model), Some(profile), &e),
             Ok((run, job, true)) => {
                 let (tx, body) = SseBody::channel();
                 let mut resp = sse(body);
@@ -330,7 +338,7 @@ pub async fn chat(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse 
     let today = crate::civil_date(std::time::SystemTime::now());
     let mut parsed = match parse_chat(&body, &today) {
         Ok(p) => p,
-        Err(e) => return reject(&state, None, &e),
+        Err(e) => return reject(&state, None, None, &e),
     };
     let first_render = parsed
         .conversation()
@@ -344,11 +352,11 @@ pub async fn chat(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse 
         parsed.max_tokens(),
     ) {
         Ok(p) => p,
-        Err(e) => return reject(&state, None, &e),
+        Err(e) => return reject(&state, None, None, &e),
     };
     let route = match select(&state, profile, parsed.model()) {
         Ok(r) => r,
-        Err(e) => return reject(&state, Some(profile), &e),
+        Err(e) => return reject(&state, None, Some(profile), &e),
     };
     parsed.set_default_effort(route.settings.reasoning_effort);
     let prompt = parsed
@@ -356,7 +364,7 @@ pub async fn chat(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse 
         .render_for_completion(&state.tokenizer);
     let max_tokens = match parsed.check_limits(prompt.len(), &limits_of(&route)) {
         Ok(m) => m,
-        Err(e) => return reject(&state, Some(profile), &e),
+        Err(e) => return reject(&state, Some(&route.model.name), Some(profile), &e),
     };
     let launch = Launch {
         route,
@@ -625,7 +633,7 @@ pub async fn completions(state: Arc<AppState>, req: Request<Incoming>) -> HttpRe
     };
     let parsed = match parse_completion(&body, &state.tokenizer) {
         Ok(p) => p,
-        Err(e) => return reject(&state, None, &e),
+        Err(e) => return reject(&state, None, None, &e),
     };
     let prompt = parsed.prompt_ids().to_vec();
     let profile = match choose_profile(
@@ -636,11 +644,11 @@ pub async fn completions(state: Arc<AppState>, req: Request<Incoming>) -> HttpRe
         parsed.max_tokens(),
     ) {
         Ok(p) => p,
-        Err(e) => return reject(&state, None, &e),
+        Err(e) => return reject(&state, None, None, &e),
     };
     let route = match select(&state, profile, parsed.model()) {
         Ok(r) => r,
-        Err(e) => return reject(&state, Some(profile), &e),
+        Err(e) => return reject(&state, None, Some(profile), &e),
     };
     let vocab = route.model.vocab;
     if let Some((i, &t)) = prompt
@@ -652,11 +660,11 @@ pub async fn completions(state: Arc<AppState>, req: Request<Incoming>) -> HttpRe
             format!("prompt[{i}]"),
             format!("token id {t} at index {i} is outside the vocabulary (ids < {vocab})"),
         );
-        return reject(&state, Some(profile), &e);
+        return reject(&state, Some(&route.model.name), Some(profile), &e);
     }
     let max_tokens = match parsed.check_limits(&limits_of(&route)) {
         Ok(m) => m,
-        Err(e) => return reject(&state, Some(profile), &e),
+        Err(e) => return reject(&state, Some(&route.model.name), Some(profile), &e),
     };
     let launch = Launch {
         route,

@@ -157,6 +157,23 @@ pub fn health_response(state: &AppState) -> HttpResponse {
     response
 }
 
+/// A worker state's name in `gptossd_stage_state` (one of [`STAGE_STATES`]), the same as in
+/// `/health`.
+///
+/// [`STAGE_STATES`]: crate::metrics::STAGE_STATES
+fn stage_state_name(state: WorkerState) -> &'static str {
+    match state {
+        WorkerState::Spawning => "spawning",
+        WorkerState::Loading => "loading",
+        WorkerState::Ready => "ready",
+        WorkerState::Busy => "busy",
+        WorkerState::Draining => "draining",
+        WorkerState::Dead => "dead",
+        WorkerState::Restarting => "restarting",
+        WorkerState::Failed => "failed",
+    }
+}
+
 /// Refreshes the gauges from the pipelines (called before `/metrics` and `/stats` answer).
 pub fn refresh_gauges(state: &AppState) {
     for m in &state.models {
@@ -170,6 +187,11 @@ pub fn refresh_gauges(state: &AppState) {
                 .stages
                 .iter()
                 .map(|st| (st.index, st.restarts as u64))
+                .collect(),
+            stage_states: s
+                .stages
+                .iter()
+                .map(|st| (st.index, stage_state_name(st.state)))
                 .collect(),
             prefix_cache_queries: s.scheduler.prefix_cache_queries,
             prefix_cache_hits: s.scheduler.prefix_cache_hits,
@@ -268,6 +290,27 @@ pub fn cancel_response(state: &Arc<AppState>, id: &str) -> HttpResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::STAGE_STATES;
+
+    #[test]
+    fn every_worker_state_has_its_health_name_among_the_metric_states() {
+        let all = [
+            WorkerState::Spawning,
+            WorkerState::Loading,
+            WorkerState::Ready,
+            WorkerState::Busy,
+            WorkerState::Draining,
+            WorkerState::Dead,
+            WorkerState::Restarting,
+            WorkerState::Failed,
+        ];
+        for state in all {
+            let name = stage_state_name(state);
+            assert!(STAGE_STATES.contains(&name), "{name}");
+            assert_eq!(serde_json::to_value(state).ok(), Some(json!(name)));
+        }
+        assert_eq!(all.len(), STAGE_STATES.len());
+    }
 
     #[test]
     fn only_a_503_that_passes_by_waiting_says_retry_after() {
