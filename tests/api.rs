@@ -191,6 +191,10 @@ fn cancel_by_endpoint_gives_the_capacity_to_a_waiting_request() {
         text.contains("[DONE]"),
         "the cancelled stream must end cleanly: {text}"
     );
+    assert!(
+        text.contains("\"finish_reason\":\"abort\""),
+        "a cancelled request is told from a natural stop: {text}"
+    );
     assert!(text.matches("\"text\"").count() < 4000);
     let unknown = d.post("/v1/requests/cmpl-nope/cancel", &json!({}));
     assert_eq!(unknown.status, 404);
@@ -202,6 +206,100 @@ fn cancel_by_endpoint_gives_the_capacity_to_a_waiting_request() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+    assert!(d.stop().success());
+}
+
+/// Waits until the model runs `n` sequences.
+fn wait_running(d: &Daemon, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.get("/health").json()["models"][0]["scheduler"]["running"] != n {
+        assert!(Instant::now() < deadline, "never {n} running");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The finish reason of the last chunk before `[DONE]` (usage off) of a stream's raw bytes.
+fn last_finish_reason(raw: &[u8]) -> Value {
+    let text = String::from_utf8_lossy(raw);
+    let frames: Vec<&str> = text
+        .split("\n\n")
+        .filter_map(|f| f.lines().find_map(|l| l.strip_prefix("data: ")))
+        .collect();
+    assert_eq!(frames.last(), Some(&"[DONE]"), "{text}");
+    let finish: Value = serde_json::from_str(frames[frames.len() - 2]).expect("finish chunk");
+    finish["choices"][0]["finish_reason"].clone()
+}
+
+#[test]
+fn cancel_ends_chat_and_completions_whole_and_streamed_with_abort() {
+    let d = Daemon::start(1, capacity_config());
+    let pid = d.child.as_ref().expect("child").id();
+    let port = d.port;
+    let long_chat = json!({"messages": [{"role": "user", "content": "Go on"}], "max_tokens": 4000, "temperature": 0, "ignore_eos": true});
+    let long_prompt =
+        json!({"prompt": [1, 2, 3], "max_tokens": 4000, "temperature": 0, "ignore_eos": true});
+
+    // Whole responses: the id is only in the answer, so it is predicted from the daemon's
+    // scheme (`{prefix}-{pid:x}{n:08x}`, n counting submitted requests from 1).
+    for (n, (path, prefix, body)) in [
+        ("/v1/chat/completions", "chatcmpl", &long_chat),
+        ("/v1/completions", "cmpl", &long_prompt),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let body = body.to_string();
+        let whole =
+            std::thread::spawn(move || request(port, "POST", path, Some(body.as_bytes()), &[]));
+        wait_running(&d, 1);
+        let id = format!("{prefix}-{pid:x}{:08x}", n + 1);
+        let c = d.post(&format!("/v1/requests/{id}/cancel"), &json!({}));
+        assert_eq!(c.status, 200, "{id}: {}", c.text());
+        let r = whole.join().expect("client");
+        assert_eq!(r.status, 200, "{}", r.text());
+        let body = r.json();
+        assert_eq!(body["choices"][0]["finish_reason"], "abort", "{body}");
+        assert!(body["usage"]["completion_tokens"].as_u64() < Some(4000));
+        wait_running(&d, 0);
+    }
+
+    // Streams: the id comes with the head.
+    for (path, body) in [
+        ("/v1/chat/completions", &long_chat),
+        ("/v1/completions", &long_prompt),
+    ] {
+        let mut body = body.clone();
+        body["stream"] = json!(true);
+        let body = body.to_string();
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
+        let mut raw = Vec::new();
+        let mut byte = [0u8; 1];
+        while !raw.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).expect("read head");
+            raw.push(byte[0]);
+        }
+        let head = common::daemon::parse_response(&raw);
+        let id = head
+            .header("x-request-id")
+            .expect("x-request-id")
+            .to_string();
+        wait_running(&d, 1);
+        let c = d.post(&format!("/v1/requests/{id}/cancel"), &json!({}));
+        assert_eq!(c.status, 200, "{}", c.text());
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).expect("read stream");
+        let rest = common::daemon::parse_response(&[raw, rest].concat()).body;
+        assert_eq!(last_finish_reason(&rest), "abort", "{path}");
+        wait_running(&d, 0);
+    }
+    let metrics = d.get("/metrics").text();
+    assert!(metrics.contains("finished_reason=\"abort\""), "{metrics}");
     assert!(d.stop().success());
 }
 
@@ -229,10 +327,7 @@ fn a_client_that_disconnects_frees_its_sequence() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let metrics = d.get("/metrics").text();
-    assert!(
-        metrics.contains("finished_reason=\"cancelled\""),
-        "{metrics}"
-    );
+    assert!(metrics.contains("finished_reason=\"abort\""), "{metrics}");
     assert!(d.stop().success());
 }
 
@@ -644,5 +739,237 @@ fn auto_profile_picks_by_request_shape() {
         &json!({"prompt": [1, 2, 3], "max_tokens": 4, "profile": "balanced"}),
     );
     assert_eq!(named.json()["gptossd"]["profile"], "balanced");
+    assert!(d.stop().success());
+}
+
+/// The sample lines of a Prometheus text exposition: (`name{labels}`, value).
+fn samples(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sum of the samples of `name` whose labels contain every one of `labels`.
+fn sum(samples: &[(String, f64)], name: &str, labels: &[&str]) -> f64 {
+    samples
+        .iter()
+        .filter(|(s, _)| s.split('{').next() == Some(name) && labels.iter().all(|l| s.contains(l)))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+#[test]
+fn client_errors_count_as_rejections_not_failures() {
+    let d = Daemon::start(2, "");
+    let post = |path: &str, body: &str, content_type: &str| {
+        d.post_raw(path, body.as_bytes(), &[("content-type", content_type)])
+    };
+    let json_type = "application/json";
+    let hello = r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}"#;
+    let bad = [
+        (
+            post("/v1/chat/completions", "{\"messages\": [", json_type),
+            400,
+            "invalid_json",
+        ),
+        (
+            post(
+                "/v1/chat/completions",
+                r#"{"messages": [{"role": "user", "content": "x"}], "temprature": 0.5}"#,
+                json_type,
+            ),
+            400,
+            "unknown_parameter",
+        ),
+        (
+            post(
+                "/v1/chat/completions",
+                r#"{"model": "gpt-5", "messages": [{"role": "user", "content": "x"}]}"#,
+                json_type,
+            ),
+            404,
+            "model_not_found",
+        ),
+        (
+            post("/v1/chat/completions", hello, "text/plain"),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            post(
+                "/v1/completions",
+                r#"{"prompt": "a"}"#,
+                "application/x-www-form-urlencoded",
+            ),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            post(
+                "/v1/completions",
+                r#"{"prompt": "a", "min_p": 0.1}"#,
+                json_type,
+            ),
+            400,
+            "unsupported_parameter",
+        ),
+        (
+            post(
+                "/v1/completions",
+                r#"{"prompt": "a", "max_tokens": 0}"#,
+                json_type,
+            ),
+            400,
+            "invalid_value",
+        ),
+    ];
+    for (r, status, code) in &bad {
+        assert_eq!(r.status, *status, "{}", r.text());
+        assert_eq!(r.json()["error"]["code"], *code, "{}", r.text());
+    }
+    let unknown = bad[1].0.json();
+    assert_eq!(
+        unknown["error"]["message"],
+        "Unrecognized request argument supplied: temprature"
+    );
+    assert_eq!(unknown["error"]["param"], "temprature");
+
+    // Other servers' extension fields are accepted, and so is a body with no Content-Type.
+    let good = d.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "user": "u",
+                "metadata": {"k": "v"}, "top_k": 5, "min_p": 0, "repetition_penalty": 1,
+                "chat_template_kwargs": {}, "parallel_tool_calls": false}),
+    );
+    assert_eq!(good.status, 200, "{}", good.text());
+    let untyped = common::daemon::raw_exchange(
+        d.port,
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{hello}",
+            hello.len()
+        )
+        .as_bytes(),
+        Duration::from_secs(60),
+    );
+    let untyped = common::daemon::parse_response(&untyped);
+    assert_eq!(untyped.status, 200, "{}", untyped.text());
+
+    let text = d.get("/metrics").text();
+    let m = samples(&text);
+    assert_eq!(sum(&m, "gptossd_request_failure_total", &[]), 0.0, "{text}");
+    assert_eq!(
+        sum(&m, "gptossd_request_rejected_total", &[]),
+        bad.len() as f64,
+        "{text}"
+    );
+    let not_found = ["code=\"model_not_found\""];
+    assert_eq!(sum(&m, "gptossd_request_rejected_total", &not_found), 1.0);
+    assert_eq!(
+        sum(
+            &m,
+            "gptossd_request_rejected_total",
+            &[not_found[0], "model=\"unknown\""]
+        ),
+        1.0,
+        "an unknown model is not the default one: {text}"
+    );
+    assert_eq!(
+        sum(
+            &m,
+            "gptossd_request_success_total",
+            &["model=\"gpt-oss-20b\""]
+        ),
+        2.0
+    );
+    for stage in ["0", "1"] {
+        let ready = [
+            "model=\"gpt-oss-20b\"",
+            &format!("stage=\"{stage}\""),
+            "state=\"ready\"",
+        ];
+        let busy = [ready[0], ready[1], "state=\"busy\""];
+        let current =
+            sum(&m, "gptossd_stage_state", &ready) + sum(&m, "gptossd_stage_state", &busy);
+        assert_eq!(current, 1.0, "stage {stage}: {text}");
+        assert_eq!(
+            sum(&m, "gptossd_stage_state", &ready[..2]),
+            1.0,
+            "one state at a time"
+        );
+    }
+
+    let stats = d.get("/stats").json();
+    let series = stats["series"].as_array().expect("series");
+    assert!(
+        series.iter().all(|s| s["requests"]["failed"] == 0),
+        "{stats}"
+    );
+    assert_eq!(
+        series
+            .iter()
+            .map(|s| s["requests"]["finished"].as_u64().unwrap_or(0))
+            .sum::<u64>(),
+        2
+    );
+    assert_eq!(stats["rejected"]["total"], bad.len(), "{stats}");
+    let unknown = stats["rejected"]["series"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["model"] == "unknown"))
+        .expect("rejections of no served model");
+    assert_eq!(unknown["by_code"]["model_not_found"], 1, "{stats}");
+    assert!(stats["rejected"]["series"]
+        .as_array()
+        .is_some_and(|a| a.iter().all(|s| s["model"] == "unknown")));
+    assert!(d.stop().success());
+}
+
+#[track_caller]
+fn assert_json_error(raw: &[u8], status: u16, code: &str) {
+    let r = common::daemon::parse_response(raw);
+    assert_eq!(r.status, status, "{}", String::from_utf8_lossy(raw));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let body = r.json();
+    let e = &body["error"];
+    assert_eq!(e["code"], code, "{body}");
+    assert!(e["message"].is_string() && e["type"].is_string(), "{body}");
+    assert!(
+        e.as_object().is_some_and(|o| o.contains_key("param")),
+        "{body}"
+    );
+}
+
+#[test]
+fn errors_hyper_answers_by_itself_have_openai_bodies() {
+    let d = Daemon::start(1, "");
+    let limit = Duration::from_secs(20);
+    let control_byte = b"GET /health HTTP/1.1\r\nhost: x\r\nx-foo: a\x01b\r\n\r\n";
+    let raw = common::daemon::raw_exchange(d.port, control_byte, limit);
+    assert_json_error(&raw, 400, "malformed_request");
+
+    let mut many = String::from("GET /health HTTP/1.1\r\nhost: x\r\n");
+    for i in 0..150 {
+        many.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let raw = common::daemon::raw_exchange(d.port, many.as_bytes(), limit);
+    assert_json_error(&raw, 431, "request_header_fields_too_large");
+
+    // A head that stops halfway: a 408 once the header timeout (2 s here) has passed.
+    let t = Instant::now();
+    let slow = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-slow: ";
+    let raw = common::daemon::raw_exchange(d.port, slow, limit);
+    assert_json_error(&raw, 408, "request_timeout");
+    assert!(
+        t.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+
+    // The server goes on serving.
+    assert_eq!(d.post("/v1/chat/completions", &chat(2)).status, 200);
     assert!(d.stop().success());
 }

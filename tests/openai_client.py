@@ -3,8 +3,8 @@
     python3 tests/openai_client.py --base-url http://127.0.0.1:PORT/v1 --model NAME
 
 Exercised: chat (non-streaming, with reasoning), completions, streaming chat with usage,
-streaming completions, and a tool round trip (tools declared, an earlier tool call and its
-result in the history). Exits non-zero with a message on the first failure. The model is the
+streaming completions, a tool round trip (tools declared, an earlier tool call and its
+result in the history), extension fields in `extra_body`, and clean 400s. Exits non-zero with a message on the first failure. The model is the
 tiny random test model, so the checks are about the API's shapes and invariants, not the text.
 """
 
@@ -106,6 +106,19 @@ def main():
         check(False, "empty messages must be rejected")
     except openai.BadRequestError as e:
         check(e.status_code == 400, "400 for empty messages")
+    # Other servers' extension fields pass; an unknown field is a 400 that names it.
+    client.chat.completions.create(
+        model=args.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+        extra_body={"top_k": 5, "min_p": 0, "repetition_penalty": 1, "chat_template_kwargs": {}},
+    )
+    try:
+        client.chat.completions.create(
+            model=args.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+            extra_body={"temprature": 0.5},
+        )
+        check(False, "an unknown field must be rejected")
+    except openai.BadRequestError as e:
+        check("Unrecognized request argument supplied: temprature" in str(e), f"unknown field named: {e}")
     print("openai client: all checks passed")
 
 

@@ -608,3 +608,43 @@ fn an_idle_stage_gives_back_the_memory_of_a_burst() {
     );
     assert!(d.stop().success());
 }
+
+#[test]
+fn a_default_control_socket_directory_that_others_can_enter_is_refused() {
+    let view = private_model();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let runtime = tempfile::tempdir().expect("runtime dir");
+    // Someone made $XDG_RUNTIME_DIR/gptossd first, open to everyone.
+    let shared_dir = runtime.path().join("gptossd");
+    std::fs::create_dir(&shared_dir).expect("mkdir");
+    std::fs::set_permissions(
+        &shared_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .expect("chmod");
+    let config = dir.path().join("gptossd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nport = 0\n\n[[models]]\nname = \"m\"\npath = {:?}\nstages = 1\n",
+            view.path().to_string_lossy()
+        ),
+    )
+    .expect("write config");
+    let child = command()
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .env_remove("RUNTIME_DIRECTORY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let out = common::wait_with_limit(child, Duration::from_secs(20));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not a private directory"), "{err}");
+    assert!(!shared_dir.join("control.sock").exists());
+    assert_nothing_left(view.path());
+}

@@ -3,8 +3,10 @@
 //!
 //! Owns every counter, gauge and histogram the daemon exports, and a bounded window of recent
 //! latencies per series for the `/stats` percentiles. It knows nothing of HTTP, the scheduler
-//! or the engines: the server hands it a [`RequestRecord`] when a request ends, a rejection
-//! reason when one is refused before it runs, and a [`Gauges`] snapshot from the scheduler.
+//! or the engines: the server hands it a [`RequestRecord`] when a request ends, a
+//! [`Rejection`] when one is refused for the client's sake (a 4xx), a failure reason when the
+//! server could not take it (a 5xx before it ran), and a [`Gauges`] snapshot from the
+//! scheduler.
 //! [`Metrics`] is `Send + Sync`; the server keeps one in an `Arc`.
 //!
 //! # Metric reference
@@ -15,6 +17,10 @@
 //! - `S` = `engine`, `model`, `profile` — per request series;
 //! - `M` = `engine`, `model` — gauges the scheduler reports per model, not per profile.
 //!
+//! `model` is always a served model's name or [`UNKNOWN`] (never text from a request): a
+//! request refused before a served model was chosen for it (a body that does not parse, a model
+//! that is not served, a drain) counts under `model="unknown"`, not under the default model.
+//!
 //! | name in the exposition                          | type      | labels                  |
 //! |-------------------------------------------------|-----------|-------------------------|
 //! | `gptossd_num_requests_running`                  | gauge     | M                       |
@@ -23,11 +29,13 @@
 //! | `gptossd_prefix_cache_queries_total` (tokens)   | counter   | M                       |
 //! | `gptossd_prefix_cache_hits_total` (tokens)      | counter   | M                       |
 //! | `gptossd_stage_restarts_total`                  | counter   | M, `stage`              |
+//! | `gptossd_stage_state` (0 or 1)                  | gauge     | M, `stage`, `state`     |
 //! | `gptossd_healthy` (0 or 1)                      | gauge     | M                       |
 //! | `gptossd_prompt_tokens_total`                   | counter   | S                       |
 //! | `gptossd_generation_tokens_total`               | counter   | S                       |
 //! | `gptossd_request_success_total`                 | counter   | S, `finished_reason`    |
 //! | `gptossd_request_failure_total`                 | counter   | S, `reason`             |
+//! | `gptossd_request_rejected_total`                | counter   | M, `code`               |
 //! | `gptossd_profile_fallbacks_total`               | counter   | S                       |
 //! | `gptossd_time_to_first_token_seconds`           | histogram | S                       |
 //! | `gptossd_inter_token_latency_seconds`           | histogram | S                       |
@@ -39,11 +47,19 @@
 //! - `prefix_cache_*`, `stage_restarts_total`: cumulative counts kept by the scheduler and the
 //!   pipeline; each [`Metrics::set_gauges`] copies them in as they are (a smaller value than
 //!   last time reads to Prometheus as a counter reset, which is what it is).
-//! - `request_success_total{finished_reason}`: `stop`, `length`, `tool_calls`, `cancelled`.
-//! - `request_failure_total{reason}`: requests refused before they ran ([`Metrics::rejected`]:
-//!   `invalid_request`, `queue_full`, `unhealthy`, …) and requests that failed while running
-//!   ([`Outcome::Error`], e.g. `internal`). Reasons and finished reasons must come from a fixed
-//!   set (an error enum's names), never from client text: each one is a new series.
+//! - `stage_state{state}`: one series per stage and [`STAGE_STATES`] name, 1 for the state the
+//!   stage worker is in and 0 for the others (`gptossd_stage_state{state="failed"} == 1` alerts
+//!   on a stage given up on).
+//! - `request_success_total{finished_reason}`: `stop`, `length`, `tool_calls`, `abort` (a
+//!   request cancelled, or whose client went away).
+//! - `request_failure_total{reason}`: requests the server could not serve — refused before they
+//!   ran with a 5xx ([`Metrics::failed`]: `model_unhealthy`, `service_unavailable`, …) or failed
+//!   while running ([`Outcome::Error`], e.g. `internal`).
+//! - `request_rejected_total{code}`: requests refused with a 4xx ([`Metrics::rejected`]: the
+//!   error code, `invalid_value`, `unknown_parameter`, `model_not_found`, `queue_full`, …). A
+//!   healthy server rejecting bad input shows no failures. Reasons, codes and finished reasons
+//!   must come from a fixed set (an error enum's names), never from client text: each one is a
+//!   new series.
 //! - Tokens (`prompt_tokens_total`, `generation_tokens_total`) and `profile_fallbacks_total`
 //!   count every [`Metrics::record`]. The latency histograms observe only requests whose
 //!   outcome is [`Outcome::Finished`] (`cancelled` included), so a failure's short run does not
@@ -56,14 +72,15 @@
 //! # `/stats`
 //!
 //! [`Metrics::stats_json`] gives `uptime_seconds`, then per (engine, model, profile): request
-//! counts (total, finished, failed, by finished reason), errors by reason, tokens, fallbacks,
+//! counts (total = finished + failed, by finished reason), failures by reason, tokens, fallbacks,
 //! and for time to first token, time per output token (a request's mean inter-token gap),
 //! end-to-end latency and queue time: `count` and `mean` over every request recorded, and
 //! `p50`/`p90`/`p95`/`p99` by the nearest-rank method, exact over the last
 //! [`RESERVOIR_CAPACITY`] samples of that series (a ring buffer: memory is bounded at
 //! 4 × 10 000 × 8 bytes per series, and the percentiles follow recent behaviour). `window` is
 //! the number of samples they were computed from. Times are in milliseconds. The latest
-//! gauges of each (engine, model) follow under `models`.
+//! gauges of each (engine, model) follow under `models`, and the rejections apart from all
+//! that under `rejected`: `total`, and per (engine, model) a `total` and counts `by_code`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -87,6 +104,22 @@ pub const OPENMETRICS_CONTENT_TYPE: &str =
 
 /// Prefix of every metric name (joined with `_`).
 pub const NAMESPACE: &str = "gptossd";
+
+/// The `model` label of a request refused before a served model was chosen for it.
+pub const UNKNOWN: &str = "unknown";
+
+/// The states a stage worker can be in, as `/health` writes them (the pipeline's
+/// `WorkerState`); `gptossd_stage_state` has one series per stage and name.
+pub const STAGE_STATES: &[&str] = &[
+    "spawning",
+    "loading",
+    "ready",
+    "busy",
+    "draining",
+    "dead",
+    "restarting",
+    "failed",
+];
 
 /// Samples kept per series and quantity for the `/stats` percentiles (the most recent ones).
 pub const RESERVOIR_CAPACITY: usize = 10_000;
@@ -125,10 +158,19 @@ pub struct Labels {
     pub profile: String,
 }
 
+/// Where a request refused with a 4xx is counted: the engine, the served model it was routed
+/// to ([`UNKNOWN`] before one was), and the error code (from the API's error table).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, EncodeLabelSet)]
+pub struct Rejection {
+    pub engine: String,
+    pub model: String,
+    pub code: String,
+}
+
 /// How a request that ran ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// Generation ended: `stop`, `length`, `tool_calls` or `cancelled`.
+    /// Generation ended: `stop`, `length`, `tool_calls` or `abort`.
     Finished { reason: String },
     /// The request failed while running, e.g. `internal`.
     Error { reason: String },
@@ -164,6 +206,8 @@ pub struct Gauges {
     pub kv_blocks_total: u64,
     /// Cumulative restarts per pipeline stage.
     pub stage_restarts: Vec<(usize, u64)>,
+    /// Each pipeline stage's current state, one of [`STAGE_STATES`].
+    pub stage_states: Vec<(usize, &'static str)>,
     /// Cumulative prompt tokens looked up in the prefix cache (exported as a counter).
     pub prefix_cache_queries: u64,
     /// Cumulative prompt tokens found in the prefix cache (exported as a counter).
@@ -208,6 +252,13 @@ struct StageLabels {
     stage: usize,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StageStateLabels {
+    #[prometheus(flatten)]
+    stage: StageLabels,
+    state: &'static str,
+}
+
 type F64Gauge = Gauge<f64, AtomicU64>;
 type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
 
@@ -233,11 +284,13 @@ struct Families {
     prefix_cache_queries: Family<ModelLabels, Counter>,
     prefix_cache_hits: Family<ModelLabels, Counter>,
     stage_restarts: Family<StageLabels, Counter>,
+    stage_state: Family<StageStateLabels, Gauge>,
     healthy: Family<ModelLabels, Gauge>,
     prompt_tokens: Family<Labels, Counter>,
     generation_tokens: Family<Labels, Counter>,
     success: Family<FinishedLabels, Counter>,
     failure: Family<FailureLabels, Counter>,
+    rejected: Family<Rejection, Counter>,
     fallbacks: Family<Labels, Counter>,
     ttft: HistogramFamily,
     inter_token: HistogramFamily,
@@ -256,11 +309,13 @@ impl Families {
             prefix_cache_queries: Family::default(),
             prefix_cache_hits: Family::default(),
             stage_restarts: Family::default(),
+            stage_state: Family::default(),
             healthy: Family::default(),
             prompt_tokens: Family::default(),
             generation_tokens: Family::default(),
             success: Family::default(),
             failure: Family::default(),
+            rejected: Family::default(),
             fallbacks: Family::default(),
             ttft: Family::new_with_constructor(ttft_histogram),
             inter_token: Family::new_with_constructor(inter_token_histogram),
@@ -307,6 +362,11 @@ impl Families {
             f.stage_restarts.clone(),
         );
         r.register(
+            "stage_state",
+            "1 for the state each pipeline stage worker is in, 0 for the others",
+            f.stage_state.clone(),
+        );
+        r.register(
             "healthy",
             "1 when the engine serves requests, 0 when it does not",
             f.healthy.clone(),
@@ -328,8 +388,13 @@ impl Families {
         );
         r.register(
             "request_failure",
-            "Requests rejected before running or failed while running, by reason",
+            "Requests the server could not serve (a 5xx before running, or a failure while running), by reason",
             f.failure.clone(),
+        );
+        r.register(
+            "request_rejected",
+            "Requests refused with a 4xx (bad input, unknown model, full queue), by error code",
+            f.rejected.clone(),
         );
         r.register(
             "profile_fallbacks",
@@ -477,6 +542,8 @@ fn count_into(map: &mut BTreeMap<String, u64>, reason: &str) {
 #[derive(Debug, Default)]
 struct StatsState {
     series: BTreeMap<Labels, SeriesStats>,
+    /// Rejections by (engine, model), then by code.
+    rejected: BTreeMap<ModelLabels, BTreeMap<String, u64>>,
     /// The latest gauges, by (engine, model).
     models: BTreeMap<ModelLabels, Gauges>,
 }
@@ -593,8 +660,20 @@ impl Metrics {
         }
     }
 
-    /// Counts a request refused before it ran (a 4xx, 429 or 503), by reason.
-    pub fn rejected(&self, labels: &Labels, reason: &str) {
+    /// Counts a request refused with a 4xx (bad input, unknown model, full queue).
+    pub fn rejected(&self, r: &Rejection) {
+        self.families.rejected.get_or_create(r).inc();
+        let model = ModelLabels {
+            engine: r.engine.clone(),
+            model: r.model.clone(),
+        };
+        let mut stats = self.stats();
+        count_into(stats.rejected.entry(model).or_default(), &r.code);
+    }
+
+    /// Counts a request the server could not take (a 5xx before it ran: an unhealthy model, a
+    /// drain), by reason.
+    pub fn failed(&self, labels: &Labels, reason: &str) {
         self.families
             .failure
             .get_or_create(&FailureLabels {
@@ -632,6 +711,20 @@ impl Metrics {
             };
             mirror(&f.stage_restarts.get_or_create(&labels), restarts);
         }
+        for &(stage, current) in &g.stage_states {
+            for &state in STAGE_STATES {
+                let labels = StageStateLabels {
+                    stage: StageLabels {
+                        model: m.clone(),
+                        stage,
+                    },
+                    state,
+                };
+                f.stage_state
+                    .get_or_create(&labels)
+                    .set(i64::from(state == current));
+            }
+        }
         self.stats().models.insert(m, g.clone());
     }
 
@@ -657,9 +750,13 @@ impl Metrics {
     /// The `/stats` document (see the module doc).
     pub fn stats_json(&self) -> Value {
         // Copy out under the lock; sort for the percentiles after releasing it.
-        let (series, models) = {
+        let (series, models, rejected) = {
             let stats = self.stats();
-            (stats.series.clone(), stats.models.clone())
+            (
+                stats.series.clone(),
+                stats.models.clone(),
+                stats.rejected.clone(),
+            )
         };
         let series: Vec<Value> = series.iter().map(|(l, s)| s.to_json(l)).collect();
         let models: Vec<Value> = models
@@ -669,6 +766,11 @@ impl Metrics {
                     .stage_restarts
                     .iter()
                     .map(|&(stage, restarts)| json!({ "stage": stage, "restarts": restarts }))
+                    .collect();
+                let states: Vec<Value> = g
+                    .stage_states
+                    .iter()
+                    .map(|&(stage, state)| json!({ "stage": stage, "state": state }))
                     .collect();
                 json!({
                     "engine": m.engine,
@@ -682,6 +784,19 @@ impl Metrics {
                     "prefix_cache_queries": g.prefix_cache_queries,
                     "prefix_cache_hits": g.prefix_cache_hits,
                     "stage_restarts": restarts,
+                    "stage_states": states,
+                })
+            })
+            .collect();
+        let rejected_total: u64 = rejected.values().flat_map(|codes| codes.values()).sum();
+        let rejected: Vec<Value> = rejected
+            .iter()
+            .map(|(m, codes)| {
+                json!({
+                    "engine": m.engine,
+                    "model": m.model,
+                    "total": codes.values().sum::<u64>(),
+                    "by_code": codes,
                 })
             })
             .collect();
@@ -689,6 +804,7 @@ impl Metrics {
             "uptime_seconds": self.started.elapsed().as_secs_f64(),
             "series": series,
             "models": models,
+            "rejected": { "total": rejected_total, "series": rejected },
         })
     }
 }

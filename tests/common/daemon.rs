@@ -283,6 +283,17 @@ pub fn try_request(
     Ok(parse_response(&raw))
 }
 
+/// Sends `bytes` exactly as given on a new connection, then reads until the server closes it
+/// (or `limit` passes): for requests the client above cannot write, such as broken ones.
+pub fn raw_exchange(port: u16, bytes: &[u8], limit: Duration) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(limit)).expect("read timeout");
+    s.write_all(bytes).expect("write");
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    raw
+}
+
 /// Parses a whole HTTP/1.1 response (content-length or chunked).
 pub fn parse_response(raw: &[u8]) -> HttpResponse {
     let split = raw

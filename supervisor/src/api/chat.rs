@@ -28,7 +28,11 @@
 //!   [`ValidChatRequest::tool_choice`] for the server to record.
 //! - **Reasoning effort.** `reasoning_effort` or `reasoning.effort` (both given and different
 //!   → 400); absent, the profile's effort applies ([`ValidChatRequest::set_default_effort`]).
-//! - `parallel_tool_calls`, `user`, `metadata`, `store` and unknown fields are ignored.
+//! - **Fields.** Besides the ones read here and in `common` (`COMMON_FIELDS`),
+//!   `IGNORED_FIELDS` and `CHAT_IGNORED_FIELDS` (`parallel_tool_calls`: harmony cannot
+//!   hold the model to one call; `chat_template_kwargs`: there is no template to pass them
+//!   to) are accepted and ignored; `include_reasoning` is accepted as `true` only (reasoning
+//!   is always returned). Any other top-level field is a 400.
 
 use std::collections::HashMap;
 
@@ -36,13 +40,31 @@ use gptossd_stage::sampler::SamplingParams;
 use serde_json::Value;
 
 use super::common::{
-    not_one_of, parse_common, parse_logprob_count, parse_max_tokens, Common, StreamOptions,
+    check_neutral_bool, not_one_of, parse_common, parse_logprob_count, parse_max_tokens, Common,
+    StreamOptions, COMMON_FIELDS, IGNORED_FIELDS,
 };
 use super::error::{ApiError, ErrorCase};
 use super::json::{as_object, missing, parse_object, wrong_type, Fields};
 use super::limits::{check_limits, Limits};
 use crate::chat::{Conversation, FunctionTool, Message, ReasoningEffort, SystemOptions};
 use crate::config::ProfileName;
+
+/// Top-level fields only the chat endpoint reads.
+const CHAT_FIELDS: &[&str] = &[
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "reasoning_effort",
+    "reasoning",
+    "include_reasoning",
+];
+
+/// Top-level fields the chat endpoint accepts and ignores (see the module doc).
+pub(crate) const CHAT_IGNORED_FIELDS: &[&str] = &["parallel_tool_calls", "chat_template_kwargs"];
 
 /// Longest function name (OpenAI's limit).
 pub const MAX_TOOL_NAME_LEN: usize = 64;
@@ -76,6 +98,7 @@ pub struct ValidChatRequest {
     profile: Option<ProfileName>,
     priority: i32,
     return_token_ids: bool,
+    ignore_eos: bool,
 }
 
 impl ValidChatRequest {
@@ -141,6 +164,11 @@ impl ValidChatRequest {
         self.return_token_ids
     }
 
+    /// The `ignore_eos` extension: generate up to `max_tokens`, past the stop tokens.
+    pub fn ignore_eos(&self) -> bool {
+        self.ignore_eos
+    }
+
     /// [`check_limits`] for this request's rendered prompt of `prompt_tokens` tokens; a prompt
     /// beyond the context is reported against `messages`.
     pub fn check_limits(&self, prompt_tokens: usize, limits: &Limits) -> Result<usize, ApiError> {
@@ -159,6 +187,12 @@ impl ValidChatRequest {
 pub fn parse_chat(body: &[u8], today: &str) -> Result<ValidChatRequest, ApiError> {
     let map = parse_object(body)?;
     let f = Fields::new(&map, "");
+    f.only(&[
+        COMMON_FIELDS,
+        IGNORED_FIELDS,
+        CHAT_FIELDS,
+        CHAT_IGNORED_FIELDS,
+    ])?;
     let Common {
         model,
         mut sampling,
@@ -167,7 +201,9 @@ pub fn parse_chat(body: &[u8], today: &str) -> Result<ValidChatRequest, ApiError
         profile,
         priority,
         return_token_ids,
+        ignore_eos,
     } = parse_common(&f)?;
+    check_neutral_bool(&f, "include_reasoning", true)?;
 
     let messages = f.array("messages")?.ok_or_else(|| missing("messages"))?;
     if messages.is_empty() {
@@ -224,6 +260,7 @@ pub fn parse_chat(body: &[u8], today: &str) -> Result<ValidChatRequest, ApiError
         profile,
         priority,
         return_token_ids,
+        ignore_eos,
     })
 }
 

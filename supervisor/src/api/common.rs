@@ -1,6 +1,12 @@
 //! The request fields chat completions and completions share: model, sampling, stop strings,
-//! streaming, `n`, the unsupported penalties, and gptossd's extensions (`profile`,
-//! `priority`, `return_token_ids`).
+//! streaming, `n`, the unsupported penalties, gptossd's extensions (`profile`, `priority`,
+//! `return_token_ids`), and the lists of top-level fields each endpoint accepts.
+//!
+//! Accepted top-level fields, beyond the ones each endpoint reads: [`COMMON_FIELDS`] (read
+//! here, other servers' extensions included) and [`IGNORED_FIELDS`] (OpenAI's and other
+//! servers' fields that change nothing gptossd produces: accepted, whatever their value, and
+//! ignored). Any other top-level field is a 400 `Unrecognized request argument supplied`, so a
+//! misspelt or unimplemented option is never silently dropped.
 //!
 //! Each reader takes the top-level [`Fields`] and returns a checked value or an [`ApiError`]
 //! naming the field and the value received. Sampling ranges are the sampler's own
@@ -13,6 +19,45 @@ use gptossd_stage::sampler::{SamplingError, SamplingParams, MAX_LOGPROBS};
 use super::error::{ApiError, ErrorCase};
 use super::json::{as_str, wrong_type, Fields};
 use crate::config::ProfileName;
+
+/// Top-level fields [`parse_common`] reads, for both endpoints. `ignore_eos` (vLLM) is
+/// honoured; `min_p`, `repetition_penalty` (vLLM, llama.cpp) and `skip_special_tokens` (vLLM)
+/// are accepted at the value that turns them off, and refused otherwise.
+pub(crate) const COMMON_FIELDS: &[&str] = &[
+    "model",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "response_format",
+    "profile",
+    "priority",
+    "return_token_ids",
+    "ignore_eos",
+    "min_p",
+    "repetition_penalty",
+    "skip_special_tokens",
+];
+
+/// Top-level fields accepted on both endpoints and ignored: `user`, `metadata`, `store`,
+/// `service_tier`, `safety_identifier` (OpenAI's bookkeeping), `prompt_cache_key` (OpenAI) and
+/// `cache_prompt` (llama.cpp): prefix caching is always on.
+pub(crate) const IGNORED_FIELDS: &[&str] = &[
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+    "cache_prompt",
+];
 
 /// Most stop strings a request may give (OpenAI's limit).
 pub const MAX_STOP_STRINGS: usize = 4;
@@ -37,6 +82,8 @@ pub(crate) struct Common {
     pub profile: Option<ProfileName>,
     pub priority: i32,
     pub return_token_ids: bool,
+    /// `ignore_eos`: generate up to `max_tokens`, past the stop tokens.
+    pub ignore_eos: bool,
 }
 
 /// Reads every shared field of a request.
@@ -62,6 +109,7 @@ pub(crate) fn parse_common(f: &Fields<'_>) -> Result<Common, ApiError> {
         })?,
     };
     let return_token_ids = f.bool("return_token_ids")?.unwrap_or(false);
+    let ignore_eos = f.bool("ignore_eos")?.unwrap_or(false);
     Ok(Common {
         model,
         sampling,
@@ -70,6 +118,7 @@ pub(crate) fn parse_common(f: &Fields<'_>) -> Result<Common, ApiError> {
         profile,
         priority,
         return_token_ids,
+        ignore_eos,
     })
 }
 
@@ -221,18 +270,29 @@ fn check_n(f: &Fields<'_>) -> Result<(), ApiError> {
     }
 }
 
-/// OpenAI parameters gptossd does not implement: refused rather than silently ignored.
+/// Sampling options gptossd's sampler does not have (OpenAI's penalties, other servers'
+/// `min_p` and `repetition_penalty`), with the value that turns each off: accepted at that
+/// value, refused otherwise.
+const NEUTRAL_ONLY: [(&str, f64); 4] = [
+    ("presence_penalty", 0.0),
+    ("frequency_penalty", 0.0),
+    ("min_p", 0.0),
+    ("repetition_penalty", 1.0),
+];
+
+/// Parameters gptossd does not implement: refused rather than silently ignored.
 fn check_unsupported(f: &Fields<'_>) -> Result<(), ApiError> {
-    for key in ["presence_penalty", "frequency_penalty"] {
+    for (key, neutral) in NEUTRAL_ONLY {
         if let Some(v) = f.number(key)? {
-            if v != 0.0 {
+            if v != neutral {
                 return Err(ApiError::unsupported(
                     key,
-                    format!("{key} is not supported (only 0), got {v}"),
+                    format!("{key} is not supported (only {neutral}), got {v}"),
                 ));
             }
         }
     }
+    check_neutral_bool(f, "skip_special_tokens", true)?;
     if let Some(bias) = f.object("logit_bias")? {
         if !bias.is_empty() {
             return Err(ApiError::unsupported(
@@ -255,6 +315,17 @@ fn check_unsupported(f: &Fields<'_>) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// A boolean option accepted only at `neutral` (what gptossd always does).
+pub(crate) fn check_neutral_bool(f: &Fields<'_>, key: &str, neutral: bool) -> Result<(), ApiError> {
+    match f.bool(key)? {
+        Some(v) if v != neutral => Err(ApiError::unsupported(
+            key,
+            format!("{key} is only supported as {neutral}, got {v}"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Reads `max_tokens` from the first of `keys` present (≥ 1). Two keys with different values

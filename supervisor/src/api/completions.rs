@@ -13,6 +13,8 @@
 //! - `max_tokens` defaults to 16, as OpenAI's does (capped by what fits the context).
 //! - `logprobs` is the legacy integer (0..=20; OpenAI allows 5, the sampler 20).
 //! - `echo: true`, `best_of` > 1 and a non-empty `suffix` are refused as unsupported.
+//! - Besides the fields read here and in `common`, the common `IGNORED_FIELDS` are accepted
+//!   and ignored; any other top-level field is a 400.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -21,12 +23,25 @@ use gptossd_shared::VOCAB_EDGE;
 use gptossd_stage::sampler::SamplingParams;
 use serde_json::Value;
 
-use super::common::{parse_common, parse_logprob_count, parse_max_tokens, Common, StreamOptions};
+use super::common::{
+    parse_common, parse_logprob_count, parse_max_tokens, Common, StreamOptions, COMMON_FIELDS,
+    IGNORED_FIELDS,
+};
 use super::error::ApiError;
 use super::json::{as_integer, missing, parse_object, wrong_type, Fields};
 use super::limits::{check_limits, Limits};
 use crate::chat::{TokenId, Tokenizer};
 use crate::config::ProfileName;
+
+/// Top-level fields only the completions endpoint reads.
+const COMPLETION_FIELDS: &[&str] = &[
+    "prompt",
+    "max_tokens",
+    "logprobs",
+    "echo",
+    "best_of",
+    "suffix",
+];
 
 /// `max_tokens` when a completion request gives none (OpenAI's default).
 pub const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
@@ -43,6 +58,7 @@ pub struct ValidCompletionRequest {
     profile: Option<ProfileName>,
     priority: i32,
     return_token_ids: bool,
+    ignore_eos: bool,
 }
 
 impl ValidCompletionRequest {
@@ -91,6 +107,11 @@ impl ValidCompletionRequest {
         self.return_token_ids
     }
 
+    /// The `ignore_eos` extension: generate up to `max_tokens`, past the stop tokens.
+    pub fn ignore_eos(&self) -> bool {
+        self.ignore_eos
+    }
+
     /// The effective `max_tokens` under `limits` ([`check_limits`]); absent, it is
     /// [`DEFAULT_COMPLETION_MAX_TOKENS`] or what fits the context, whichever is smaller. A
     /// prompt beyond the context is reported against `prompt`.
@@ -117,6 +138,7 @@ pub fn parse_completion(
 ) -> Result<ValidCompletionRequest, ApiError> {
     let map = parse_object(body)?;
     let f = Fields::new(&map, "");
+    f.only(&[COMMON_FIELDS, IGNORED_FIELDS, COMPLETION_FIELDS])?;
     let Common {
         model,
         mut sampling,
@@ -125,6 +147,7 @@ pub fn parse_completion(
         profile,
         priority,
         return_token_ids,
+        ignore_eos,
     } = parse_common(&f)?;
 
     let prompt_ids = parse_prompt(&f, tokenizer)?;
@@ -163,6 +186,7 @@ pub fn parse_completion(
         profile,
         priority,
         return_token_ids,
+        ignore_eos,
     })
 }
 

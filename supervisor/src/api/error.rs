@@ -3,8 +3,10 @@
 //! Every failure the HTTP surface reports is an [`ApiError`]: a status, a message for the
 //! client, OpenAI's `type`, and optionally the offending `param` and a machine-readable `code`.
 //! [`ErrorCase`] lists the cases; [`ErrorCase::status`], [`ErrorCase::kind`] and
-//! [`ErrorCase::code`] are the table, and [`ApiError::new`] is the only way the API builds an
-//! error, so a case cannot be reported with the wrong status.
+//! [`ErrorCase::code`] are the table, with two policy columns: [`ErrorCase::retry_after`] (the
+//! `Retry-After` header of a transient refusal) and [`ErrorCase::is_rejection`] (whether the
+//! metrics count it as a rejected request or as a failed one). [`ApiError::new`] is the only way
+//! the API builds an error, so a case cannot be reported with the wrong status.
 //!
 //! Messages name the field, the limit and the value received (`max_tokens must be at least 1,
 //! got 0`). Internal details (paths, worker ids, panics) belong in the log, never here.
@@ -19,6 +21,9 @@ pub enum ErrorCase {
     InvalidJson,
     /// A field has the wrong JSON type (a string where a number belongs).
     InvalidType,
+    /// A top-level field that is neither an OpenAI parameter gptossd reads nor one of the
+    /// extensions it accepts (OpenAI's "Unrecognized request argument supplied").
+    UnknownParameter,
     /// A required field is absent (or null).
     MissingField,
     /// A field has the right type but a value out of range or not among the allowed ones.
@@ -29,8 +34,17 @@ pub enum ErrorCase {
     ContextLength,
     /// The body is larger than `server.max_body_bytes`.
     BodyTooLarge,
-    /// The client did not send the whole body within `server.request_timeout_secs`.
+    /// The client did not send the whole head or body within `server.request_timeout_secs`.
     RequestTimeout,
+    /// A POST body whose `Content-Type` is not JSON.
+    UnsupportedMediaType,
+    /// The request line or a header is not valid HTTP/1.1 (hyper refused it: a control byte in
+    /// a header value, a malformed request line, …).
+    MalformedHttp,
+    /// The request head is larger than the HTTP server accepts.
+    HeadersTooLarge,
+    /// The request URI is longer than the HTTP server accepts.
+    UriTooLong,
     /// The requested model is not served.
     ModelNotFound,
     /// No such route.
@@ -41,46 +55,61 @@ pub enum ErrorCase {
     QueueFull,
     /// Overloaded: the request cannot be admitted in time (the 503 flavour of back-pressure).
     Overloaded,
-    /// Not ready: loading, draining on shutdown, or the model's workers are unhealthy.
+    /// Not ready yet or any more, for a while: loading, or draining on shutdown.
     Unavailable,
+    /// The model's workers are unhealthy (crashed too often, could not load) or its pipeline
+    /// stopped: not transient, so no `Retry-After`.
+    Unhealthy,
     /// A fault inside gptossd; the details go to the log.
     Internal,
 }
 
 impl ErrorCase {
-    /// The HTTP status. The table, in one place:
+    /// The HTTP status. The table, in one place (Retry-After in seconds; every 4xx counts as
+    /// a rejected request, every 5xx as a failed one):
     ///
-    /// | case | status | type | code |
-    /// |---|---|---|---|
-    /// | InvalidJson | 400 | invalid_request_error | invalid_json |
-    /// | InvalidType | 400 | invalid_request_error | invalid_type |
-    /// | MissingField | 400 | invalid_request_error | missing_required_parameter |
-    /// | InvalidValue | 400 | invalid_request_error | invalid_value |
-    /// | Unsupported | 400 | invalid_request_error | unsupported_parameter |
-    /// | ContextLength | 400 | invalid_request_error | context_length_exceeded |
-    /// | BodyTooLarge | 413 | invalid_request_error | request_too_large |
-    /// | RequestTimeout | 408 | invalid_request_error | request_timeout |
-    /// | ModelNotFound | 404 | not_found_error | model_not_found |
-    /// | NotFound | 404 | not_found_error | not_found |
-    /// | MethodNotAllowed | 405 | invalid_request_error | method_not_allowed |
-    /// | QueueFull | 429 | rate_limit_error | queue_full |
-    /// | Overloaded | 503 | overloaded_error | overloaded |
-    /// | Unavailable | 503 | service_unavailable | service_unavailable |
-    /// | Internal | 500 | server_error | internal_error |
+    /// | case | status | type | code | Retry-After |
+    /// |---|---|---|---|---|
+    /// | InvalidJson | 400 | invalid_request_error | invalid_json | |
+    /// | InvalidType | 400 | invalid_request_error | invalid_type | |
+    /// | UnknownParameter | 400 | invalid_request_error | unknown_parameter | |
+    /// | MissingField | 400 | invalid_request_error | missing_required_parameter | |
+    /// | InvalidValue | 400 | invalid_request_error | invalid_value | |
+    /// | Unsupported | 400 | invalid_request_error | unsupported_parameter | |
+    /// | ContextLength | 400 | invalid_request_error | context_length_exceeded | |
+    /// | MalformedHttp | 400 | invalid_request_error | malformed_request | |
+    /// | BodyTooLarge | 413 | invalid_request_error | request_too_large | |
+    /// | RequestTimeout | 408 | invalid_request_error | request_timeout | |
+    /// | UnsupportedMediaType | 415 | invalid_request_error | unsupported_media_type | |
+    /// | HeadersTooLarge | 431 | invalid_request_error | request_header_fields_too_large | |
+    /// | UriTooLong | 414 | invalid_request_error | uri_too_long | |
+    /// | ModelNotFound | 404 | not_found_error | model_not_found | |
+    /// | NotFound | 404 | not_found_error | not_found | |
+    /// | MethodNotAllowed | 405 | invalid_request_error | method_not_allowed | |
+    /// | QueueFull | 429 | rate_limit_error | queue_full | 1 |
+    /// | Overloaded | 503 | overloaded_error | overloaded | 1 |
+    /// | Unavailable | 503 | service_unavailable | service_unavailable | 1 |
+    /// | Unhealthy | 503 | service_unavailable | model_unhealthy | |
+    /// | Internal | 500 | server_error | internal_error | |
     pub const fn status(self) -> u16 {
         match self {
             Self::InvalidJson
             | Self::InvalidType
+            | Self::UnknownParameter
             | Self::MissingField
             | Self::InvalidValue
             | Self::Unsupported
-            | Self::ContextLength => 400,
+            | Self::ContextLength
+            | Self::MalformedHttp => 400,
             Self::BodyTooLarge => 413,
             Self::RequestTimeout => 408,
+            Self::UnsupportedMediaType => 415,
+            Self::HeadersTooLarge => 431,
+            Self::UriTooLong => 414,
             Self::ModelNotFound | Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::QueueFull => 429,
-            Self::Overloaded | Self::Unavailable => 503,
+            Self::Overloaded | Self::Unavailable | Self::Unhealthy => 503,
             Self::Internal => 500,
         }
     }
@@ -90,17 +119,22 @@ impl ErrorCase {
         match self {
             Self::InvalidJson
             | Self::InvalidType
+            | Self::UnknownParameter
             | Self::MissingField
             | Self::InvalidValue
             | Self::Unsupported
             | Self::ContextLength
+            | Self::MalformedHttp
             | Self::BodyTooLarge
             | Self::RequestTimeout
+            | Self::UnsupportedMediaType
+            | Self::HeadersTooLarge
+            | Self::UriTooLong
             | Self::MethodNotAllowed => "invalid_request_error",
             Self::ModelNotFound | Self::NotFound => "not_found_error",
             Self::QueueFull => "rate_limit_error",
             Self::Overloaded => "overloaded_error",
-            Self::Unavailable => "service_unavailable",
+            Self::Unavailable | Self::Unhealthy => "service_unavailable",
             Self::Internal => "server_error",
         }
     }
@@ -110,20 +144,43 @@ impl ErrorCase {
         match self {
             Self::InvalidJson => "invalid_json",
             Self::InvalidType => "invalid_type",
+            Self::UnknownParameter => "unknown_parameter",
             Self::MissingField => "missing_required_parameter",
             Self::InvalidValue => "invalid_value",
             Self::Unsupported => "unsupported_parameter",
             Self::ContextLength => "context_length_exceeded",
+            Self::MalformedHttp => "malformed_request",
             Self::BodyTooLarge => "request_too_large",
             Self::RequestTimeout => "request_timeout",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::HeadersTooLarge => "request_header_fields_too_large",
+            Self::UriTooLong => "uri_too_long",
             Self::ModelNotFound => "model_not_found",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::QueueFull => "queue_full",
             Self::Overloaded => "overloaded",
             Self::Unavailable => "service_unavailable",
+            Self::Unhealthy => "model_unhealthy",
             Self::Internal => "internal_error",
         }
+    }
+
+    /// The `Retry-After` seconds of a refusal that will pass on its own (a full queue, an
+    /// overload, loading, draining); `None` for the rest, an unhealthy model included: a client
+    /// retrying that one would only wait for nothing.
+    pub const fn retry_after(self) -> Option<u32> {
+        match self {
+            Self::QueueFull | Self::Overloaded | Self::Unavailable => Some(1),
+            _ => None,
+        }
+    }
+
+    /// Whether the metrics count this as a rejected request (a 4xx: the client's input, an
+    /// unknown model, a full queue) rather than a failed one (a 5xx: the server could not serve
+    /// it).
+    pub const fn is_rejection(self) -> bool {
+        self.status() < 500
     }
 }
 
@@ -131,6 +188,8 @@ impl ErrorCase {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{status} {kind}: {message}")]
 pub struct ApiError {
+    /// The row of the table this error comes from.
+    pub case: ErrorCase,
     /// HTTP status code.
     pub status: u16,
     /// Human-readable; names the field, the limit and the value received.
@@ -147,6 +206,7 @@ impl ApiError {
     /// An error of `case` (status, type and code from the table) with `message`.
     pub fn new(case: ErrorCase, message: impl Into<String>) -> Self {
         Self {
+            case,
             status: case.status(),
             message: message.into(),
             kind: case.kind(),

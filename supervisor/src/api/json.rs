@@ -8,7 +8,7 @@
 //! without another dependency.
 //!
 //! Conventions: a field that is `null` counts as absent (clients send `null` for unset
-//! options); unknown fields are never looked at (clients send many vendor extensions);
+//! options); a top-level field the endpoint does not list is refused ([`Fields::only`]);
 //! integers may be written as `5` or `5.0`, not `5.5` nor `"5"`.
 
 use serde_json::{Map, Value};
@@ -125,6 +125,23 @@ impl<'a> Fields<'a> {
         Self {
             map,
             path: path.into(),
+        }
+    }
+
+    /// Refuses the first field (in the order the client wrote them) that is in none of
+    /// `known`, as OpenAI does: `Unrecognized request argument supplied: NAME`.
+    pub(crate) fn only(&self, known: &[&[&str]]) -> Result<(), ApiError> {
+        match self
+            .map
+            .keys()
+            .find(|k| !known.iter().any(|list| list.contains(&k.as_str())))
+        {
+            None => Ok(()),
+            Some(key) => Err(ApiError::new(
+                ErrorCase::UnknownParameter,
+                format!("Unrecognized request argument supplied: {key}"),
+            )
+            .with_param(self.path(key))),
         }
     }
 

@@ -11,7 +11,8 @@
 //!
 //! Invariants: a 4xx message names the field and the value received, and `param` is the
 //! field's path in the request (`messages[1].content`); parsing never panics on request data;
-//! unknown fields are ignored, known fields must have the right type.
+//! a top-level field an endpoint does not list is refused (OpenAI's `Unrecognized request
+//! argument supplied`), known fields must have the right type.
 //!
 //! It knows nothing of sockets, SSE framing, scheduling or metrics: the server (hyper) calls
 //! these functions and writes the [`responses`] types with serde.

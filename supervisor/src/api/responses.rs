@@ -47,9 +47,22 @@ pub enum FinishReason {
     Length,
     /// The reply ends with tool calls (`<|call|>`).
     ToolCalls,
+    /// The request was cancelled (`POST /v1/requests/{id}/cancel`) before it ended on its own;
+    /// vLLM's name, so clients can tell it from a natural `stop`.
+    Abort,
 }
 
 impl FinishReason {
+    /// The name on the wire (and the `finished_reason` label of the metrics).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::ToolCalls => "tool_calls",
+            Self::Abort => "abort",
+        }
+    }
+
     /// The chat finish reason from the parser's summary. `length_limited`: generation stopped
     /// because `max_tokens` was reached (not because of a stop string).
     pub fn for_chat(summary: &Summary, length_limited: bool) -> Self {

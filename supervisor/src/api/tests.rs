@@ -456,6 +456,81 @@ fn unsupported_parameters() {
 }
 
 #[test]
+fn unknown_top_level_fields_are_refused_by_name() {
+    for (body, name) in [
+        (hello(json!({"temprature": 0.5})), "temprature"),
+        (
+            hello(json!({"extra_vendor_field": {"anything": [1, 2]}})),
+            "extra_vendor_field",
+        ),
+        (hello(json!({"functions": []})), "functions"),
+        // A completions-only field on chat, and a chat-only field on completions.
+        (hello(json!({"echo": false})), "echo"),
+    ] {
+        let e = chat_err(body);
+        assert_400(
+            &e,
+            Some(name),
+            &[&format!("Unrecognized request argument supplied: {name}")],
+        );
+        assert_eq!(e.code.as_deref(), Some("unknown_parameter"));
+    }
+    for name in ["reasoning_effort", "tools", "chat_template_kwargs", "foo"] {
+        let e = completion_err(json!({"prompt": "a", name: "x"}));
+        assert_400(&e, Some(name), &[name]);
+        assert_eq!(e.code.as_deref(), Some("unknown_parameter"));
+    }
+    // The first unknown field in the client's order is the one named.
+    let e = parse_chat(
+        br#"{"zeta": 1, "messages": [{"role": "user", "content": "x"}], "alpha": 2}"#,
+        TODAY,
+    )
+    .unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("zeta"));
+    // Unknown fields inside known objects are not refused (only the top level is checked).
+    chat(hello(
+        json!({"stream": true, "stream_options": {"include_usage": true, "x": 1}}),
+    ));
+}
+
+#[test]
+fn other_servers_extension_fields_are_accepted() {
+    let accepted = json!({
+        "user": "u", "metadata": {"k": "v"}, "store": false, "service_tier": "auto",
+        "safety_identifier": "s", "prompt_cache_key": "k", "cache_prompt": true,
+        "parallel_tool_calls": true, "chat_template_kwargs": {"enable_thinking": false},
+        "top_k": 40, "min_p": 0, "repetition_penalty": 1.0, "skip_special_tokens": true,
+        "include_reasoning": true, "ignore_eos": true, "reasoning": {"effort": "low"},
+    });
+    let request = chat(hello(accepted));
+    assert!(request.ignore_eos());
+    assert_eq!(request.sampling().top_k, Some(40));
+    assert!(!chat(hello(json!({}))).ignore_eos());
+    let request = completion(json!({
+        "prompt": "a", "user": "u", "metadata": {}, "store": true, "service_tier": "default",
+        "top_k": -1, "min_p": 0.0, "repetition_penalty": 1, "skip_special_tokens": true,
+        "ignore_eos": true, "cache_prompt": false,
+    }));
+    assert!(request.ignore_eos());
+
+    // Options the sampler does not have are accepted only at the value that turns them off.
+    let e = chat_err(hello(json!({"min_p": 0.05})));
+    assert_400(&e, Some("min_p"), &["min_p", "only 0", "0.05"]);
+    let e = completion_err(json!({"prompt": "a", "repetition_penalty": 1.1}));
+    assert_400(&e, Some("repetition_penalty"), &["only 1", "1.1"]);
+    let e = chat_err(hello(json!({"skip_special_tokens": false})));
+    assert_400(&e, Some("skip_special_tokens"), &["only", "true", "false"]);
+    let e = chat_err(hello(json!({"include_reasoning": false})));
+    assert_400(
+        &e,
+        Some("include_reasoning"),
+        &["include_reasoning", "false"],
+    );
+    let e = chat_err(hello(json!({"ignore_eos": "yes"})));
+    assert_400(&e, Some("ignore_eos"), &["a boolean"]);
+}
+
+#[test]
 fn bad_prompts() {
     let e = completion_err(json!({"prompt": ["a", "b", "c"]}));
     assert_400(&e, Some("prompt"), &["multiple prompts", "got 3"]);
@@ -592,7 +667,6 @@ fn tool_round_trip_body() -> Value {
         "stream_options": {"include_usage": true},
         "user": "someone",
         "metadata": {"k": "v"},
-        "extra_vendor_field": {"anything": [1, 2]},
         "profile": "quality_first",
         "priority": -3,
         "return_token_ids": true

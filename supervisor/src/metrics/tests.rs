@@ -261,31 +261,61 @@ fn records_show_up_in_prometheus_text_with_names_labels_and_buckets() {
     }
 }
 
+fn rejection(model: &str, code: &str) -> Rejection {
+    Rejection {
+        engine: "gptossd-pipeline".into(),
+        model: model.into(),
+        code: code.into(),
+    }
+}
+
 #[test]
-fn rejections_are_counted_by_reason() {
+fn rejections_are_counted_by_code_apart_from_failures() {
     let m = Metrics::new();
-    let l = series("default");
-    m.rejected(&l, "queue_full");
-    m.rejected(&l, "queue_full");
-    m.rejected(&l, "invalid_request");
+    m.rejected(&rejection("gpt-oss-20b", "queue_full"));
+    m.rejected(&rejection("gpt-oss-20b", "queue_full"));
+    m.rejected(&rejection(UNKNOWN, "invalid_value"));
+    m.rejected(&rejection(UNKNOWN, "model_not_found"));
     let s = parse(&m.render_prometheus());
-    let name = "gptossd_request_failure_total";
-    let p = series_pairs("default");
-    let mut queue_full = p.to_vec();
-    queue_full.push(("reason", "queue_full"));
-    let mut invalid = p.to_vec();
-    invalid.push(("reason", "invalid_request"));
-    assert_eq!(value(&s, name, &queue_full), 2.0);
-    assert_eq!(value(&s, name, &invalid), 1.0);
+    let name = "gptossd_request_rejected_total";
+    let at = |model, code| {
+        [
+            ("engine", "gptossd-pipeline"),
+            ("model", model),
+            ("code", code),
+        ]
+    };
+    assert_eq!(value(&s, name, &at("gpt-oss-20b", "queue_full")), 2.0);
+    assert_eq!(value(&s, name, &at("unknown", "invalid_value")), 1.0);
+    assert_eq!(value(&s, name, &at("unknown", "model_not_found")), 1.0);
+    assert!(!s.iter().any(|x| x.name == "gptossd_request_failure_total"));
     assert!(!s.iter().any(|x| x.name == "gptossd_request_success_total"));
 
     let stats = m.stats_json();
+    assert_eq!(
+        stats["series"],
+        json!([]),
+        "no request series: nothing ran or failed"
+    );
+    let rejected = &stats["rejected"];
+    assert_eq!(rejected["total"], 4);
+    assert_eq!(rejected["series"][0]["model"], "gpt-oss-20b");
+    assert_eq!(rejected["series"][0]["by_code"]["queue_full"], 2);
+    assert_eq!(rejected["series"][1]["model"], "unknown");
+    assert_eq!(rejected["series"][1]["total"], 2);
+
+    // A refusal on the server's side is a failure of its series.
+    m.failed(&series("default"), "model_unhealthy");
+    let s = parse(&m.render_prometheus());
+    let mut unhealthy = series_pairs("default").to_vec();
+    unhealthy.push(("reason", "model_unhealthy"));
+    assert_eq!(value(&s, "gptossd_request_failure_total", &unhealthy), 1.0);
+    let stats = m.stats_json();
     let series = &stats["series"][0];
-    assert_eq!(series["errors"]["queue_full"], 2);
-    assert_eq!(series["errors"]["invalid_request"], 1);
-    assert_eq!(series["requests"]["total"], 3);
-    assert_eq!(series["requests"]["failed"], 3);
-    assert_eq!(series["requests"]["finished"], 0);
+    assert_eq!(series["errors"]["model_unhealthy"], 1);
+    assert_eq!(series["requests"]["total"], 1);
+    assert_eq!(series["requests"]["failed"], 1);
+    assert_eq!(stats["rejected"]["total"], 4);
 }
 
 #[test]
@@ -297,6 +327,7 @@ fn gauges_are_set_and_reflected() {
         kv_blocks_in_use: 30,
         kv_blocks_total: 120,
         stage_restarts: vec![(0, 2), (1, 0)],
+        stage_states: vec![(0, "ready"), (1, "restarting")],
         prefix_cache_queries: 1000,
         prefix_cache_hits: 250,
         healthy: true,
@@ -314,6 +345,17 @@ fn gauges_are_set_and_reflected() {
     let stage = |n| [l[0], l[1], ("stage", n)];
     assert_eq!(value(&s, restarts, &stage("0")), 2.0);
     assert_eq!(value(&s, restarts, &stage("1")), 0.0);
+    let state = |n, name| [l[0], l[1], ("stage", n), ("state", name)];
+    let states = "gptossd_stage_state";
+    assert_eq!(value(&s, states, &state("0", "ready")), 1.0);
+    assert_eq!(value(&s, states, &state("1", "restarting")), 1.0);
+    assert_eq!(value(&s, states, &state("1", "ready")), 0.0);
+    let per_stage = s.iter().filter(|x| x.name == states).count();
+    assert_eq!(
+        per_stage,
+        2 * STAGE_STATES.len(),
+        "every state of every stage"
+    );
 
     // A later snapshot replaces the values; cumulative counts are mirrored, not added.
     let g2 = Gauges {
@@ -322,6 +364,7 @@ fn gauges_are_set_and_reflected() {
         kv_blocks_in_use: 0,
         kv_blocks_total: 0,
         stage_restarts: vec![(0, 3), (1, 0)],
+        stage_states: vec![(0, "ready"), (1, "ready")],
         prefix_cache_queries: 1200,
         prefix_cache_hits: 300,
         healthy: false,
@@ -333,6 +376,8 @@ fn gauges_are_set_and_reflected() {
     assert_eq!(value(&s, "gptossd_num_requests_running", &l), 0.0);
     assert_eq!(value(&s, "gptossd_prefix_cache_queries_total", &l), 1200.0);
     assert_eq!(value(&s, restarts, &stage("0")), 3.0);
+    assert_eq!(value(&s, states, &state("1", "restarting")), 0.0);
+    assert_eq!(value(&s, states, &state("1", "ready")), 1.0);
     // Per-model gauges carry no profile label.
     assert!(s.iter().all(|x| !x.labels.contains_key("profile")));
 
@@ -340,6 +385,10 @@ fn gauges_are_set_and_reflected() {
     assert_eq!(model["healthy"], false);
     assert_eq!(model["prefix_cache_hits"], 300);
     assert_eq!(model["stage_restarts"][0]["restarts"], 3);
+    assert_eq!(
+        model["stage_states"][1],
+        json!({"stage": 1, "state": "ready"})
+    );
 }
 
 #[test]
@@ -406,7 +455,7 @@ fn nearest_rank_edges() {
 #[test]
 fn empty_latencies_are_null() {
     let m = Metrics::new();
-    m.rejected(&series("default"), "unhealthy");
+    m.failed(&series("default"), "model_unhealthy");
     let l = &m.stats_json()["series"][0]["latency_ms"]["time_to_first_token"];
     assert_eq!(l["count"], 0);
     assert!(l["p50"].is_null() && l["mean"].is_null());
@@ -418,7 +467,7 @@ fn series_are_separated_by_profile() {
     m.record(&finished("fast", "stop"));
     m.record(&finished("fast", "stop"));
     m.record(&finished("long-context", "length"));
-    m.rejected(&series("long-context"), "queue_full");
+    m.failed(&series("long-context"), "model_unhealthy");
     let s = parse(&m.render_prometheus());
     let fast = series_pairs("fast");
     let long = series_pairs("long-context");
@@ -436,7 +485,7 @@ fn series_are_separated_by_profile() {
     assert!(all[0]["errors"].as_object().is_some_and(|e| e.is_empty()));
     assert_eq!(all[1]["profile"], "long-context");
     assert_eq!(all[1]["requests"]["total"], 2);
-    assert_eq!(all[1]["errors"]["queue_full"], 1);
+    assert_eq!(all[1]["errors"]["model_unhealthy"], 1);
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Accepting connections, for the TCP API and the control socket alike: a cap on connections
-//! open at once, accept errors logged (rate-limited) and backed off, and one HTTP/1 setup with
-//! the same header and idle timeouts on both sockets.
+//! open at once, and accept errors logged (rate-limited) and backed off. What happens on an
+//! accepted connection (HTTP/1 with the header timeout, OpenAI error bodies) is
+//! `server::http::canned::serve_connection`.
 //!
 //! # The cap
 //!
@@ -15,19 +16,10 @@
 //! it spins a core and serves nobody. After such an error the loop sleeps [`BACKOFF`]; every
 //! error is logged, at most one record per [`LOG_EVERY`] with the count of those suppressed.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::Request;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-use super::http::HttpResponse;
 
 /// How long the accept loop pauses after an error that a retry cannot fix at once.
 pub const BACKOFF: Duration = Duration::from_millis(100);
@@ -149,27 +141,6 @@ impl ErrorLog {
             }
         }
     }
-}
-
-/// Serves HTTP/1 on one accepted connection until it closes. `timeout` bounds how long a
-/// client may take to send a request head, including the wait for the next request on an idle
-/// keep-alive connection (hyper answers 408 and closes).
-pub async fn serve_connection<I, H, F>(io: I, timeout: Duration, handler: H)
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
-    F: Future<Output = HttpResponse> + Send + 'static,
-{
-    let handler = Arc::new(handler);
-    let service = service_fn(move |req| {
-        let handler = handler.clone();
-        async move { Ok::<_, std::convert::Infallible>(handler(req).await) }
-    });
-    let _ = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(timeout)
-        .serve_connection(TokioIo::new(io), service)
-        .await;
 }
 
 #[cfg(test)]

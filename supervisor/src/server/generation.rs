@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::api::FinishReason;
 use crate::config::ProfileName;
 use crate::metrics::{Labels, Outcome, RequestRecord};
 use crate::pipeline::{Finish, GenEvent, GenReceiver, GenRequest, SubmitError};
@@ -188,7 +189,7 @@ impl Drop for Run {
             // The handler went away before the end: the client disconnected.
             self.stop_early();
             self.record(Outcome::Finished {
-                reason: "cancelled".into(),
+                reason: FinishReason::Abort.as_str().into(),
             });
         }
         self.state.unregister(&self.id);

@@ -132,11 +132,18 @@ pub async fn run(config: Config, test_model: bool) -> Result<(), ServeError> {
             addr: addr.to_string(),
             error,
         })?;
-    let control = bind_control(&control_path).map_err(|error| ServeError::Control {
-        path: control_path.clone(),
-        error,
+    let source = config.server().control_socket_source;
+    let control = bind_control(&control_path, source.needs_private_dir()).map_err(|error| {
+        ServeError::Control {
+            path: control_path.clone(),
+            error,
+        }
     })?;
-    tracing::info!(path = %control_path.display(), "control socket bound");
+    tracing::info!(
+        path = %control_path.display(),
+        source = source.describe(),
+        "control socket bound"
+    );
     // Machine-readable for tests and scripts: the port actually bound (port 0 picks one), at
     // the end of the line (this record has no fields).
     let local = listener.local_addr().unwrap_or(addr);
@@ -196,7 +203,13 @@ pub fn start_models(config: &Config, test_model: bool) -> Result<Vec<ModelEntry>
             model: m.name.clone(),
             error,
         })?;
-        tracing::info!(model = %m.name, path = %m.path.display(), stages, "model pipeline starting");
+        tracing::info!(
+            model = %m.name,
+            path = %m.path.display(),
+            stages,
+            reason = m.stages_reason(),
+            "model pipeline starting"
+        );
         entries.push(ModelEntry {
             name: m.name.clone(),
             size: m.resolve_size(&mcfg),
@@ -274,6 +287,28 @@ async fn serve(
     Ok(())
 }
 
+/// Makes `dir` (its parent must exist) or checks the one there: a real directory, owned by
+/// this user, with no access for group or others.
+fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    if !meta.file_type().is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+        return Err(std::io::Error::other(format!(
+            "{} is not a private directory of this user (uid {uid}, mode 0700); \
+             remove it or set server.control_socket",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 async fn stop_pipelines(state: &AppState) {
     let pipelines: Vec<_> = state.models.iter().map(|m| m.pipeline.clone()).collect();
     let _ = tokio::task::spawn_blocking(move || {
@@ -284,15 +319,15 @@ async fn stop_pipelines(state: &AppState) {
     .await;
 }
 
-/// Binds the control socket, creating its directory (mode 0700: only this user) if needed.
-fn bind_control(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() && !dir.is_dir() {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)?;
+/// Binds the control socket. Its directory is created if missing; with `private_dir` (a
+/// default under /tmp or $XDG_RUNTIME_DIR) it must be this user's own, mode 0700 — in /tmp
+/// another user could have made it first to catch the socket.
+fn bind_control(path: &Path, private_dir: bool) -> std::io::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if private_dir {
+            ensure_private_dir(dir)?;
+        } else if !dir.is_dir() {
+            std::fs::create_dir_all(dir)?;
         }
     }
     // A socket file left by a previous run that was killed: nobody listens on it any more.
@@ -369,8 +404,12 @@ async fn accept_http(
             }
         };
         let state = state.clone();
+        // Every error an API client sees is an OpenAI body, hyper's own 400/408/431 included.
         tokio::spawn(async move {
-            accept::serve_connection(stream, timeout, move |req| route(state.clone(), req)).await;
+            http::canned::serve_connection(stream, Some(timeout), move |req| {
+                route(state.clone(), req)
+            })
+            .await;
             drop(permit);
         });
     }
@@ -398,7 +437,7 @@ async fn accept_control(
         let state = state.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            accept::serve_connection(stream, timeout, move |req| {
+            http::canned::serve_connection(stream, Some(timeout), move |req| {
                 control::handle(state.clone(), shutdown.clone(), req)
             })
             .await;

@@ -25,13 +25,13 @@ use crate::api::{parse_chat, parse_completion, ApiError, ErrorCase, Limits, Stre
 use crate::chat::parser::{ChatEvent, Reply, ReplyParser};
 use crate::chat::tokenizer::{Tokenizer, Utf8Stream};
 use crate::config::ProfileName;
-use crate::metrics::{Labels, Outcome};
+use crate::metrics::{Labels, Outcome, Rejection, UNKNOWN};
 use crate::pipeline::{Finish, GenRequest, SubmitError};
 use crate::scheduler::Rejected;
 use gptossd_stage::sampler::{Sampler, SamplingParams, STOP_TOKENS};
 
 use super::generation::{Run, RunEvent, StopMatcher};
-use super::http::{error, json, read_body, sse, sse_data, HttpResponse, SseBody};
+use super::http::{error, json, read_body, require_json, sse, sse_data, HttpResponse, SseBody};
 use super::state::{AppState, Route, ENGINE};
 
 /// Comment-line interval while a streaming request waits for its first token.
@@ -124,28 +124,35 @@ fn submit_error(e: SubmitError) -> ApiError {
         SubmitError::TokenOutOfRange { .. } => ApiError::invalid_value("prompt", e.to_string()),
         SubmitError::Draining => ApiError::new(ErrorCase::Unavailable, e.to_string()),
         SubmitError::Unhealthy(_) | SubmitError::Stopped => {
-            ApiError::new(ErrorCase::Unavailable, e.to_string())
+            ApiError::new(ErrorCase::Unhealthy, e.to_string())
         }
     }
 }
 
-/// Counts a rejection and answers it.
-fn reject(state: &AppState, profile: Option<ProfileName>, e: &ApiError) -> HttpResponse {
-    let model = state
-        .route(state.default_profile())
-        .map(|r| r.model.name.clone())
-        .unwrap_or_default();
-    let labels = Labels {
-        engine: ENGINE.to_string(),
-        model,
-        profile: profile
-            .unwrap_or_else(|| state.default_profile())
-            .as_str()
-            .to_string(),
-    };
-    state
-        .metrics
-        .rejected(&labels, e.code.as_deref().unwrap_or("error"));
+/// Counts a request refused before it ran and answers it: a 4xx as a rejection, a 5xx as a
+/// failure ([`ErrorCase::is_rejection`]). `model` is the served model it was routed to and
+/// `profile` the profile chosen, when it got that far; otherwise they count as unknown.
+fn reject(
+    state: &AppState,
+    model: Option<&str>,
+    profile: Option<ProfileName>,
+    e: &ApiError,
+) -> HttpResponse {
+    let model = model.unwrap_or(UNKNOWN).to_string();
+    if e.case.is_rejection() {
+        state.metrics.rejected(&Rejection {
+            engine: ENGINE.to_string(),
+            model,
+            code: e.case.code().to_string(),
+        });
+    } else {
+        let labels = Labels {
+            engine: ENGINE.to_string(),
+            model,
+            profile: profile.map_or(UNKNOWN, ProfileName::as_str).to_string(),
+        };
+        state.metrics.failed(&labels, e.case.code());
+    }
     error(e)
 }
 
@@ -189,15 +196,17 @@ fn tag_headers(resp: &mut HttpResponse, run: &Run) {
 
 fn failure(message: &str) -> ApiError {
     tracing::error!(%message, "generation failed");
-    if message.contains("unhealthy") || message.contains("shutting down") {
+    if message.contains("unhealthy") {
+        ApiError::new(ErrorCase::Unhealthy, message.to_string())
+    } else if message.contains("shutting down") {
         ApiError::new(ErrorCase::Unavailable, message.to_string())
     } else {
         ApiError::internal()
     }
 }
 
-/// The headers and body of an API request, or the response that refuses it (draining, body
-/// too large or too slow).
+/// The headers and body of an API request, or the response that refuses it (draining, a body
+/// that is not JSON, too large or too slow).
 async fn read_request(
     state: &Arc<AppState>,
     req: Request<Incoming>,
@@ -207,13 +216,16 @@ async fn read_request(
             ErrorCase::Unavailable,
             "the server is draining and takes no new requests",
         );
-        return Err(reject(state, None, &e));
+        return Err(reject(state, None, None, &e));
+    }
+    if let Err(e) = require_json(req.headers()) {
+        return Err(reject(state, None, None, &e));
     }
     let headers = req.headers().clone();
     let server = state.config.server();
     match read_body(req, server.max_body_bytes, server.request_timeout).await {
         Ok(b) => Ok((headers, b)),
-        Err(e) => Err(reject(state, None, &e)),
+        Err(e) => Err(reject(state, None, None, &e)),
     }
 }
 
@@ -235,6 +247,7 @@ struct Launch<'a> {
     stop: Vec<String>,
     stream: Option<StreamOptions>,
     return_ids: bool,
+    ignore_eos: bool,
     id_prefix: &'static str,
 }
 
@@ -260,7 +273,11 @@ impl Launch<'_> {
             max_new_tokens: self.max_tokens,
             sampler,
             priority: self.priority,
-            stop_tokens: STOP_TOKENS.to_vec(),
+            stop_tokens: if self.ignore_eos {
+                Vec::new()
+            } else {
+                STOP_TOKENS.to_vec()
+            },
         };
         let run = Run::submit(state.clone(), &self.route, id.clone(), gen, arrival)
             .map_err(submit_error)?;
@@ -294,8 +311,9 @@ impl Launch<'_> {
         S: std::future::Future<Output = ()> + Send + 'static,
         W: std::future::Future<Output = HttpResponse>,
     {
+        let model = self.route.model.name.clone();
         match self.start(state, arrival) {
-            Err(e) => reject(state, Some(profile), &e),
+            Err(e) => reject(state, Some(&model), Some(profile), &e),
             Ok((run, job, true)) => {
                 let (tx, body) = SseBody::channel();
                 let mut resp = sse(body);
@@ -320,7 +338,7 @@ pub async fn chat(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse 
     let today = crate::civil_date(std::time::SystemTime::now());
     let mut parsed = match parse_chat(&body, &today) {
         Ok(p) => p,
-        Err(e) => return reject(&state, None, &e),
+        Err(e) => return reject(&state, None, None, &e),
     };
     let first_render = parsed
         .conversation()
@@ -334,11 +352,11 @@ pub async fn chat(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse 
         parsed.max_tokens(),
     ) {
         Ok(p) => p,
-        Err(e) => return reject(&state, None, &e),
+        Err(e) => return reject(&state, None, None, &e),
     };
     let route = match select(&state, profile, parsed.model()) {
         Ok(r) => r,
-        Err(e) => return reject(&state, Some(profile), &e),
+        Err(e) => return reject(&state, None, Some(profile), &e),
     };
     parsed.set_default_effort(route.settings.reasoning_effort);
     let prompt = parsed
@@ -346,7 +364,7 @@ pub async fn chat(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse 
         .render_for_completion(&state.tokenizer);
     let max_tokens = match parsed.check_limits(prompt.len(), &limits_of(&route)) {
         Ok(m) => m,
-        Err(e) => return reject(&state, Some(profile), &e),
+        Err(e) => return reject(&state, Some(&route.model.name), Some(profile), &e),
     };
     let launch = Launch {
         route,
@@ -357,6 +375,7 @@ pub async fn chat(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse 
         stop: parsed.stop().to_vec(),
         stream: parsed.stream(),
         return_ids: parsed.return_token_ids(),
+        ignore_eos: parsed.ignore_eos(),
         id_prefix: "chatcmpl",
     };
     launch
@@ -385,19 +404,17 @@ fn filter_stops(events: Vec<ChatEvent>, stops: &mut StopMatcher) -> (Vec<ChatEve
     (out, false)
 }
 
+/// The chat finish reason: `stop` for a stop string, `abort` for a cancelled request, else
+/// what the reply's ending says.
 fn chat_finish(
     summary_reason: FinishReason,
     finish: Option<Finish>,
     stopped_by_string: bool,
-) -> (FinishReason, &'static str) {
-    if stopped_by_string {
-        return (FinishReason::Stop, "stop");
-    }
-    match (finish, summary_reason) {
-        (Some(Finish::Cancelled), _) => (FinishReason::Stop, "cancelled"),
-        (_, FinishReason::ToolCalls) => (FinishReason::ToolCalls, "tool_calls"),
-        (_, FinishReason::Length) => (FinishReason::Length, "length"),
-        (_, FinishReason::Stop) => (FinishReason::Stop, "stop"),
+) -> FinishReason {
+    match (stopped_by_string, finish) {
+        (true, _) => FinishReason::Stop,
+        (false, Some(Finish::Cancelled)) => FinishReason::Abort,
+        (false, _) => summary_reason,
     }
 }
 
@@ -448,7 +465,7 @@ async fn whole_chat(mut run: Run, job: Job) -> HttpResponse {
         reply.content.push_str(&stops.finish());
     }
     let length_limited = finish == Some(Finish::Length);
-    let (reason, label) = chat_finish(
+    let reason = chat_finish(
         FinishReason::for_chat(&summary, length_limited),
         finish,
         stopped,
@@ -464,7 +481,7 @@ async fn whole_chat(mut run: Run, job: Job) -> HttpResponse {
         body = body.with_token_ids(job.prompt.clone(), ids);
     }
     run.record(Outcome::Finished {
-        reason: label.into(),
+        reason: reason.as_str().into(),
     });
     let value = serde_json::to_value(&body).unwrap_or_default();
     let mut resp = json(hyper::StatusCode::OK, &value);
@@ -580,13 +597,13 @@ async fn stream_chat(mut run: Run, job: Job, tx: tokio::sync::mpsc::Sender<Bytes
             }
         }
     }
-    let (reason, label) = chat_finish(
+    let reason = chat_finish(
         FinishReason::for_chat(&summary, finish == Some(Finish::Length)),
         finish,
         stopped,
     );
     run.record(Outcome::Finished {
-        reason: label.into(),
+        reason: reason.as_str().into(),
     });
     let mut meta = run.meta();
     meta["cancelled"] = serde_json::json!(finish == Some(Finish::Cancelled));
@@ -616,7 +633,7 @@ pub async fn completions(state: Arc<AppState>, req: Request<Incoming>) -> HttpRe
     };
     let parsed = match parse_completion(&body, &state.tokenizer) {
         Ok(p) => p,
-        Err(e) => return reject(&state, None, &e),
+        Err(e) => return reject(&state, None, None, &e),
     };
     let prompt = parsed.prompt_ids().to_vec();
     let profile = match choose_profile(
@@ -627,11 +644,11 @@ pub async fn completions(state: Arc<AppState>, req: Request<Incoming>) -> HttpRe
         parsed.max_tokens(),
     ) {
         Ok(p) => p,
-        Err(e) => return reject(&state, None, &e),
+        Err(e) => return reject(&state, None, None, &e),
     };
     let route = match select(&state, profile, parsed.model()) {
         Ok(r) => r,
-        Err(e) => return reject(&state, Some(profile), &e),
+        Err(e) => return reject(&state, None, Some(profile), &e),
     };
     let vocab = route.model.vocab;
     if let Some((i, &t)) = prompt
@@ -643,11 +660,11 @@ pub async fn completions(state: Arc<AppState>, req: Request<Incoming>) -> HttpRe
             format!("prompt[{i}]"),
             format!("token id {t} at index {i} is outside the vocabulary (ids < {vocab})"),
         );
-        return reject(&state, Some(profile), &e);
+        return reject(&state, Some(&route.model.name), Some(profile), &e);
     }
     let max_tokens = match parsed.check_limits(&limits_of(&route)) {
         Ok(m) => m,
-        Err(e) => return reject(&state, Some(profile), &e),
+        Err(e) => return reject(&state, Some(&route.model.name), Some(profile), &e),
     };
     let launch = Launch {
         route,
@@ -658,6 +675,7 @@ pub async fn completions(state: Arc<AppState>, req: Request<Incoming>) -> HttpRe
         stop: parsed.stop().to_vec(),
         stream: parsed.stream(),
         return_ids: parsed.return_token_ids(),
+        ignore_eos: parsed.ignore_eos(),
         id_prefix: "cmpl",
     };
     launch
@@ -682,12 +700,14 @@ fn token_text(tokenizer: &Tokenizer, utf8: &mut Utf8Stream, token: u32) -> Strin
         .unwrap_or_default()
 }
 
-fn completion_finish(finish: Option<Finish>, stopped: bool) -> (FinishReason, &'static str) {
+/// The completion finish reason: `stop` for a stop string or token, `length`, or `abort` for
+/// a cancelled request.
+fn completion_finish(finish: Option<Finish>, stopped: bool) -> FinishReason {
     match (stopped, finish) {
-        (true, _) => (FinishReason::Stop, "stop"),
-        (false, Some(Finish::Length)) => (FinishReason::Length, "length"),
-        (false, Some(Finish::Cancelled)) => (FinishReason::Stop, "cancelled"),
-        _ => (FinishReason::Stop, "stop"),
+        (true, _) => FinishReason::Stop,
+        (false, Some(Finish::Length)) => FinishReason::Length,
+        (false, Some(Finish::Cancelled)) => FinishReason::Abort,
+        _ => FinishReason::Stop,
     }
 }
 
@@ -732,7 +752,7 @@ async fn whole_completion(mut run: Run, job: Job) -> HttpResponse {
         text.push_str(&emit);
         text.push_str(&stops.finish());
     }
-    let (reason, label) = completion_finish(finish, stopped);
+    let reason = completion_finish(finish, stopped);
     let usage = Usage::new(job.prompt.len(), ids.len());
     let mut body = Completion::new(&job.meta, text, reason, usage).with_metadata(run.meta());
     if job.logprobs {
@@ -742,7 +762,7 @@ async fn whole_completion(mut run: Run, job: Job) -> HttpResponse {
         body = body.with_token_ids(Some(job.prompt.clone()), Some(ids));
     }
     run.record(Outcome::Finished {
-        reason: label.into(),
+        reason: reason.as_str().into(),
     });
     let value = serde_json::to_value(&body).unwrap_or_default();
     let mut resp = json(hyper::StatusCode::OK, &value);
@@ -811,9 +831,9 @@ async fn stream_completion(mut run: Run, job: Job, tx: tokio::sync::mpsc::Sender
             return;
         }
     }
-    let (reason, label) = completion_finish(finish, stopped);
+    let reason = completion_finish(finish, stopped);
     run.record(Outcome::Finished {
-        reason: label.into(),
+        reason: reason.as_str().into(),
     });
     if !send(
         &tx,

@@ -4,6 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use hyper::header::{HeaderValue, RETRY_AFTER};
 use hyper::StatusCode;
 use serde_json::json;
 
@@ -19,6 +20,17 @@ pub struct Health {
     pub status: &'static str,
     pub score: f64,
     pub serving: bool,
+}
+
+impl Health {
+    /// `Retry-After` seconds of a 503 that will pass (starting, draining); none while serving,
+    /// and none when unhealthy: that does not pass by waiting.
+    pub fn retry_after(&self) -> Option<u32> {
+        match (self.serving, self.status) {
+            (true, _) | (false, "unhealthy") => None,
+            (false, _) => Some(1),
+        }
+    }
 }
 
 /// Health from the pipelines' states.
@@ -154,7 +166,30 @@ pub fn health_response(state: &AppState) -> HttpResponse {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    json(status, &body)
+    let mut response = json(status, &body);
+    if let Some(secs) = h.retry_after() {
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
+}
+
+/// A worker state's name in `gptossd_stage_state` (one of [`STAGE_STATES`]), the same as in
+/// `/health`.
+///
+/// [`STAGE_STATES`]: crate::metrics::STAGE_STATES
+fn stage_state_name(state: WorkerState) -> &'static str {
+    match state {
+        WorkerState::Spawning => "spawning",
+        WorkerState::Loading => "loading",
+        WorkerState::Ready => "ready",
+        WorkerState::Busy => "busy",
+        WorkerState::Draining => "draining",
+        WorkerState::Dead => "dead",
+        WorkerState::Restarting => "restarting",
+        WorkerState::Failed => "failed",
+    }
 }
 
 /// Refreshes the gauges from the pipelines (called before `/metrics` and `/stats` answer).
@@ -170,6 +205,11 @@ pub fn refresh_gauges(state: &AppState) {
                 .stages
                 .iter()
                 .map(|st| (st.index, st.restarts as u64))
+                .collect(),
+            stage_states: s
+                .stages
+                .iter()
+                .map(|st| (st.index, stage_state_name(st.state)))
                 .collect(),
             prefix_cache_queries: s.scheduler.prefix_cache_queries,
             prefix_cache_hits: s.scheduler.prefix_cache_hits,
@@ -262,5 +302,45 @@ pub fn cancel_response(state: &Arc<AppState>, id: &str) -> HttpResponse {
             )
             .with_param("id"),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::STAGE_STATES;
+
+    #[test]
+    fn every_worker_state_has_its_health_name_among_the_metric_states() {
+        let all = [
+            WorkerState::Spawning,
+            WorkerState::Loading,
+            WorkerState::Ready,
+            WorkerState::Busy,
+            WorkerState::Draining,
+            WorkerState::Dead,
+            WorkerState::Restarting,
+            WorkerState::Failed,
+        ];
+        for state in all {
+            let name = stage_state_name(state);
+            assert!(STAGE_STATES.contains(&name), "{name}");
+            assert_eq!(serde_json::to_value(state).ok(), Some(json!(name)));
+        }
+        assert_eq!(all.len(), STAGE_STATES.len());
+    }
+
+    #[test]
+    fn only_a_503_that_passes_by_waiting_says_retry_after() {
+        let h = |status, serving| Health {
+            status,
+            score: 0.0,
+            serving,
+        };
+        assert_eq!(h("starting", false).retry_after(), Some(1));
+        assert_eq!(h("draining", false).retry_after(), Some(1));
+        assert_eq!(h("unhealthy", false).retry_after(), None);
+        assert_eq!(h("healthy", true).retry_after(), None);
+        assert_eq!(h("degraded", true).retry_after(), None);
     }
 }
