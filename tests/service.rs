@@ -648,3 +648,30 @@ fn a_default_control_socket_directory_that_others_can_enter_is_refused() {
     assert!(!shared_dir.join("control.sock").exists());
     assert_nothing_left(view.path());
 }
+
+#[test]
+fn a_missing_stage_worker_binary_says_what_to_build() {
+    let bin_dir = tempfile::tempdir().expect("tempdir");
+    let lone = bin_dir.path().join("gptossd");
+    std::fs::copy(common::gptossd(), &lone).expect("copy the daemon alone");
+    let view = private_model();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_file(dir.path(), view.path(), 1, "", "");
+    let child = std::process::Command::new(&lone)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .env_remove("GPTOSSD_STAGE_BIN")
+        .env_remove("GPTOSSD_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let out = common::wait_with_limit(child, Duration::from_secs(20));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("gptossd-stage") && err.contains("cargo build --release"),
+        "{err}"
+    );
+}
