@@ -75,19 +75,28 @@
 //! returns [`RingError::Closed`], even with full slots waiting (closing is poisoning, not a
 //! graceful end of stream).
 //!
-//! [`Ring::reset`] is for the supervisor only, when it restarts a crashed stage, and only while
-//! neither end uses the ring: after [`Ring::close`], once each end is dead or has dropped its
-//! [`Producer`] / [`Consumer`]. It empties the ring (in-flight steps are dropped), clears
-//! `closed` and both claims, and bumps `epoch`; then both ends attach again. A handle from an
-//! older epoch that is still used gets [`RingError::Stale`] and writes nothing; this catches a
-//! forgotten handle, it does not make a reset concurrent with a live end safe.
+//! # Replacement: how a hop survives a crashed stage
+//!
+//! When a stage dies, the supervisor does not reuse the two rings it touched: it closes each
+//! (waking the live peer, whose calls now return [`RingError::Closed`]), creates a new ring in a
+//! new memfd, and hands the new descriptor to the live peer over its control socket (and to the
+//! restarted stage on its command line). The peer drops its end of the old ring and attaches to
+//! the new one; a step it holds for the current epoch waits for the replacement rather than
+//! being dropped. Nothing is ever reset under a live end: the old mapping simply goes away when
+//! its last holder drops it.
+//!
+//! [`Ring::reset`] empties a ring in place (in-flight steps dropped, `closed` and both claims
+//! cleared, `epoch` bumped) for a holder that knows neither end uses it; a handle from an older
+//! epoch that is still used gets [`RingError::Stale`] and writes nothing. The pipeline does not
+//! use it (replacement needs no such knowledge); it stays for tools and tests that reuse a
+//! ring.
 //!
 //! # Attaching
 //!
 //! [`Ring::producer`] and [`Ring::consumer`] claim their role in the header, so a second
 //! producer or consumer, in this process or another, gets [`RingError::AlreadyAttached`]. A
-//! handle frees its claim when dropped; the claim of a process that died is freed by
-//! [`Ring::reset`].
+//! handle frees its claim when dropped; the claim of a process that died is never freed: its
+//! ring is replaced (above).
 
 mod os;
 #[cfg(test)]
