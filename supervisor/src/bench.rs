@@ -310,17 +310,19 @@ pub fn peak_rss_bytes() -> u64 {
 /// figures are the prefill speed (B = first size: prompt tokens ÷ time to first token) and the
 /// aggregate decode speed once every sequence has its first token.
 fn run_pipeline(args: &BenchArgs, stages: usize) -> anyhow::Result<()> {
-    use crate::launch::{pipeline_config, LaunchOptions};
+    use crate::launch::tool_pipeline;
     use crate::pipeline::{self, GenEvent, GenRequest};
     use gptossd_stage::sampler::{Sampler, SamplingParams};
 
-    let mut opts = LaunchOptions::new(&args.model, stages);
-    // Every stage gets all the threads: one sequence visits the stages in turn.
-    opts.threads_per_stage = Some(args.threads.max(1));
-    let max_batch = args.batch.iter().copied().max().unwrap_or(1);
-    opts.max_batch_seqs = max_batch.max(1);
-    opts.kv_cache_tokens = (args.prompt_len + args.gen + 16) * (max_batch + 1);
-    let cfg = pipeline_config(&opts)?;
+    let max_batch = args.batch.iter().copied().max().unwrap_or(1).max(1);
+    let overrides = crate::config::Overrides {
+        stages: Some(stages),
+        // Every stage gets all the threads: one sequence visits the stages in turn.
+        threads_per_stage: Some(args.threads.max(1)),
+        kv_cache_tokens: Some((args.prompt_len + args.gen + 16) * (max_batch + 1)),
+        ..crate::config::Overrides::default()
+    };
+    let cfg = tool_pipeline(&args.model, overrides, Some(max_batch))?;
     let handle = pipeline::start(cfg).context("starting the pipeline")?;
     handle
         .wait_ready(std::time::Duration::from_secs(600))

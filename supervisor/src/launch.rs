@@ -1,4 +1,4 @@
-//! Turning "this model, S stages" into a [`PipelineConfig`]: the layer split, per-stage
+//! Turning one configured model into a [`PipelineConfig`]: the layer split, per-stage
 //! devices and threads, KV pool sizes and worker timings.
 //!
 //! Workers get the fault-injection variable `GPTOSSD_FAULT` only when the supervisor's own
@@ -12,59 +12,19 @@ use gptossd_shared::config::{ConfigError, ModelConfig};
 use crate::pipeline::worker::WorkerSpec;
 use crate::pipeline::PipelineConfig;
 use crate::scheduler::SchedulerConfig;
-use crate::split::{split_layers, CostModel};
 
 /// Environment variable overriding where the `gptossd-stage` binary is.
 pub const STAGE_BIN_ENV: &str = "GPTOSSD_STAGE_BIN";
 
-/// Knobs of a pipeline launch; the rest has defaults.
-#[derive(Debug, Clone)]
-pub struct LaunchOptions {
-    pub model: PathBuf,
-    pub stages: usize,
-    /// Kernel threads per stage (default: all cores; see the config's `threads_per_stage`).
-    pub threads_per_stage: Option<usize>,
-    /// Positions the KV pool holds, all sequences together.
-    pub kv_cache_tokens: usize,
-    pub block_size: usize,
-    pub max_batch_seqs: usize,
-    pub max_tokens_per_step: usize,
-    pub prefill_window: Duration,
-    pub max_waiting: usize,
-    pub max_context: usize,
-    pub heartbeat_interval: Duration,
-    pub heartbeat_timeout: Duration,
-    pub step_deadline: Duration,
-}
-
-impl LaunchOptions {
-    /// Defaults for `model` with `stages` stages.
-    pub fn new(model: &Path, stages: usize) -> Self {
-        Self {
-            model: model.to_path_buf(),
-            stages,
-            threads_per_stage: None,
-            kv_cache_tokens: 65_536,
-            block_size: 16,
-            max_batch_seqs: 48,
-            max_tokens_per_step: 512,
-            prefill_window: Duration::from_millis(6),
-            max_waiting: 256,
-            max_context: 131_072,
-            heartbeat_interval: Duration::from_millis(200),
-            heartbeat_timeout: Duration::from_millis(2000),
-            step_deadline: Duration::from_secs(30),
-        }
-    }
-}
-
 /// A launch that cannot work.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
+    /// The model's `config.json`.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("--stages {stages}: must be between 1 and the model's {layers} layers")]
-    Stages { stages: usize, layers: usize },
+    /// The daemon's configuration against the model (stages, layer counts).
+    #[error(transparent)]
+    Settings(#[from] crate::config::ConfigError),
     #[error("cannot find the stage worker binary: {0}")]
     StageBinary(String),
 }
@@ -88,82 +48,33 @@ pub fn stage_binary() -> Result<PathBuf, LaunchError> {
     }
 }
 
-/// The name a model directory is known by: its last component.
-fn model_name(dir: &Path) -> String {
-    dir.file_name().map_or_else(
-        || dir.display().to_string(),
-        |n| n.to_string_lossy().into_owned(),
-    )
-}
-
-/// Builds the pipeline configuration.
-pub fn pipeline_config(opts: &LaunchOptions) -> Result<PipelineConfig, LaunchError> {
-    let cfg = ModelConfig::load(&opts.model)?;
-    let layers = cfg.num_hidden_layers;
-    if opts.stages == 0 || opts.stages > layers {
-        return Err(LaunchError::Stages {
-            stages: opts.stages,
-            layers,
-        });
-    }
-    let splits = split_layers(layers, opts.stages, &CostModel::from_model_config(&cfg));
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = opts.threads_per_stage.unwrap_or(cores.max(1));
-    let num_blocks = opts.kv_cache_tokens.div_ceil(opts.block_size);
-    let binary = stage_binary()?;
-    let s = opts.stages;
-    let stages = splits
-        .iter()
-        .enumerate()
-        .map(|(k, range)| WorkerSpec {
-            binary: binary.clone(),
-            model: opts.model.clone(),
-            stage: k,
-            layers: range.clone(),
-            embedding: k == 0,
-            head: k == s - 1,
-            device: "cpu".into(),
-            cpus: Vec::new(),
-            threads,
-            kv_blocks: num_blocks,
-            block_size: opts.block_size,
-            heartbeat_ms: opts.heartbeat_interval.as_millis() as u64,
-            extra_env: std::env::var(format!("GPTOSSD_FAULT_STAGE{k}"))
-                .ok()
-                .map(|f| vec![("GPTOSSD_FAULT".to_string(), f)])
-                .unwrap_or_default(),
-        })
-        .collect();
-    Ok(PipelineConfig {
-        name: model_name(&opts.model),
-        model: opts.model.clone(),
-        hidden_size: cfg.hidden_size,
-        vocab_size: cfg.vocab_size,
-        stage_binary: binary,
-        stages,
-        scheduler: SchedulerConfig {
-            max_batch_seqs: opts.max_batch_seqs,
-            max_tokens_per_step: opts.max_tokens_per_step,
-            prefill_window: opts.prefill_window,
-            max_waiting: opts.max_waiting,
-            max_in_flight: s,
-            block_size: opts.block_size,
-            num_blocks,
-            max_context: opts.max_context.min(cfg.max_position_embeddings),
+/// The pipeline of a command-line tool (`generate --stages`, `bench --stages`): the model in
+/// `dir` with every configuration default, the command's flags as `overrides`, and the
+/// default profile's batching unless `max_batch` is given.
+pub fn tool_pipeline(
+    dir: &Path,
+    overrides: crate::config::Overrides,
+    max_batch: Option<usize>,
+) -> Result<PipelineConfig, LaunchError> {
+    let config = crate::config::Config::resolve(
+        None,
+        &crate::config::Overrides {
+            model: Some(dir.to_path_buf()),
+            ..overrides
         },
-        heartbeat_timeout: opts.heartbeat_timeout,
-        load_timeout: Duration::from_secs(600),
-        step_deadline: opts.step_deadline,
-        backoff_initial: Duration::from_millis(100),
-        backoff_max: Duration::from_secs(5),
-        crash_loop_limit: 5,
-        crash_loop_window: Duration::from_secs(60),
-        stderr_tail_lines: 50,
-    })
+    )?;
+    let profile = config.profile(config.scheduler().default_profile);
+    // A resolved configuration has at least one model (its invariant), here the one in `dir`.
+    let model = &config.models()[0];
+    let max_batch = max_batch.unwrap_or(profile.max_batch);
+    let (pipeline, _) = pipeline_config(model, &config, max_batch, profile.prefill_window)?;
+    Ok(pipeline)
 }
 
-/// Builds the pipeline of one configured model from the daemon's configuration.
-pub fn pipeline_config_for_model(
+/// Builds the pipeline of one configured model from the daemon's configuration: the one
+/// builder for `serve`, `generate --stages` and `bench --stages` (the commands express their
+/// flags as [`crate::config::Overrides`], so every default lives in the config module).
+pub fn pipeline_config(
     model: &crate::config::ModelSettings,
     config: &crate::config::Config,
     max_batch_seqs: usize,
@@ -171,9 +82,7 @@ pub fn pipeline_config_for_model(
 ) -> Result<(PipelineConfig, ModelConfig), LaunchError> {
     use crate::config::Device;
     let cfg = ModelConfig::load(&model.path)?;
-    let splits = model
-        .layer_split(&cfg)
-        .map_err(|e| LaunchError::StageBinary(e.to_string()))?;
+    let splits = model.layer_split(&cfg)?;
     let binary = stage_binary()?;
     let s = splits.len();
     let workers = config.workers();

@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use gptossd::chat::parser::parse_reply;
 use gptossd::chat::render::{Conversation, Message, SystemOptions};
 use gptossd::chat::tokenizer::Tokenizer;
-use gptossd::launch::{pipeline_config, LaunchOptions};
+use gptossd::launch::tool_pipeline;
 use gptossd::local_engine::{FinishReason, GenerateOptions, LocalEngine};
 use gptossd::pipeline::{self, Finish, GenEvent, GenRequest};
 use gptossd::{bench, civil_date};
@@ -178,6 +178,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         stages: args.stages,
         model: args.model.clone(),
         served_model_name: args.served_model_name.clone(),
+        ..gptossd::config::Overrides::default()
     };
     let mut test_model = false;
     if file.is_none() && args.model.is_none() {
@@ -401,11 +402,14 @@ fn generate_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
         }
     };
     let dir = resolve_model(args.model.clone())?;
-    let mut opts = LaunchOptions::new(&dir, args.stages.unwrap_or(1));
-    opts.threads_per_stage = args.threads;
-    opts.kv_cache_tokens = args.kv_cache_tokens;
-    opts.max_waiting = args.max_waiting;
-    let cfg = pipeline_config(&opts)
+    let overrides = gptossd::config::Overrides {
+        stages: Some(args.stages.unwrap_or(1)),
+        threads_per_stage: args.threads,
+        kv_cache_tokens: Some(args.kv_cache_tokens),
+        max_waiting: Some(args.max_waiting),
+        ..gptossd::config::Overrides::default()
+    };
+    let cfg = tool_pipeline(&dir, overrides, None)
         .with_context(|| format!("setting up the pipeline for {}", dir.display()))?;
     let handle = pipeline::start(cfg).context("starting the pipeline")?;
     handle

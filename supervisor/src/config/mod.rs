@@ -147,6 +147,12 @@ pub struct Overrides {
     /// `--served-model-name`: the name the API serves the model under (with one model, renames
     /// it, and profiles naming it follow).
     pub served_model_name: Option<String>,
+    /// `--threads` (of `generate` and `bench`): replaces every model's `threads_per_stage`.
+    pub threads_per_stage: Option<usize>,
+    /// `--kv-cache-tokens`: replaces every model's `kv_cache_tokens`.
+    pub kv_cache_tokens: Option<usize>,
+    /// `--max-waiting`: replaces `scheduler.max_waiting`.
+    pub max_waiting: Option<usize>,
 }
 
 /// Where a value that failed a check came from.

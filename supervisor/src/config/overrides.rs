@@ -101,10 +101,19 @@ pub(super) fn apply_overrides(raw: &mut RawFile, ov: &Overrides) -> Result<(), C
             }
         }
     }
-    if let Some(stages) = ov.stages {
-        for m in &mut raw.models {
+    for m in &mut raw.models {
+        if let Some(stages) = ov.stages {
             m.value.stages = Some(Val::flag(stages, "--stages"));
         }
+        if let Some(threads) = ov.threads_per_stage {
+            m.value.threads_per_stage = Some(Val::flag(threads, "--threads"));
+        }
+        if let Some(tokens) = ov.kv_cache_tokens {
+            m.value.kv_cache_tokens = Some(Val::flag(tokens, "--kv-cache-tokens"));
+        }
+    }
+    if let Some(n) = ov.max_waiting {
+        raw.scheduler.max_waiting = Some(Val::flag(n, "--max-waiting"));
     }
     Ok(())
 }

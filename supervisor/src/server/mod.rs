@@ -26,7 +26,7 @@ use tokio::sync::Notify;
 
 use crate::api::{ApiError, ErrorCase};
 use crate::config::Config;
-use crate::launch::{pipeline_config_for_model, LaunchError};
+use crate::launch::{pipeline_config, LaunchError};
 use crate::pipeline::{self, Recovery};
 
 use http::{error, HttpResponse};
@@ -39,7 +39,10 @@ use state::{AppState, ModelEntry};
 /// so the cause appears once however the error is printed.
 pub enum ServeError {
     #[error("model {model}: {error}")]
-    Launch { model: String, error: LaunchError },
+    Launch {
+        model: String,
+        error: Box<LaunchError>,
+    },
     #[error("model {model}: {error}")]
     Checkpoint {
         model: String,
@@ -186,12 +189,11 @@ pub fn start_models(config: &Config, test_model: bool) -> Result<Vec<ModelEntry>
     let profile = config.profile(config.scheduler().default_profile);
     let mut entries = Vec::new();
     for m in config.models() {
-        let (pcfg, mcfg) =
-            pipeline_config_for_model(m, config, profile.max_batch, profile.prefill_window)
-                .map_err(|error| ServeError::Launch {
-                    model: m.name.clone(),
-                    error,
-                })?;
+        let (pcfg, mcfg) = pipeline_config(m, config, profile.max_batch, profile.prefill_window)
+            .map_err(|error| ServeError::Launch {
+                model: m.name.clone(),
+                error: Box::new(error),
+            })?;
         let context = pcfg.scheduler.max_context;
         let stages = pcfg.stages.len();
         let backend = if pcfg.stages.iter().any(|s| s.device.starts_with("cuda")) {
