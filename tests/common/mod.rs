@@ -15,24 +15,33 @@ pub fn gptossd() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_gptossd"))
 }
 
-/// The tiny preset (seed 0), generated once per test binary.
+/// The tiny preset (seed 0), generated once into cargo's scratch folder for integration tests
+/// (`target/tmp`) and reused by later runs: written into a new folder, then renamed into place,
+/// so a run that was killed halfway never leaves a partial model behind.
 pub fn tiny_model() -> PathBuf {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("gptossd-e2e-model")
-            .tempdir()
-            .expect("tempdir");
-        gptossd_shared::testmodel::write_test_model(
-            gptossd_shared::testmodel::Preset::Tiny,
-            0,
-            dir.path(),
-        )
-        .expect("write tiny model");
+        let scratch = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let dir = scratch.join("tiny-seed0");
+        if !dir.join("model.safetensors.index.json").is_file() {
+            let staging = tempfile::Builder::new()
+                .prefix("tiny-seed0-")
+                .tempdir_in(scratch)
+                .expect("tempdir");
+            gptossd_shared::testmodel::write_test_model(
+                gptossd_shared::testmodel::Preset::Tiny,
+                0,
+                staging.path(),
+            )
+            .expect("write tiny model");
+            // Another test binary may have won the race: its model is the same.
+            if std::fs::rename(staging.path(), &dir).is_ok() {
+                let _ = staging.keep();
+            }
+        }
         dir
     })
-    .path()
-    .to_path_buf()
+    .clone()
 }
 
 /// A private view of the tiny model for one test: a new directory of symlinks to its files.
