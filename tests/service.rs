@@ -675,3 +675,127 @@ fn a_missing_stage_worker_binary_says_what_to_build() {
         "{err}"
     );
 }
+
+/// Runs `journalctl` on a journal directory and returns its records.
+fn journal_records(dir: &Path) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new("journalctl")
+        .arg("--directory")
+        .arg(dir)
+        .args(["-o", "json", "--no-pager"])
+        .output()
+        .expect("journalctl (Debian's systemd package)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[test]
+fn under_systemd_records_reach_a_real_journal_with_native_fields() {
+    // A private, real systemd-journald: in a user and mount namespace of its own (no privilege
+    // needed), with /run bound to a folder of this test, so its socket and its journal files
+    // are ours. The daemon runs in the same namespace with stderr "connected to the journal"
+    // (JOURNAL_STREAM names stderr, as systemd sets it), and the default --log auto.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = dir.path().join("run");
+    std::fs::create_dir_all(run.join("systemd/journal")).expect("mkdir");
+    let view = private_model();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let config = config_file(
+        dir.path(),
+        view.path(),
+        2,
+        "",
+        "[workers]\nrestart_backoff_initial_ms = 10\n",
+    );
+    let config = config_with_port(&config, port);
+    let pid_file = dir.path().join("gptossd.pid");
+    let script = format!(
+        "set -e\n\
+         mount --bind {run} /run\n\
+         /lib/systemd/systemd-journald >{dir}/journald.out 2>&1 &\n\
+         J=$!\n\
+         for i in $(seq 1 100); do [ -S /run/systemd/journal/socket ] && break; sleep 0.05; done\n\
+         export JOURNAL_STREAM=$(stat -L -c '%d:%i' /proc/$$/fd/2)\n\
+         {bin} serve --config {config} &\n\
+         G=$!\n\
+         echo $G > {pid}\n\
+         set +e\n\
+         wait $G\n\
+         status=$?\n\
+         sleep 0.3\n\
+         kill $J\n\
+         wait $J\n\
+         exit $status\n",
+        run = run.display(),
+        dir = dir.path().display(),
+        bin = common::gptossd().display(),
+        config = config.display(),
+        pid = pid_file.display(),
+    );
+    let mut shell = std::process::Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "sh", "-c", &script])
+        .env_remove("GPTOSSD_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("unshare (util-linux)");
+    wait_ready(port);
+    let workers = wait_for_workers(view.path(), 2, Duration::from_secs(20));
+    let (victim, _) = *workers.iter().find(|(_, s)| *s == 1).expect("stage 1");
+    signal(victim, libc::SIGKILL);
+    std::thread::sleep(Duration::from_millis(500));
+    wait_ready(port);
+    let daemon: u32 = std::fs::read_to_string(&pid_file)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    signal(daemon, libc::SIGTERM);
+    let status = shell.wait().expect("wait");
+    let mut stderr = String::new();
+    if let Some(mut e) = shell.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    assert!(
+        status.success(),
+        "daemon or journald failed: {status}\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("listening on"),
+        "records went to stderr, not the journal:\n{stderr}"
+    );
+
+    let records = journal_records(&run.join("log/journal"));
+    let ours: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["SYSLOG_IDENTIFIER"] == "gptossd")
+        .collect();
+    let find = |needle: &str| {
+        ours.iter()
+            .find(|r| r["MESSAGE"].as_str().is_some_and(|m| m.contains(needle)))
+            .copied()
+            .unwrap_or_else(|| panic!("no record {needle:?} among {ours:#?}"))
+    };
+    let listening = find("listening on http://");
+    assert_eq!(listening["PRIORITY"], "5", "{listening}");
+    assert!(listening["CODE_FILE"]
+        .as_str()
+        .is_some_and(|f| f.ends_with(".rs")));
+    assert!(listening["CODE_LINE"]
+        .as_str()
+        .is_some_and(|l| l.parse::<u32>().is_ok()));
+    let loaded = find("stage loaded");
+    assert_eq!(loaded["GPTOSSD_MODEL"], "gpt-oss-20b", "{loaded}");
+    assert!(loaded["GPTOSSD_STAGE"].is_string(), "{loaded}");
+    assert!(loaded["GPTOSSD_PID"].is_string(), "{loaded}");
+    let failed = find("stage failed");
+    assert_eq!(failed["PRIORITY"], "4", "{failed}");
+    assert_eq!(failed["GPTOSSD_STAGE"], "1", "{failed}");
+    assert_eq!(failed["GPTOSSD_PID"], victim.to_string(), "{failed}");
+    assert_eq!(failed["GPTOSSD_MODEL"], "gpt-oss-20b", "{failed}");
+    assert_nothing_left(view.path());
+}

@@ -8,6 +8,7 @@ pub mod config;
 pub mod launch;
 pub mod loadgen;
 pub mod local_engine;
+pub mod logging;
 pub mod metrics;
 pub mod pipeline;
 pub mod scheduler;

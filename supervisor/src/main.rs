@@ -28,6 +28,10 @@ use gptossd_stage::sampler::{Sampler, SamplingParams};
     about = "Local inference daemon for OpenAI's GPT-OSS models"
 )]
 struct Cli {
+    /// Where log records go: auto (the journal under systemd, else text on stderr), text,
+    /// json, or journald.
+    #[arg(long, global = true, value_enum, default_value_t)]
+    log: gptossd::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -125,7 +129,7 @@ struct GenerateArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    gptossd::logging::init(cli.log);
     if let Command::Serve(args) = cli.command {
         return serve(args);
     }
@@ -155,21 +159,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Exit status for a configuration that cannot be used (EX_CONFIG-like; sysexits' 64 family).
 const EXIT_CONFIG: u8 = 64;
-
-/// Log records of the daemon: one line each on stderr, with time, level, target and fields;
-/// ANSI colours only when stderr is a terminal (never in a pipe, a file or the journal).
-/// `GPTOSSD_LOG` filters (tracing's env-filter syntax; default `info`).
-fn init_logging() {
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("GPTOSSD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
-}
 
 fn serve(args: ServeArgs) -> ExitCode {
     let file = gptossd::config::config_path(args.config.as_deref());
