@@ -184,11 +184,12 @@ impl fmt::Display for Origin {
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("{}: cannot read the config file: {source}", path.display())]
+    /// The file could not be read (or is not a regular file: a FIFO would block start-up).
+    /// The cause is printed here and not chained, so it appears once.
+    #[error("{}: cannot read the config file: {error}", path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: gptossd_shared::files::FileError,
     },
     /// Not TOML, a value of the wrong type, or an unknown key (from the TOML parser).
     #[error("{}", syntax_message(path, *line_column, key.as_deref(), message))]
@@ -274,10 +275,13 @@ impl Config {
         match file {
             None => check::resolve(None, "", overrides, host),
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
+                let text =
+                    gptossd_shared::files::read_regular_to_string(path).map_err(|error| {
+                        ConfigError::Read {
+                            path: path.to_path_buf(),
+                            error,
+                        }
+                    })?;
                 check::resolve(Some(path), &text, overrides, host)
             }
         }

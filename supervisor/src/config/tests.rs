@@ -952,3 +952,22 @@ fn the_control_socket_default_follows_the_environment() {
         )
     );
 }
+
+#[test]
+fn a_config_file_that_is_a_pipe_or_missing_is_refused_at_once_with_its_cause_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("gptossd.toml");
+    let c = std::ffi::CString::new(fifo.to_string_lossy().as_bytes()).expect("path");
+    // SAFETY: mkfifo reads a NUL-terminated path that lives across the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    // Reading a FIFO with no writer would block forever: this must return at once.
+    let e = Config::resolve(Some(&fifo), &Overrides::default()).expect_err("a FIFO");
+    let text = e.to_string();
+    assert!(text.contains("not a regular file"), "{text}");
+    assert!(text.contains("gptossd.toml"), "{text}");
+
+    let missing = dir.path().join("missing.toml");
+    let e = Config::resolve(Some(&missing), &Overrides::default()).expect_err("missing");
+    let chain = format!("{:#}", anyhow::Error::from(e));
+    assert_eq!(chain.matches("os error 2").count(), 1, "{chain}");
+}
