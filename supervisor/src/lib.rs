@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod scheduler;
 pub mod server;
+pub mod slo;
 pub mod split;
 
 /// The UTC calendar date of `t` as `YYYY-MM-DD` (for harmony's `Current date:` line).

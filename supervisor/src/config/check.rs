@@ -10,11 +10,13 @@ use std::time::Duration;
 use super::host::{default_control_socket, default_layout, stages_phrase, Host};
 use super::location::{key_path_near, line_column};
 use super::overrides::{apply_overrides, derived_name};
-use super::raw::{At, RawFile, RawModel, RawProfile, RawScheduler, RawServer, RawWorkers, Val};
+use super::raw::{
+    At, RawFile, RawModel, RawProfile, RawScheduler, RawServer, RawSlo, RawWorkers, Val,
+};
 use super::{
     defaults, Config, ConfigError, ControlSocketSource, Device, ModelSettings, ModelSize, Origin,
     Overrides, ProfileName, ProfileSettings, Profiles, ReasoningEffort, SchedulerSettings,
-    ServerSettings, SizeSetting, WorkerSettings,
+    ServerSettings, SizeSetting, SloThresholds, SloWindow, WorkerSettings,
 };
 use crate::split::explicit_split;
 
@@ -185,6 +187,20 @@ fn check(raw: RawFile, ctx: &Ctx, host: &Host) -> Result<Config, ConfigError> {
     };
     let scheduler = check_scheduler(&raw.scheduler, ctx)?;
     let workers = check_workers(&raw.workers, ctx)?;
+    let slo = SloWindow {
+        window: Duration::from_secs(ctx.at_least(
+            &raw.slo.window_secs,
+            defaults::SLO_WINDOW_SECS,
+            1,
+            "slo.window_secs",
+        )?),
+        min_requests: ctx.at_least(
+            &raw.slo.min_requests,
+            defaults::SLO_MIN_REQUESTS,
+            1,
+            "slo.min_requests",
+        )?,
+    };
     Ok(Config {
         file: ctx.file.map(Path::to_path_buf),
         server,
@@ -192,6 +208,7 @@ fn check(raw: RawFile, ctx: &Ctx, host: &Host) -> Result<Config, ConfigError> {
         profiles,
         scheduler,
         workers,
+        slo,
     })
 }
 
@@ -556,10 +573,10 @@ fn check_profile(
     models: &[&str],
     ctx: &Ctx,
 ) -> Result<ProfileSettings, ConfigError> {
-    let (max_batch, window_ms, max_new_tokens, effort) = match p {
-        ProfileName::LatencyFirst => (32, 4, 512, ReasoningEffort::Low),
-        ProfileName::Balanced => (48, 6, 1024, ReasoningEffort::Medium),
-        ProfileName::QualityFirst => (8, 12, 2048, ReasoningEffort::High),
+    let (max_batch, window_ms, max_new_tokens, effort, ttft_p95_ms) = match p {
+        ProfileName::LatencyFirst => (32, 4, 512, ReasoningEffort::Low, 1_000),
+        ProfileName::Balanced => (48, 6, 1024, ReasoningEffort::Medium, 2_000),
+        ProfileName::QualityFirst => (8, 12, 2048, ReasoningEffort::High, 5_000),
     };
     let key = |k: &str| format!("profiles.{p}.{k}");
     let model_ref = |v: &Option<Val<String>>, k: &str| -> Result<Option<String>, ConfigError> {
@@ -613,6 +630,37 @@ fn check_profile(
             &key("max_new_tokens"),
         )?,
         reasoning_effort,
+        slo: check_slo(&raw.slo, ttft_p95_ms, &key, ctx)?,
+    })
+}
+
+/// One profile's SLO thresholds: latencies ≥ 1 ms, an error rate in (0, 1].
+fn check_slo(
+    raw: &RawSlo,
+    ttft_p95_ms: u64,
+    key: &dyn Fn(&str) -> String,
+    ctx: &Ctx,
+) -> Result<SloThresholds, ConfigError> {
+    let ttft = ctx.at_least(&raw.ttft_p95_ms, ttft_p95_ms, 1, &key("slo.ttft_p95_ms"))?;
+    let e2e = ctx.at_least(
+        &raw.e2e_p95_ms,
+        defaults::SLO_E2E_P95_MS,
+        1,
+        &key("slo.e2e_p95_ms"),
+    )?;
+    let error_rate = get(&raw.error_rate, defaults::SLO_ERROR_RATE);
+    if !(error_rate > 0.0 && error_rate <= 1.0) {
+        return Err(ctx.invalid(
+            ctx.origin_of(&raw.error_rate),
+            key("slo.error_rate"),
+            error_rate,
+            "must be a fraction in (0, 1], e.g. 0.01 for 1 %",
+        ));
+    }
+    Ok(SloThresholds {
+        ttft_p95: Duration::from_millis(ttft),
+        e2e_p95: Duration::from_millis(e2e),
+        error_rate,
     })
 }
 

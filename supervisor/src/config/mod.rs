@@ -126,6 +126,14 @@ pub mod defaults {
     pub const CRASH_LOOP_WINDOW_SECS: u64 = 60;
     /// `workers.drain_grace_secs`.
     pub const DRAIN_GRACE_SECS: u64 = 30;
+    /// `slo.window_secs`.
+    pub const SLO_WINDOW_SECS: u64 = 300;
+    /// `slo.min_requests`.
+    pub const SLO_MIN_REQUESTS: usize = 5;
+    /// `profiles.*.slo.e2e_p95_ms`: the old server's personal SLO, 10 s.
+    pub const SLO_E2E_P95_MS: u64 = 10_000;
+    /// `profiles.*.slo.error_rate`: 1 %.
+    pub const SLO_ERROR_RATE: f64 = 0.01;
     /// `workers.stderr_tail_lines`.
     pub const STDERR_TAIL_LINES: usize = 50;
 }
@@ -247,6 +255,7 @@ pub struct Config {
     profiles: Profiles,
     scheduler: SchedulerSettings,
     workers: WorkerSettings,
+    slo: SloWindow,
 }
 
 impl PartialEq for Config {
@@ -256,6 +265,7 @@ impl PartialEq for Config {
             && self.profiles == other.profiles
             && self.scheduler == other.scheduler
             && self.workers == other.workers
+            && self.slo == other.slo
     }
 }
 
@@ -351,6 +361,11 @@ impl Config {
     /// `[workers]`.
     pub fn workers(&self) -> &WorkerSettings {
         &self.workers
+    }
+
+    /// `[slo]`: the window the per-profile SLOs are judged over.
+    pub fn slo(&self) -> &SloWindow {
+        &self.slo
     }
 
     /// Which models serve `profile`. `size_of` gives each model's size: its `size` setting, or
@@ -635,7 +650,7 @@ impl FromStr for ProfileName {
 }
 
 /// `[profiles.latency_first]`, `[profiles.balanced]`, `[profiles.quality_first]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Profiles {
     pub latency_first: ProfileSettings,
     pub balanced: ProfileSettings,
@@ -660,7 +675,7 @@ impl Profiles {
 /// | latency_first | 32 | 4 | 512 | low |
 /// | balanced | 48 | 6 | 1024 | medium |
 /// | quality_first | 8 | 12 | 2048 | high |
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProfileSettings {
     /// `model`: the served name of the model this profile runs on. Default: none, chosen by
     /// size ([`Config::profile_models`]: a 120b model for `quality_first`, a 20b one otherwise).
@@ -676,6 +691,31 @@ pub struct ProfileSettings {
     pub max_new_tokens: usize,
     /// `reasoning_effort`: `"low"`, `"medium"` or `"high"` when a request names none.
     pub reasoning_effort: ReasoningEffort,
+    /// `[profiles.<name>.slo]`: what the owner expects of this profile.
+    pub slo: SloThresholds,
+}
+
+/// A profile's personal SLO: p95 time to first token, p95 end-to-end latency and error rate,
+/// each over the `[slo]` window. Defaults: TTFT 1 s / 2 s / 5 s for latency_first / balanced /
+/// quality_first, 10 s end to end (the old server's personal SLO), 1 % errors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SloThresholds {
+    /// `ttft_p95_ms`.
+    pub ttft_p95: Duration,
+    /// `e2e_p95_ms`.
+    pub e2e_p95: Duration,
+    /// `error_rate`: the share of requests that fail (5xx), in (0, 1].
+    pub error_rate: f64,
+}
+
+/// `[slo]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SloWindow {
+    /// `window_secs`: the sliding window the SLOs are judged over. Default 300 (5 minutes).
+    pub window: Duration,
+    /// `min_requests`: fewer requests than this in the window judge nothing (one slow request
+    /// is not a trend). Default 5.
+    pub min_requests: usize,
 }
 
 /// `[scheduler]`.

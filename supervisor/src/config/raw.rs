@@ -55,6 +55,24 @@ pub(super) struct RawFile {
     pub profiles: RawProfiles,
     pub scheduler: RawScheduler,
     pub workers: RawWorkers,
+    pub slo: RawSloWindow,
+}
+
+/// `[slo]`: how the per-profile SLOs are evaluated.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawSloWindow {
+    pub window_secs: Opt<u64>,
+    pub min_requests: Opt<usize>,
+}
+
+/// `[profiles.<name>.slo]`: one profile's thresholds.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawSlo {
+    pub ttft_p95_ms: Opt<u64>,
+    pub e2e_p95_ms: Opt<u64>,
+    pub error_rate: Opt<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -100,6 +118,7 @@ pub(super) struct RawProfile {
     pub prefill_window_ms: Opt<u64>,
     pub max_new_tokens: Opt<usize>,
     pub reasoning_effort: Opt<String>,
+    pub slo: RawSlo,
 }
 
 #[derive(Debug, Default, Deserialize)]

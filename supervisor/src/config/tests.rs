@@ -971,3 +971,46 @@ fn a_config_file_that_is_a_pipe_or_missing_is_refused_at_once_with_its_cause_onc
     let chain = format!("{:#}", anyhow::Error::from(e));
     assert_eq!(chain.matches("os error 2").count(), 1, "{chain}");
 }
+
+#[test]
+fn slo_thresholds_default_per_profile_and_bad_ones_are_named() {
+    let c = parse(&one_model("")).expect("config");
+    assert_eq!(
+        c.profile(ProfileName::LatencyFirst).slo.ttft_p95,
+        Duration::from_secs(1)
+    );
+    assert_eq!(
+        c.profile(ProfileName::QualityFirst).slo.ttft_p95,
+        Duration::from_secs(5)
+    );
+    assert_eq!(
+        c.profile(ProfileName::Balanced).slo.e2e_p95,
+        Duration::from_secs(10)
+    );
+    assert_eq!(c.profile(ProfileName::Balanced).slo.error_rate, 0.01);
+    assert_eq!(c.slo().window, Duration::from_secs(300));
+    let c = parse(&format!(
+        "{}\n[profiles.balanced.slo]\nttft_p95_ms = 750\n[slo]\nwindow_secs = 60\n",
+        one_model("")
+    ))
+    .expect("config");
+    assert_eq!(
+        c.profile(ProfileName::Balanced).slo.ttft_p95,
+        Duration::from_millis(750)
+    );
+    assert_eq!(c.slo().window, Duration::from_secs(60));
+    error_with(
+        parse(&format!(
+            "{}\n[profiles.latency_first.slo]\nerror_rate = 1.5\n",
+            one_model("")
+        )),
+        &["profiles.latency_first.slo.error_rate", "1.5", "(0, 1]"],
+    );
+    error_with(
+        parse(&format!(
+            "{}\n[profiles.balanced.slo]\nttft_p95 = 1\n",
+            one_model("")
+        )),
+        &["ttft_p95"],
+    );
+}
