@@ -54,7 +54,7 @@ impl Run {
         req: GenRequest,
         arrival: Instant,
     ) -> Result<Run, SubmitError> {
-        let model_index = state.model_index(&route.model.name).unwrap_or(0);
+        let model_index = route.index;
         let prompt_tokens = req.prompt.len();
         let (seq, rx) = route.model.pipeline.submit(req)?;
         state.register(&id, model_index, seq);

@@ -46,69 +46,24 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The profile: the body's, else the header's, else chosen from the request's shape when the
-/// config enables it (short prompt and answer → latency_first; a long prompt (> 2048 tokens)
-/// or a long answer (> 1024 tokens) → quality_first; else balanced), else the default.
-fn choose_profile(
-    state: &AppState,
+/// The profile a request names: its body's `profile`, else the [`PROFILE_HEADER`] header.
+fn named_profile(
     body: Option<ProfileName>,
     headers: &HeaderMap,
-    prompt_tokens: usize,
-    max_tokens: Option<usize>,
-) -> Result<ProfileName, ApiError> {
-    if let Some(p) = body {
-        return Ok(p);
+) -> Result<Option<ProfileName>, ApiError> {
+    if body.is_some() {
+        return Ok(body);
     }
-    if let Some(h) = headers.get(PROFILE_HEADER) {
-        let text = h.to_str().unwrap_or_default();
-        return text.parse::<ProfileName>().map_err(|_| {
-            ApiError::invalid_value(
-                PROFILE_HEADER,
-                format!("unknown profile {text:?} in the {PROFILE_HEADER} header (expected latency_first, balanced, quality_first)"),
-            )
-        });
-    }
-    if state.config.scheduler().auto_profile {
-        let max = max_tokens.unwrap_or(256);
-        return Ok(if prompt_tokens > 2048 || max > 1024 {
-            ProfileName::QualityFirst
-        } else if prompt_tokens <= 256 && max <= 256 {
-            ProfileName::LatencyFirst
-        } else {
-            ProfileName::Balanced
-        });
-    }
-    Ok(state.default_profile())
-}
-
-/// The route for `profile`, or the model the request names.
-fn select<'a>(
-    state: &'a AppState,
-    profile: ProfileName,
-    model: Option<&str>,
-) -> Result<Route<'a>, ApiError> {
-    let route = state.route(profile).ok_or_else(|| {
-        ApiError::new(
-            ErrorCase::Unavailable,
-            format!("no model can serve profile {}", profile.as_str()),
+    let Some(value) = headers.get(PROFILE_HEADER) else {
+        return Ok(None);
+    };
+    let text = value.to_str().unwrap_or_default();
+    text.parse::<ProfileName>().map(Some).map_err(|_| {
+        ApiError::invalid_value(
+            PROFILE_HEADER,
+            format!("unknown profile {text:?} in the {PROFILE_HEADER} header (expected latency_first, balanced, quality_first)"),
         )
-    })?;
-    match model {
-        None => Ok(route),
-        Some(name) if name == route.model.name => Ok(route),
-        Some(name) => match state.models.iter().find(|m| m.name == name) {
-            Some(m) => Ok(Route {
-                profile,
-                settings: route.settings,
-                model: m,
-                fallback: false,
-            }),
-            None => {
-                let names: Vec<&str> = state.models.iter().map(|m| m.name.as_str()).collect();
-                Err(ApiError::model_not_found(name, &names))
-            }
-        },
-    }
+    })
 }
 
 fn submit_error(e: SubmitError) -> ApiError {
@@ -340,23 +295,23 @@ pub async fn chat(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse 
         Ok(p) => p,
         Err(e) => return reject(&state, None, None, &e),
     };
+    let named = match named_profile(parsed.profile(), &headers) {
+        Ok(p) => p,
+        Err(e) => return reject(&state, None, None, &e),
+    };
     let first_render = parsed
         .conversation()
         .render_for_completion(&state.tokenizer)
         .len();
-    let profile = match choose_profile(
-        &state,
-        parsed.profile(),
-        &headers,
-        first_render,
-        parsed.max_tokens(),
-    ) {
-        Ok(p) => p,
-        Err(e) => return reject(&state, None, None, &e),
-    };
-    let route = match select(&state, profile, parsed.model()) {
+    let profile =
+        state
+            .config
+            .choose_profile(named, state.default_profile(), parsed.max_tokens(), || {
+                first_render
+            });
+    let route = match state.route_request(profile, parsed.model()) {
         Ok(r) => r,
-        Err(e) => return reject(&state, None, Some(profile), &e),
+        Err(e) => return reject(&state, None, Some(profile), &e.into()),
     };
     parsed.set_default_effort(route.settings.reasoning_effort);
     let prompt = parsed
@@ -636,19 +591,19 @@ pub async fn completions(state: Arc<AppState>, req: Request<Incoming>) -> HttpRe
         Err(e) => return reject(&state, None, None, &e),
     };
     let prompt = parsed.prompt_ids().to_vec();
-    let profile = match choose_profile(
-        &state,
-        parsed.profile(),
-        &headers,
-        prompt.len(),
-        parsed.max_tokens(),
-    ) {
+    let named = match named_profile(parsed.profile(), &headers) {
         Ok(p) => p,
         Err(e) => return reject(&state, None, None, &e),
     };
-    let route = match select(&state, profile, parsed.model()) {
+    let profile =
+        state
+            .config
+            .choose_profile(named, state.default_profile(), parsed.max_tokens(), || {
+                prompt.len()
+            });
+    let route = match state.route_request(profile, parsed.model()) {
         Ok(r) => r,
-        Err(e) => return reject(&state, None, Some(profile), &e),
+        Err(e) => return reject(&state, None, Some(profile), &e.into()),
     };
     let vocab = route.model.vocab;
     if let Some((i, &t)) = prompt
