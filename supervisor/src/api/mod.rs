@@ -26,6 +26,7 @@ pub mod error;
 mod json;
 pub mod limits;
 pub mod responses;
+pub mod stops;
 
 #[cfg(test)]
 mod tests;
@@ -39,3 +40,4 @@ pub use responses::{
     tool_call_id, ChatChunk, ChatCompletion, ChatLogprobs, ChatTokenLogprob, ChunkBuilder,
     Completion, CompletionLogprobs, CompletionLogprobsBuilder, FinishReason, ResponseMeta, Usage,
 };
+pub use stops::StopMatcher;

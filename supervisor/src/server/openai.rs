@@ -21,7 +21,9 @@ use crate::api::responses::{
     ChatCompletion, ChatLogprobs, ChatTokenLogprob, ChunkBuilder, Completion, CompletionLogprobs,
     CompletionLogprobsBuilder, FinishReason, ResponseMeta, Usage,
 };
-use crate::api::{parse_chat, parse_completion, ApiError, ErrorCase, Limits, StreamOptions};
+use crate::api::{
+    parse_chat, parse_completion, ApiError, ErrorCase, Limits, StopMatcher, StreamOptions,
+};
 use crate::chat::parser::{ChatEvent, Reply, ReplyParser};
 use crate::chat::tokenizer::{Tokenizer, Utf8Stream};
 use crate::config::ProfileName;
@@ -30,7 +32,7 @@ use crate::pipeline::{Finish, GenRequest, SubmitError};
 use crate::scheduler::Rejected;
 use gptossd_stage::sampler::{Sampler, SamplingParams, STOP_TOKENS};
 
-use super::generation::{Run, RunEvent, StopMatcher};
+use super::generation::{Run, RunEvent};
 use super::http::{error, json, read_body, require_json, sse, sse_data, HttpResponse, SseBody};
 use super::state::{AppState, Route, ENGINE};
 
