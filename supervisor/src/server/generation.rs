@@ -1,15 +1,22 @@
-//! One generation as a request handler sees it: submitted to a model's pipeline, its events
+//! One generation as a request handler sees it: submitted to its model's pipeline, its events
 //! awaited one by one, its timings taken, its metrics recorded exactly once, and its sequence
 //! cancelled if the handler goes away before the end (a client that disconnects).
+//!
+//! The pipeline meets the HTTP side in two places only, both here: [`Run::submit`] is the one
+//! call of `PipelineHandle::submit` (its refusal typed as [`SubmitError`]), and [`Run::next`]
+//! is where each pipeline event enters the handler, translated into a [`RunEvent`] (a failure
+//! typed as [`RunFailure`]). Both errors turn into an [`ApiError`] by a `From` here, so the HTTP
+//! status comes from the error table ([`ErrorCase`]), never from the text of a message.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::api::FinishReason;
+use crate::api::{ApiError, ErrorCase, FinishReason};
 use crate::config::ProfileName;
 use crate::metrics::{Labels, Outcome, RequestRecord};
 use crate::pipeline::{Finish, GenEvent, GenReceiver, GenRequest, SubmitError};
-use crate::scheduler::SeqId;
+use crate::scheduler::{Rejected, SeqId};
 
 use super::state::{AppState, Route, ENGINE};
 
@@ -22,7 +29,57 @@ pub enum RunEvent {
         top: Vec<(u32, f32)>,
     },
     Finished(Finish),
-    Failed(String),
+    Failed(RunFailure),
+}
+
+/// Why a submitted generation failed before it finished.
+///
+/// The pipeline reports a failure as text today (`GenEvent::Failed(String)`), so the only
+/// typed fact at hand is whether the daemon is draining: a request the pipeline drops then was
+/// cut by the end of the drain's grace. Every other failure (a step failed on a stage, the
+/// model went unhealthy) is [`RunFailure::Pipeline`], a 500 whose text goes to the log only.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RunFailure {
+    /// The daemon is shutting down and the pipeline gave up on the request.
+    #[error("the server is shutting down ({0})")]
+    ShuttingDown(String),
+    /// The pipeline failed the request.
+    #[error("the pipeline failed the request: {0}")]
+    Pipeline(String),
+    /// The pipeline dropped the request without a last event.
+    #[error("the pipeline stopped")]
+    PipelineStopped,
+}
+
+impl From<RunFailure> for ApiError {
+    fn from(failure: RunFailure) -> Self {
+        match failure {
+            RunFailure::ShuttingDown(_) => {
+                ApiError::new(ErrorCase::Unavailable, "the server is shutting down")
+            }
+            RunFailure::Pipeline(_) | RunFailure::PipelineStopped => ApiError::internal(),
+        }
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::Rejected(Rejected::QueueFull { limit }) => ApiError::new(
+                ErrorCase::QueueFull,
+                format!("the server is at capacity ({limit} requests waiting); retry later"),
+            ),
+            SubmitError::Rejected(
+                r @ (Rejected::TooLong { .. } | Rejected::ExceedsKvPool { .. }),
+            ) => ApiError::new(ErrorCase::ContextLength, r.to_string()).with_param("max_tokens"),
+            SubmitError::Rejected(r) => ApiError::invalid_value("messages", r.to_string()),
+            SubmitError::TokenOutOfRange { .. } => ApiError::invalid_value("prompt", e.to_string()),
+            SubmitError::Draining => ApiError::new(ErrorCase::Unavailable, e.to_string()),
+            SubmitError::Unhealthy(_) | SubmitError::Stopped => {
+                ApiError::new(ErrorCase::Unhealthy, e.to_string())
+            }
+        }
+    }
 }
 
 /// A submitted generation.
@@ -87,7 +144,7 @@ impl Run {
     pub async fn next(&mut self) -> RunEvent {
         loop {
             let Some(ev) = self.rx.recv().await else {
-                return RunEvent::Failed("the pipeline stopped".into());
+                return RunEvent::Failed(RunFailure::PipelineStopped);
             };
             match ev {
                 GenEvent::Scheduled => {
@@ -115,7 +172,14 @@ impl Run {
                     };
                 }
                 GenEvent::Finished(f) => return RunEvent::Finished(f),
-                GenEvent::Failed(m) => return RunEvent::Failed(m),
+                GenEvent::Failed(message) => {
+                    let failure = if self.state.draining.load(Ordering::SeqCst) {
+                        RunFailure::ShuttingDown(message)
+                    } else {
+                        RunFailure::Pipeline(message)
+                    };
+                    return RunEvent::Failed(failure);
+                }
             }
         }
     }
@@ -193,5 +257,67 @@ impl Drop for Run {
             });
         }
         self.state.unregister(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(e: ApiError) -> (u16, Option<String>, String) {
+        (e.status, e.code, e.message)
+    }
+
+    #[test]
+    fn a_failed_run_takes_its_status_from_the_error_table_and_keeps_its_text_in_the_log() {
+        let (status, code, message) = row(RunFailure::ShuttingDown("grace over".into()).into());
+        assert_eq!(
+            (status, code.as_deref(), message.as_str()),
+            (
+                503,
+                Some("service_unavailable"),
+                "the server is shutting down"
+            )
+        );
+        for failure in [
+            RunFailure::Pipeline("internal error: stage 1 step 7: NaN in logits".into()),
+            RunFailure::PipelineStopped,
+        ] {
+            let (status, code, message) = row(failure.into());
+            assert_eq!((status, code.as_deref()), (500, Some("internal_error")));
+            assert!(!message.contains("stage 1"), "{message}");
+        }
+    }
+
+    #[test]
+    fn a_refused_submission_maps_by_its_variant() {
+        let queue_full = ApiError::from(SubmitError::Rejected(Rejected::QueueFull { limit: 8 }));
+        assert_eq!(
+            (queue_full.status, queue_full.case),
+            (429, ErrorCase::QueueFull)
+        );
+        assert!(
+            queue_full.message.contains("8 requests"),
+            "{}",
+            queue_full.message
+        );
+        let too_long = ApiError::from(SubmitError::Rejected(Rejected::TooLong {
+            prompt: 10,
+            max_new_tokens: 20,
+            max_context: 16,
+        }));
+        assert_eq!(too_long.case, ErrorCase::ContextLength);
+        assert_eq!(too_long.param.as_deref(), Some("max_tokens"));
+        assert_eq!(
+            ApiError::from(SubmitError::Draining).case,
+            ErrorCase::Unavailable
+        );
+        for unhealthy in [
+            SubmitError::Unhealthy("stage 1".into()),
+            SubmitError::Stopped,
+        ] {
+            let e = ApiError::from(unhealthy);
+            assert_eq!((e.status, e.case), (503, ErrorCase::Unhealthy));
+        }
     }
 }

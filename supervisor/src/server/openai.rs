@@ -28,11 +28,10 @@ use crate::chat::parser::{ChatEvent, Reply, ReplyParser};
 use crate::chat::tokenizer::{Tokenizer, Utf8Stream};
 use crate::config::ProfileName;
 use crate::metrics::{Labels, Outcome, Rejection, UNKNOWN};
-use crate::pipeline::{Finish, GenRequest, SubmitError};
-use crate::scheduler::Rejected;
+use crate::pipeline::{Finish, GenRequest};
 use gptossd_stage::sampler::{Sampler, SamplingParams, STOP_TOKENS};
 
-use super::generation::{Run, RunEvent};
+use super::generation::{Run, RunEvent, RunFailure};
 use super::http::{error, json, read_body, require_json, sse, sse_data, HttpResponse, SseBody};
 use super::state::{AppState, Route, ENGINE};
 
@@ -66,24 +65,6 @@ fn named_profile(
             format!("unknown profile {text:?} in the {PROFILE_HEADER} header (expected latency_first, balanced, quality_first)"),
         )
     })
-}
-
-fn submit_error(e: SubmitError) -> ApiError {
-    match e {
-        SubmitError::Rejected(Rejected::QueueFull { limit }) => ApiError::new(
-            ErrorCase::QueueFull,
-            format!("the server is at capacity ({limit} requests waiting); retry later"),
-        ),
-        SubmitError::Rejected(r @ (Rejected::TooLong { .. } | Rejected::ExceedsKvPool { .. })) => {
-            ApiError::new(ErrorCase::ContextLength, r.to_string()).with_param("max_tokens")
-        }
-        SubmitError::Rejected(r) => ApiError::invalid_value("messages", r.to_string()),
-        SubmitError::TokenOutOfRange { .. } => ApiError::invalid_value("prompt", e.to_string()),
-        SubmitError::Draining => ApiError::new(ErrorCase::Unavailable, e.to_string()),
-        SubmitError::Unhealthy(_) | SubmitError::Stopped => {
-            ApiError::new(ErrorCase::Unhealthy, e.to_string())
-        }
-    }
 }
 
 /// Counts a request refused before it ran and answers it: a 4xx as a rejection, a 5xx as a
@@ -151,15 +132,13 @@ fn tag_headers(resp: &mut HttpResponse, run: &Run) {
     }
 }
 
-fn failure(message: &str) -> ApiError {
-    tracing::error!(%message, "generation failed");
-    if message.contains("unhealthy") {
-        ApiError::new(ErrorCase::Unhealthy, message.to_string())
-    } else if message.contains("shutting down") {
-        ApiError::new(ErrorCase::Unavailable, message.to_string())
-    } else {
-        ApiError::internal()
-    }
+/// A run that failed: logged, counted as an error, and answered with the error table's status.
+fn failed(run: &mut Run, failure: RunFailure) -> ApiError {
+    tracing::error!(request_id = %run.id, %failure, "generation failed");
+    run.record(Outcome::Error {
+        reason: "internal".into(),
+    });
+    failure.into()
 }
 
 /// The headers and body of an API request, or the response that refuses it (draining, a body
@@ -236,8 +215,7 @@ impl Launch<'_> {
                 STOP_TOKENS.to_vec()
             },
         };
-        let run = Run::submit(state.clone(), &self.route, id.clone(), gen, arrival)
-            .map_err(submit_error)?;
+        let run = Run::submit(state.clone(), &self.route, id.clone(), gen, arrival)?;
         let job = Job {
             meta: ResponseMeta {
                 id,
@@ -407,12 +385,7 @@ async fn whole_chat(mut run: Run, job: Job) -> HttpResponse {
                 }
             }
             RunEvent::Finished(f) => break Some(f),
-            RunEvent::Failed(m) => {
-                run.record(Outcome::Error {
-                    reason: "internal".into(),
-                });
-                return error(&failure(&m));
-            }
+            RunEvent::Failed(failure) => return error(&failed(&mut run, failure)),
         }
     };
     let (events, summary) = parser.finish();
@@ -532,11 +505,8 @@ async fn stream_chat(mut run: Run, job: Job, tx: tokio::sync::mpsc::Sender<Bytes
                 }
             }
             RunEvent::Finished(f) => break Some(f),
-            RunEvent::Failed(m) => {
-                run.record(Outcome::Error {
-                    reason: "internal".into(),
-                });
-                let _ = send(&tx, sse_data(&failure(&m).body())).await;
+            RunEvent::Failed(failure) => {
+                let _ = send(&tx, sse_data(&failed(&mut run, failure).body())).await;
                 return;
             }
         }
@@ -696,12 +666,7 @@ async fn whole_completion(mut run: Run, job: Job) -> HttpResponse {
                 }
             }
             RunEvent::Finished(f) => break Some(f),
-            RunEvent::Failed(m) => {
-                run.record(Outcome::Error {
-                    reason: "internal".into(),
-                });
-                return error(&failure(&m));
-            }
+            RunEvent::Failed(failure) => return error(&failed(&mut run, failure)),
         }
     };
     if !stopped {
@@ -772,11 +737,8 @@ async fn stream_completion(mut run: Run, job: Job, tx: tokio::sync::mpsc::Sender
                 }
             }
             RunEvent::Finished(f) => break Some(f),
-            RunEvent::Failed(m) => {
-                run.record(Outcome::Error {
-                    reason: "internal".into(),
-                });
-                let _ = send(&tx, sse_data(&failure(&m).body())).await;
+            RunEvent::Failed(failure) => {
+                let _ = send(&tx, sse_data(&failed(&mut run, failure).body())).await;
                 return;
             }
         }
