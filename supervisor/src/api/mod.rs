@@ -38,6 +38,7 @@ pub use error::{ApiError, ErrorCase};
 pub use limits::{check_limits, Limits};
 pub use responses::{
     tool_call_id, ChatChunk, ChatCompletion, ChatLogprobs, ChatTokenLogprob, ChunkBuilder,
-    Completion, CompletionLogprobs, CompletionLogprobsBuilder, FinishReason, ResponseMeta, Usage,
+    Completion, CompletionLogprobs, CompletionLogprobsBuilder, FinishReason, GptossdMetadata,
+    ResponseIdentity, Usage,
 };
 pub use stops::StopMatcher;

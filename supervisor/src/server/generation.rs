@@ -12,8 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::api::{ApiError, ErrorCase, FinishReason};
-use crate::config::ProfileName;
+use crate::api::{ApiError, ErrorCase, FinishReason, GptossdMetadata};
 use crate::metrics::{Labels, Outcome, RequestRecord};
 use crate::pipeline::{Finish, GenEvent, GenReceiver, GenRequest, SubmitError};
 use crate::scheduler::{Rejected, SeqId};
@@ -90,8 +89,8 @@ pub struct Run {
     seq: SeqId,
     rx: GenReceiver,
     labels: Labels,
-    profile: ProfileName,
-    fallback: bool,
+    /// The response metadata known at submission (timings and `cancelled` come at the end).
+    metadata: GptossdMetadata,
     arrival: Instant,
     scheduled_at: Option<Instant>,
     first_token_at: Option<Instant>,
@@ -120,6 +119,19 @@ impl Run {
             model: route.model.name.clone(),
             profile: route.profile.as_str().to_string(),
         };
+        let metadata = GptossdMetadata {
+            request_id: id.clone(),
+            profile: route.profile,
+            model: route.model.name.clone(),
+            model_size: route.model.size,
+            gpu_mode: route.model.gpu_mode(),
+            engine: ENGINE,
+            backend: route.model.backend.clone(),
+            fallback: route.fallback,
+            queue_time_ms: None,
+            time_to_first_token_ms: None,
+            cancelled: false,
+        };
         Ok(Run {
             id,
             state,
@@ -127,8 +139,7 @@ impl Run {
             seq,
             rx,
             labels,
-            profile: route.profile,
-            fallback: route.fallback,
+            metadata,
             arrival,
             scheduled_at: None,
             first_token_at: None,
@@ -200,21 +211,14 @@ impl Run {
         self.first_token_at.map(|t| t - self.arrival)
     }
 
-    /// The `gptossd` metadata object of a response.
-    pub fn meta(&self) -> serde_json::Value {
-        let model = self.state.models.get(self.model_index);
-        serde_json::json!({
-            "request_id": self.id,
-            "profile": self.profile.as_str(),
-            "model": self.labels.model,
-            "model_size": model.map(|m| m.size.as_str()),
-            "gpu_mode": model.map(|m| m.gpu_mode()),
-            "engine": ENGINE,
-            "backend": model.map(|m| m.backend.as_str()),
-            "fallback": self.fallback,
-            "queue_time_ms": self.queue_time().map(|d| d.as_secs_f64() * 1e3),
-            "time_to_first_token_ms": self.ttft().map(|d| d.as_secs_f64() * 1e3),
-        })
+    /// The response metadata as of now; `cancelled`: the request was cancelled.
+    pub fn metadata(&self, cancelled: bool) -> GptossdMetadata {
+        GptossdMetadata {
+            queue_time_ms: self.queue_time().map(|d| d.as_secs_f64() * 1e3),
+            time_to_first_token_ms: self.ttft().map(|d| d.as_secs_f64() * 1e3),
+            cancelled,
+            ..self.metadata.clone()
+        }
     }
 
     /// Records the request's metrics once, with its finish reason (or error reason).
@@ -241,7 +245,7 @@ impl Run {
                 (Some(f), Some(l)) => Some(l - f),
                 _ => None,
             },
-            fallback: self.fallback,
+            fallback: self.metadata.fallback,
         };
         self.state.metrics.record(&record);
     }

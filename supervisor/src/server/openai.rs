@@ -19,7 +19,7 @@ use hyper::{HeaderMap, Request};
 
 use crate::api::responses::{
     ChatCompletion, ChatLogprobs, ChatTokenLogprob, ChunkBuilder, Completion, CompletionLogprobs,
-    CompletionLogprobsBuilder, FinishReason, ResponseMeta, Usage,
+    CompletionLogprobsBuilder, FinishReason, ResponseIdentity, Usage,
 };
 use crate::api::{
     parse_chat, parse_completion, ApiError, ErrorCase, Limits, StopMatcher, StreamOptions,
@@ -94,40 +94,13 @@ fn reject(
     error(e)
 }
 
+/// The `x-request-id` and `x-gptossd-*` headers of the run's metadata (a value that is not a
+/// valid header value, such as a model name with control characters, is left out).
 fn tag_headers(resp: &mut HttpResponse, run: &Run) {
-    let meta = run.meta();
     let h = resp.headers_mut();
-    let pairs = [
-        (
-            "x-request-id",
-            meta["request_id"].as_str().map(str::to_string),
-        ),
-        (
-            "x-gptossd-profile",
-            meta["profile"].as_str().map(str::to_string),
-        ),
-        (
-            "x-gptossd-model",
-            meta["model"].as_str().map(str::to_string),
-        ),
-        (
-            "x-gptossd-model-size",
-            meta["model_size"].as_str().map(str::to_string),
-        ),
-        (
-            "x-gptossd-gpu-mode",
-            meta["gpu_mode"].as_str().map(str::to_string),
-        ),
-        ("x-gptossd-engine", Some(ENGINE.to_string())),
-        (
-            "x-gptossd-backend",
-            meta["backend"].as_str().map(str::to_string),
-        ),
-        ("x-gptossd-fallback", Some(meta["fallback"].to_string())),
-    ];
-    for (k, v) in pairs {
-        if let Some(v) = v.and_then(|v| HeaderValue::from_str(&v).ok()) {
-            h.insert(k, v);
+    for (name, value) in run.metadata(false).headers() {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            h.insert(name, value);
         }
     }
 }
@@ -189,7 +162,7 @@ struct Launch<'a> {
 
 /// What a response needs besides the run itself.
 struct Job {
-    meta: ResponseMeta,
+    meta: ResponseIdentity,
     prompt: Vec<u32>,
     stop: Vec<String>,
     logprobs: bool,
@@ -217,7 +190,7 @@ impl Launch<'_> {
         };
         let run = Run::submit(state.clone(), &self.route, id.clone(), gen, arrival)?;
         let job = Job {
-            meta: ResponseMeta {
+            meta: ResponseIdentity {
                 id,
                 created: unix_now(),
                 model: self.route.model.name.clone(),
@@ -401,8 +374,7 @@ async fn whole_chat(mut run: Run, job: Job) -> HttpResponse {
         stopped,
     );
     let usage = Usage::new(job.prompt.len(), ids.len());
-    let mut meta = run.meta();
-    meta["cancelled"] = serde_json::json!(finish == Some(Finish::Cancelled));
+    let meta = run.metadata(finish == Some(Finish::Cancelled));
     let mut body = ChatCompletion::new(&job.meta, reply, reason, usage).with_metadata(meta);
     if job.logprobs {
         body = body.with_logprobs(logprobs);
@@ -532,8 +504,7 @@ async fn stream_chat(mut run: Run, job: Job, tx: tokio::sync::mpsc::Sender<Bytes
     run.record(Outcome::Finished {
         reason: reason.as_str().into(),
     });
-    let mut meta = run.meta();
-    meta["cancelled"] = serde_json::json!(finish == Some(Finish::Cancelled));
+    let meta = run.metadata(finish == Some(Finish::Cancelled));
     if !send(&tx, data(&builder.finish(reason).with_metadata(meta))).await {
         return;
     }
@@ -676,7 +647,8 @@ async fn whole_completion(mut run: Run, job: Job) -> HttpResponse {
     }
     let reason = completion_finish(finish, stopped);
     let usage = Usage::new(job.prompt.len(), ids.len());
-    let mut body = Completion::new(&job.meta, text, reason, usage).with_metadata(run.meta());
+    let mut body = Completion::new(&job.meta, text, reason, usage)
+        .with_metadata(run.metadata(finish == Some(Finish::Cancelled)));
     if job.logprobs {
         body = body.with_logprobs(lp);
     }
@@ -756,7 +728,10 @@ async fn stream_completion(mut run: Run, job: Job, tx: tokio::sync::mpsc::Sender
     });
     if !send(
         &tx,
-        data(&Completion::finish_chunk(&job.meta, reason).with_metadata(run.meta())),
+        data(
+            &Completion::finish_chunk(&job.meta, reason)
+                .with_metadata(run.metadata(finish == Some(Finish::Cancelled))),
+        ),
     )
     .await
     {
