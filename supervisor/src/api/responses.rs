@@ -1,6 +1,6 @@
 //! Response bodies in OpenAI's shapes: `chat.completion`, `chat.completion.chunk`,
-//! `text_completion` (whole and streamed), usage, logprobs, tool-call ids, and gptossd's own
-//! metadata.
+//! `text_completion` (whole and streamed), usage, logprobs, tool-call ids, gptossd's own
+//! metadata, and the folds that join a stream's chunks into the whole response.
 //!
 //! Every type here is `Serialize`; the server writes it with `serde_json` (as the body, or as
 //! an SSE `data:` line). Field names are the ones the OpenAI Python client reads. Choices made
@@ -18,11 +18,16 @@
 //! token from [`ChunkBuilder::on_events`] (the events the chat parser gave for that token,
 //! merged into one delta, so per-token logprobs and ids attach to it), then
 //! [`ChunkBuilder::finish`], then [`ChunkBuilder::usage`] when `include_usage` asked for it.
+//! The responders (`super::responder`) do exactly that.
+//!
+//! Whole responses are folds ([`Fold`]: [`ChatFold`], [`CompletionFold`]) of those same chunks,
+//! the usage chunk included, joined the way a client joins deltas; the fold's invariant is
+//! that a whole answer says what the stream of the same request said.
 
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::chat::{ChatEvent, Ending, Reply, Summary, TokenId, Tokenizer};
+use crate::chat::{ChatEvent, Ending, Reply, Summary, TokenId, Tokenizer, ToolCall};
 use crate::config::{ModelSize, ProfileName};
 
 /// How a logprob of −inf is written (JSON has no infinity).
@@ -728,6 +733,12 @@ impl ChunkBuilder {
         (delta != Delta::default()).then(|| self.chunk(vec![Self::choice(delta, None)]))
     }
 
+    /// A chunk that shows nothing (`"delta": {}`): what a token that changes nothing a client
+    /// sees (a header token) travels in when its logprobs or id were asked for.
+    pub fn empty(&self) -> ChatChunk {
+        self.chunk(vec![Self::choice(Delta::default(), None)])
+    }
+
     /// The finish chunk: an empty delta and the finish reason.
     pub fn finish(&self, reason: FinishReason) -> ChatChunk {
         self.chunk(vec![Self::choice(Delta::default(), Some(reason))])
@@ -872,5 +883,190 @@ impl Completion {
     pub fn with_metadata(mut self, metadata: GptossdMetadata) -> Self {
         self.gptossd = Some(metadata);
         self
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The whole answer: the fold of its stream
+
+/// Joins the chunks of a stream into the whole response, the way a client joins deltas. The
+/// server builds every whole response this way, from the very chunks a stream of the same
+/// request sends (the usage chunk included), so a whole answer and a streamed one cannot drift.
+pub trait Fold {
+    /// A streamed chunk.
+    type Chunk;
+    /// The whole response.
+    type Whole: Serialize;
+    /// Adds the next chunk.
+    fn add(&mut self, chunk: Self::Chunk);
+    /// The whole response; `None` when the stream did not end (no finish reason or no usage
+    /// came).
+    fn finish(self) -> Option<Self::Whole>;
+}
+
+/// The fold of a `chat.completion.chunk` stream into a `chat.completion`.
+#[derive(Debug, Clone)]
+pub struct ChatFold {
+    identity: ResponseIdentity,
+    reply: Reply,
+    prompt_token_ids: Option<Vec<TokenId>>,
+    logprobs: Option<ChatLogprobs>,
+    token_ids: Option<Vec<TokenId>>,
+    finish_reason: Option<FinishReason>,
+    usage: Option<Usage>,
+    metadata: Option<GptossdMetadata>,
+}
+
+impl ChatFold {
+    /// Nothing yet of the answer to `identity`. `logprobs` and `token_ids`: whether the request
+    /// asked for them (the whole answer then has them, empty if no token came).
+    pub fn new(identity: ResponseIdentity, logprobs: bool, token_ids: bool) -> Self {
+        Self {
+            identity,
+            reply: Reply::default(),
+            prompt_token_ids: None,
+            logprobs: logprobs.then(ChatLogprobs::default),
+            token_ids: token_ids.then(Vec::new),
+            finish_reason: None,
+            usage: None,
+            metadata: None,
+        }
+    }
+}
+
+/// Adds a tool-call piece to the call at its index: the first piece names it, every piece
+/// may add argument text.
+fn add_tool_call_piece(calls: &mut Vec<ToolCall>, piece: ToolCallDelta) {
+    if calls.len() <= piece.index {
+        calls.resize_with(piece.index + 1, ToolCall::default);
+    }
+    let call = &mut calls[piece.index];
+    call.name
+        .push_str(piece.function.name.as_deref().unwrap_or_default());
+    call.arguments
+        .push_str(piece.function.arguments.as_deref().unwrap_or_default());
+}
+
+impl Fold for ChatFold {
+    type Chunk = ChatChunk;
+    type Whole = ChatCompletion;
+
+    fn add(&mut self, chunk: ChatChunk) {
+        if chunk.prompt_token_ids.is_some() {
+            self.prompt_token_ids = chunk.prompt_token_ids;
+        }
+        if chunk.usage.is_some() {
+            self.usage = chunk.usage;
+        }
+        if chunk.gptossd.is_some() {
+            self.metadata = chunk.gptossd;
+        }
+        for choice in chunk.choices {
+            let delta = choice.delta;
+            self.reply
+                .content
+                .push_str(delta.content.as_deref().unwrap_or_default());
+            self.reply
+                .reasoning
+                .push_str(delta.reasoning_content.as_deref().unwrap_or_default());
+            for piece in delta.tool_calls {
+                add_tool_call_piece(&mut self.reply.tool_calls, piece);
+            }
+            if let Some(logprobs) = choice.logprobs {
+                let all = self.logprobs.get_or_insert_with(ChatLogprobs::default);
+                all.content.extend(logprobs.content);
+            }
+            if let Some(ids) = choice.token_ids {
+                self.token_ids.get_or_insert_with(Vec::new).extend(ids);
+            }
+            if choice.finish_reason.is_some() {
+                self.finish_reason = choice.finish_reason;
+            }
+        }
+    }
+
+    fn finish(self) -> Option<ChatCompletion> {
+        let mut whole =
+            ChatCompletion::new(&self.identity, self.reply, self.finish_reason?, self.usage?);
+        whole.prompt_token_ids = self.prompt_token_ids;
+        whole.gptossd = self.metadata;
+        if let Some(choice) = whole.choices.first_mut() {
+            choice.logprobs = self.logprobs;
+            choice.token_ids = self.token_ids;
+        }
+        Some(whole)
+    }
+}
+
+/// The fold of a streamed `text_completion` into the whole one.
+#[derive(Debug, Clone)]
+pub struct CompletionFold {
+    identity: ResponseIdentity,
+    text: String,
+    logprobs: Option<CompletionLogprobs>,
+    prompt_token_ids: Option<Vec<TokenId>>,
+    token_ids: Option<Vec<TokenId>>,
+    finish_reason: Option<FinishReason>,
+    usage: Option<Usage>,
+    metadata: Option<GptossdMetadata>,
+}
+
+impl CompletionFold {
+    /// Nothing yet of the completion `identity`. `logprobs` and `token_ids`: whether the
+    /// request asked for them (the whole answer then has them, empty if no token came).
+    pub fn new(identity: ResponseIdentity, logprobs: bool, token_ids: bool) -> Self {
+        Self {
+            identity,
+            text: String::new(),
+            logprobs: logprobs.then(CompletionLogprobs::default),
+            prompt_token_ids: None,
+            token_ids: token_ids.then(Vec::new),
+            finish_reason: None,
+            usage: None,
+            metadata: None,
+        }
+    }
+}
+
+impl Fold for CompletionFold {
+    type Chunk = Completion;
+    type Whole = Completion;
+
+    fn add(&mut self, chunk: Completion) {
+        if chunk.usage.is_some() {
+            self.usage = chunk.usage;
+        }
+        if chunk.gptossd.is_some() {
+            self.metadata = chunk.gptossd;
+        }
+        for choice in chunk.choices {
+            self.text.push_str(&choice.text);
+            if let Some(logprobs) = choice.logprobs {
+                self.logprobs
+                    .get_or_insert_with(CompletionLogprobs::default)
+                    .extend(logprobs);
+            }
+            if choice.prompt_token_ids.is_some() {
+                self.prompt_token_ids = choice.prompt_token_ids;
+            }
+            if let Some(ids) = choice.token_ids {
+                self.token_ids.get_or_insert_with(Vec::new).extend(ids);
+            }
+            if choice.finish_reason.is_some() {
+                self.finish_reason = choice.finish_reason;
+            }
+        }
+    }
+
+    fn finish(self) -> Option<Completion> {
+        let mut whole =
+            Completion::new(&self.identity, self.text, self.finish_reason?, self.usage?);
+        whole.gptossd = self.metadata;
+        if let Some(choice) = whole.choices.first_mut() {
+            choice.logprobs = self.logprobs;
+            choice.prompt_token_ids = self.prompt_token_ids;
+            choice.token_ids = self.token_ids;
+        }
+        Some(whole)
     }
 }

@@ -621,7 +621,7 @@ fn golden_case(name: &str) -> Value {
         .unwrap_or_else(|| panic!("no golden case {name}"))
 }
 
-fn golden_ids(case: &Value) -> Vec<TokenId> {
+pub(super) fn golden_ids(case: &Value) -> Vec<TokenId> {
     case["ids"]
         .as_array()
         .expect("ids")
@@ -759,13 +759,15 @@ fn profile_effort_applies_only_when_the_request_names_none() {
         request.conversation().system.reasoning_effort,
         ReasoningEffort::Medium
     );
-    request.set_default_effort(ReasoningEffort::Low);
+    // The answer says whether a prompt rendered before is stale.
+    assert!(!request.clone().set_default_effort(ReasoningEffort::Medium));
+    assert!(request.set_default_effort(ReasoningEffort::Low));
     assert_eq!(
         request.conversation().system.reasoning_effort,
         ReasoningEffort::Low
     );
     let mut request = chat(hello(json!({"reasoning_effort": "high"})));
-    request.set_default_effort(ReasoningEffort::Low);
+    assert!(!request.set_default_effort(ReasoningEffort::Low));
     assert_eq!(
         request.conversation().system.reasoning_effort,
         ReasoningEffort::High
@@ -929,7 +931,7 @@ fn effective_max_tokens() {
 // ---------------------------------------------------------------------------------------------
 // Response bodies
 
-fn identity() -> ResponseIdentity {
+pub(super) fn identity() -> ResponseIdentity {
     ResponseIdentity {
         id: "chatcmpl-abc".to_owned(),
         created: 1_751_068_800,
@@ -938,7 +940,7 @@ fn identity() -> ResponseIdentity {
 }
 
 /// gptossd's metadata of a request that ran on a fallback.
-fn metadata() -> GptossdMetadata {
+pub(super) fn metadata() -> GptossdMetadata {
     GptossdMetadata {
         request_id: "chatcmpl-abc".to_owned(),
         profile: ProfileName::QualityFirst,
@@ -979,7 +981,7 @@ fn gptossd_metadata_shape_and_headers() {
     );
 }
 
-fn to_json(value: &impl serde::Serialize) -> Value {
+pub(super) fn to_json(value: &impl serde::Serialize) -> Value {
     serde_json::to_value(value).expect("serialisable")
 }
 
@@ -1160,6 +1162,11 @@ fn chunk_shapes() {
     assert!(builder
         .on_event(crate::chat::ChatEvent::Content(String::new()))
         .is_none());
+    // What a token that shows nothing travels in when its logprobs or id were asked for.
+    assert_eq!(
+        to_json(&builder.empty())["choices"],
+        json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": null}])
+    );
 
     let finish = to_json(
         &builder

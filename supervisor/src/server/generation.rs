@@ -12,7 +12,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::api::{ApiError, ErrorCase, FinishReason, GptossdMetadata};
+use crate::api::{
+    ApiError, EndedBy, ErrorCase, FinishReason, GeneratedToken, GptossdMetadata, Usage,
+};
 use crate::metrics::{Labels, Outcome, RequestRecord};
 use crate::pipeline::{Finish, GenEvent, GenReceiver, GenRequest, SubmitError};
 use crate::scheduler::{Rejected, SeqId};
@@ -22,12 +24,8 @@ use super::state::{AppState, Route, ENGINE};
 /// What the handler gets from [`Run::next`].
 #[derive(Debug)]
 pub enum RunEvent {
-    Token {
-        token: u32,
-        logprob: f32,
-        top: Vec<(u32, f32)>,
-    },
-    Finished(Finish),
+    Token(GeneratedToken),
+    Finished(EndedBy),
     Failed(RunFailure),
 }
 
@@ -110,10 +108,9 @@ impl Run {
         req: GenRequest,
         arrival: Instant,
     ) -> Result<Run, SubmitError> {
-        let model_index = route.index;
         let prompt_tokens = req.prompt.len();
         let (seq, rx) = route.model.pipeline.submit(req)?;
-        state.register(&id, model_index, seq);
+        state.register(&id, route.index, seq);
         let labels = Labels {
             engine: ENGINE.to_string(),
             model: route.model.name.clone(),
@@ -135,7 +132,7 @@ impl Run {
         Ok(Run {
             id,
             state,
-            model_index,
+            model_index: route.index,
             seq,
             rx,
             labels,
@@ -176,13 +173,19 @@ impl Run {
                     }
                     self.last_token_at = Some(now);
                     self.generated += 1;
-                    return RunEvent::Token {
-                        token,
+                    return RunEvent::Token(GeneratedToken {
+                        id: token,
                         logprob,
                         top,
-                    };
+                    });
                 }
-                GenEvent::Finished(f) => return RunEvent::Finished(f),
+                GenEvent::Finished(f) => {
+                    return RunEvent::Finished(match f {
+                        Finish::Stop => EndedBy::StopToken,
+                        Finish::Length => EndedBy::Length,
+                        Finish::Cancelled => EndedBy::Cancel,
+                    })
+                }
                 GenEvent::Failed(message) => {
                     let failure = if self.state.draining.load(Ordering::SeqCst) {
                         RunFailure::ShuttingDown(message)
@@ -219,6 +222,11 @@ impl Run {
             cancelled,
             ..self.metadata.clone()
         }
+    }
+
+    /// The token counts so far: the prompt and every generated token (a stop token included).
+    pub fn usage(&self) -> Usage {
+        Usage::new(self.prompt_tokens, self.generated)
     }
 
     /// Records the request's metrics once, with its finish reason (or error reason).
