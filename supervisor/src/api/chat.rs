@@ -118,9 +118,13 @@ impl ValidChatRequest {
         self.reasoning_effort
     }
 
-    /// Applies the profile's effort unless the request named one.
-    pub fn set_default_effort(&mut self, effort: ReasoningEffort) {
-        self.conversation.system.reasoning_effort = self.reasoning_effort.unwrap_or(effort);
+    /// Applies the profile's effort unless the request named one. True when that changed the
+    /// conversation: a prompt rendered before no longer matches it.
+    pub fn set_default_effort(&mut self, effort: ReasoningEffort) -> bool {
+        let effort = self.reasoning_effort.unwrap_or(effort);
+        let changed = self.conversation.system.reasoning_effort != effort;
+        self.conversation.system.reasoning_effort = effort;
+        changed
     }
 
     /// `max_completion_tokens` or `max_tokens` (≥ 1), if given; see [`Self::check_limits`].

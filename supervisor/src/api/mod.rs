@@ -14,8 +14,12 @@
 //! a top-level field an endpoint does not list is refused (OpenAI's `Unrecognized request
 //! argument supplied`), known fields must have the right type.
 //!
+//! The answer side: a [`responder`] per endpoint turns generated tokens into the chunks of a
+//! stream (decoding, stop strings, finish reason), and the [`responses`] folds join those very
+//! chunks into the whole response, so a whole answer is the fold of its stream.
+//!
 //! It knows nothing of sockets, SSE framing, scheduling or metrics: the server (hyper) calls
-//! these functions and writes the [`responses`] types with serde.
+//! these functions, drives the responders and writes the [`responses`] types with serde.
 //!
 //! [`Conversation`]: crate::chat::Conversation
 
@@ -25,7 +29,9 @@ pub mod completions;
 pub mod error;
 mod json;
 pub mod limits;
+pub mod responder;
 pub mod responses;
+pub mod stops;
 
 #[cfg(test)]
 mod tests;
@@ -35,7 +41,12 @@ pub use common::StreamOptions;
 pub use completions::{parse_completion, ValidCompletionRequest, DEFAULT_COMPLETION_MAX_TOKENS};
 pub use error::{ApiError, ErrorCase};
 pub use limits::{check_limits, Limits};
-pub use responses::{
-    tool_call_id, ChatChunk, ChatCompletion, ChatLogprobs, ChatTokenLogprob, ChunkBuilder,
-    Completion, CompletionLogprobs, CompletionLogprobsBuilder, FinishReason, ResponseMeta, Usage,
+pub use responder::{
+    AnswerOptions, ChatResponder, EndedBy, GeneratedToken, Responder, TextResponder, TokenStep,
 };
+pub use responses::{
+    tool_call_id, ChatChunk, ChatCompletion, ChatFold, ChatLogprobs, ChatTokenLogprob,
+    ChunkBuilder, Completion, CompletionFold, CompletionLogprobs, CompletionLogprobsBuilder,
+    FinishReason, Fold, GptossdMetadata, ResponseIdentity, Usage,
+};
+pub use stops::StopMatcher;

@@ -1,5 +1,6 @@
 //! Response bodies in OpenAI's shapes: `chat.completion`, `chat.completion.chunk`,
-//! `text_completion` (whole and streamed), usage, logprobs, and tool-call ids.
+//! `text_completion` (whole and streamed), usage, logprobs, tool-call ids, gptossd's own
+//! metadata, and the folds that join a stream's chunks into the whole response.
 //!
 //! Every type here is `Serialize`; the server writes it with `serde_json` (as the body, or as
 //! an SSE `data:` line). Field names are the ones the OpenAI Python client reads. Choices made
@@ -9,32 +10,95 @@
 //! - a message's `content` is `null` when the reply is only tool calls, otherwise a string;
 //! - a logprob of −inf (an impossible token) is written as −9999.0, as vLLM does: JSON has no
 //!   infinity and clients expect a number;
-//! - gptossd's own per-request facts go in a top-level `gptossd` object (passed in by the
-//!   server as a JSON value), never in OpenAI's fields;
+//! - gptossd's own per-request facts go in a top-level `gptossd` object ([`GptossdMetadata`],
+//!   which also gives the `x-request-id` and `x-gptossd-*` headers), never in OpenAI's fields;
 //! - with `return_token_ids`, ids go in `prompt_token_ids` and `token_ids` (vLLM's names).
 //!
 //! Streaming a chat reply: send [`ChunkBuilder::role`] first, then one chunk per generated
 //! token from [`ChunkBuilder::on_events`] (the events the chat parser gave for that token,
 //! merged into one delta, so per-token logprobs and ids attach to it), then
 //! [`ChunkBuilder::finish`], then [`ChunkBuilder::usage`] when `include_usage` asked for it.
+//! The responders (`super::responder`) do exactly that.
+//!
+//! Whole responses are folds ([`Fold`]: [`ChatFold`], [`CompletionFold`]) of those same chunks,
+//! the usage chunk included, joined the way a client joins deltas; the fold's invariant is
+//! that a whole answer says what the stream of the same request said.
 
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::chat::{ChatEvent, Ending, Reply, Summary, TokenId, Tokenizer};
+use crate::chat::{ChatEvent, Ending, Reply, Summary, TokenId, Tokenizer, ToolCall};
+use crate::config::{ModelSize, ProfileName};
 
 /// How a logprob of −inf is written (JSON has no infinity).
 pub const NEG_INF_LOGPROB: f32 = -9999.0;
 
 /// The identity every response object of one request shares.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResponseMeta {
+pub struct ResponseIdentity {
     /// `chatcmpl-…` or `cmpl-…`; also seeds the tool-call ids.
     pub id: String,
     /// Unix seconds when the request was received.
     pub created: u64,
     /// The served model name.
     pub model: String,
+}
+
+/// gptossd's own facts about one request: the top-level `gptossd` object of a whole response
+/// and of a stream's finish chunk, and the `x-request-id` / `x-gptossd-*` response headers
+/// ([`GptossdMetadata::headers`]), so the two cannot disagree. Fields serialize in this order.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GptossdMetadata {
+    /// The response id (`chatcmpl-…`, `cmpl-…`), also the id the cancel endpoint takes.
+    pub request_id: String,
+    /// The profile the request ran on.
+    #[serde(serialize_with = "as_text")]
+    pub profile: ProfileName,
+    /// The served model name.
+    pub model: String,
+    /// `20b`, `120b` or `test`.
+    #[serde(serialize_with = "as_text")]
+    pub model_size: ModelSize,
+    /// `single` (one stage) or `pipeline`.
+    pub gpu_mode: &'static str,
+    /// The engine name (as in the metrics).
+    pub engine: &'static str,
+    /// `cpu` or `cuda`.
+    pub backend: String,
+    /// Not the model the profile wants (its primary was down, or `quality_first` without a
+    /// 120b).
+    pub fallback: bool,
+    /// From arrival to the first step, when the request got that far.
+    pub queue_time_ms: Option<f64>,
+    /// From arrival to the first generated token, when there was one.
+    pub time_to_first_token_ms: Option<f64>,
+    /// The request was cancelled before it ended on its own (finish reason `abort`).
+    pub cancelled: bool,
+}
+
+impl GptossdMetadata {
+    /// The response headers: `x-request-id` and the `x-gptossd-*` family, values as in the body
+    /// (`x-gptossd-fallback` is `true` or `false`).
+    pub fn headers(&self) -> [(&'static str, String); 8] {
+        [
+            ("x-request-id", self.request_id.clone()),
+            ("x-gptossd-profile", self.profile.as_str().to_owned()),
+            ("x-gptossd-model", self.model.clone()),
+            ("x-gptossd-model-size", self.model_size.as_str().to_owned()),
+            ("x-gptossd-gpu-mode", self.gpu_mode.to_owned()),
+            ("x-gptossd-engine", self.engine.to_owned()),
+            ("x-gptossd-backend", self.backend.clone()),
+            ("x-gptossd-fallback", self.fallback.to_string()),
+        ]
+    }
+}
+
+/// Serializes a value by its `Display` text (profile and size names).
+fn as_text<T: std::fmt::Display, S: serde::Serializer>(
+    value: &T,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
 }
 
 /// Why generation stopped.
@@ -370,13 +434,13 @@ pub struct ChatCompletion {
     pub prompt_token_ids: Option<Vec<TokenId>>,
     /// gptossd's per-request facts (profile, timings, …).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub gptossd: Option<Value>,
+    pub gptossd: Option<GptossdMetadata>,
 }
 
 impl ChatCompletion {
     /// The response for a whole `reply` (the parser's events gathered).
     pub fn new(
-        meta: &ResponseMeta,
+        identity: &ResponseIdentity,
         reply: Reply,
         finish_reason: FinishReason,
         usage: Usage,
@@ -386,7 +450,7 @@ impl ChatCompletion {
             .into_iter()
             .enumerate()
             .map(|(index, call)| ToolCallOut {
-                id: tool_call_id(&meta.id, index),
+                id: tool_call_id(&identity.id, index),
                 kind: "function",
                 function: FunctionCallOut {
                     name: call.name,
@@ -401,10 +465,10 @@ impl ChatCompletion {
         };
         let reasoning = (!reply.reasoning.is_empty()).then_some(reply.reasoning);
         Self {
-            id: meta.id.clone(),
+            id: identity.id.clone(),
             object: "chat.completion",
-            created: meta.created,
-            model: meta.model.clone(),
+            created: identity.created,
+            model: identity.model.clone(),
             choices: vec![ChatChoice {
                 index: 0,
                 message: ChatMessageOut {
@@ -443,7 +507,7 @@ impl ChatCompletion {
     }
 
     /// Adds the `gptossd` metadata object.
-    pub fn with_metadata(mut self, metadata: Value) -> Self {
+    pub fn with_metadata(mut self, metadata: GptossdMetadata) -> Self {
         self.gptossd = Some(metadata);
         self
     }
@@ -536,7 +600,7 @@ pub struct ChatChunk {
     pub prompt_token_ids: Option<Vec<TokenId>>,
     /// gptossd's per-request facts (the last chunk).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub gptossd: Option<Value>,
+    pub gptossd: Option<GptossdMetadata>,
 }
 
 impl ChatChunk {
@@ -569,7 +633,7 @@ impl ChatChunk {
     }
 
     /// Adds the `gptossd` metadata object.
-    pub fn with_metadata(mut self, metadata: Value) -> Self {
+    pub fn with_metadata(mut self, metadata: GptossdMetadata) -> Self {
         self.gptossd = Some(metadata);
         self
     }
@@ -578,21 +642,21 @@ impl ChatChunk {
 /// Turns a chat reply's events into `chat.completion.chunk`s for one request.
 #[derive(Debug, Clone)]
 pub struct ChunkBuilder {
-    meta: ResponseMeta,
+    identity: ResponseIdentity,
 }
 
 impl ChunkBuilder {
-    /// Chunks for the request `meta` (tool-call ids derive from `meta.id`).
-    pub fn new(meta: ResponseMeta) -> Self {
-        Self { meta }
+    /// Chunks for the request `identity` (tool-call ids derive from `identity.id`).
+    pub fn new(identity: ResponseIdentity) -> Self {
+        Self { identity }
     }
 
     fn chunk(&self, choices: Vec<ChunkChoice>) -> ChatChunk {
         ChatChunk {
-            id: self.meta.id.clone(),
+            id: self.identity.id.clone(),
             object: "chat.completion.chunk",
-            created: self.meta.created,
-            model: self.meta.model.clone(),
+            created: self.identity.created,
+            model: self.identity.model.clone(),
             choices,
             usage: None,
             prompt_token_ids: None,
@@ -642,7 +706,7 @@ impl ChunkBuilder {
                 }
                 ChatEvent::ToolCallStart { index, name } => delta.tool_calls.push(ToolCallDelta {
                     index: *index,
-                    id: Some(tool_call_id(&self.meta.id, *index)),
+                    id: Some(tool_call_id(&self.identity.id, *index)),
                     kind: Some("function"),
                     function: FunctionDelta {
                         name: Some(name.clone()),
@@ -667,6 +731,12 @@ impl ChunkBuilder {
             }
         }
         (delta != Delta::default()).then(|| self.chunk(vec![Self::choice(delta, None)]))
+    }
+
+    /// A chunk that shows nothing (`"delta": {}`): what a token that changes nothing a client
+    /// sees (a header token) travels in when its logprobs or id were asked for.
+    pub fn empty(&self) -> ChatChunk {
+        self.chunk(vec![Self::choice(Delta::default(), None)])
     }
 
     /// The finish chunk: an empty delta and the finish reason.
@@ -721,16 +791,16 @@ pub struct Completion {
     pub usage: Option<Usage>,
     /// gptossd's per-request facts.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub gptossd: Option<Value>,
+    pub gptossd: Option<GptossdMetadata>,
 }
 
 impl Completion {
-    fn with_choices(meta: &ResponseMeta, choices: Vec<CompletionChoice>) -> Self {
+    fn with_choices(identity: &ResponseIdentity, choices: Vec<CompletionChoice>) -> Self {
         Self {
-            id: meta.id.clone(),
+            id: identity.id.clone(),
             object: "text_completion",
-            created: meta.created,
-            model: meta.model.clone(),
+            created: identity.created,
+            model: identity.model.clone(),
             choices,
             usage: None,
             gptossd: None,
@@ -750,31 +820,34 @@ impl Completion {
 
     /// A whole response.
     pub fn new(
-        meta: &ResponseMeta,
+        identity: &ResponseIdentity,
         text: String,
         finish_reason: FinishReason,
         usage: Usage,
     ) -> Self {
         let mut completion =
-            Self::with_choices(meta, vec![Self::choice(text, Some(finish_reason))]);
+            Self::with_choices(identity, vec![Self::choice(text, Some(finish_reason))]);
         completion.usage = Some(usage);
         completion
     }
 
     /// A streamed chunk carrying `text` (may be empty, e.g. for a token that completes no
     /// character yet but whose logprobs are sent).
-    pub fn text_chunk(meta: &ResponseMeta, text: String) -> Self {
-        Self::with_choices(meta, vec![Self::choice(text, None)])
+    pub fn text_chunk(identity: &ResponseIdentity, text: String) -> Self {
+        Self::with_choices(identity, vec![Self::choice(text, None)])
     }
 
     /// The last streamed chunk with a choice: empty text and the finish reason.
-    pub fn finish_chunk(meta: &ResponseMeta, finish_reason: FinishReason) -> Self {
-        Self::with_choices(meta, vec![Self::choice(String::new(), Some(finish_reason))])
+    pub fn finish_chunk(identity: &ResponseIdentity, finish_reason: FinishReason) -> Self {
+        Self::with_choices(
+            identity,
+            vec![Self::choice(String::new(), Some(finish_reason))],
+        )
     }
 
     /// The usage chunk: empty `choices` and `usage`.
-    pub fn usage_chunk(meta: &ResponseMeta, usage: Usage) -> Self {
-        let mut chunk = Self::with_choices(meta, Vec::new());
+    pub fn usage_chunk(identity: &ResponseIdentity, usage: Usage) -> Self {
+        let mut chunk = Self::with_choices(identity, Vec::new());
         chunk.usage = Some(usage);
         chunk
     }
@@ -807,8 +880,193 @@ impl Completion {
     }
 
     /// Adds the `gptossd` metadata object.
-    pub fn with_metadata(mut self, metadata: Value) -> Self {
+    pub fn with_metadata(mut self, metadata: GptossdMetadata) -> Self {
         self.gptossd = Some(metadata);
         self
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The whole answer: the fold of its stream
+
+/// Joins the chunks of a stream into the whole response, the way a client joins deltas. The
+/// server builds every whole response this way, from the very chunks a stream of the same
+/// request sends (the usage chunk included), so a whole answer and a streamed one cannot drift.
+pub trait Fold {
+    /// A streamed chunk.
+    type Chunk;
+    /// The whole response.
+    type Whole: Serialize;
+    /// Adds the next chunk.
+    fn add(&mut self, chunk: Self::Chunk);
+    /// The whole response; `None` when the stream did not end (no finish reason or no usage
+    /// came).
+    fn finish(self) -> Option<Self::Whole>;
+}
+
+/// The fold of a `chat.completion.chunk` stream into a `chat.completion`.
+#[derive(Debug, Clone)]
+pub struct ChatFold {
+    identity: ResponseIdentity,
+    reply: Reply,
+    prompt_token_ids: Option<Vec<TokenId>>,
+    logprobs: Option<ChatLogprobs>,
+    token_ids: Option<Vec<TokenId>>,
+    finish_reason: Option<FinishReason>,
+    usage: Option<Usage>,
+    metadata: Option<GptossdMetadata>,
+}
+
+impl ChatFold {
+    /// Nothing yet of the answer to `identity`. `logprobs` and `token_ids`: whether the request
+    /// asked for them (the whole answer then has them, empty if no token came).
+    pub fn new(identity: ResponseIdentity, logprobs: bool, token_ids: bool) -> Self {
+        Self {
+            identity,
+            reply: Reply::default(),
+            prompt_token_ids: None,
+            logprobs: logprobs.then(ChatLogprobs::default),
+            token_ids: token_ids.then(Vec::new),
+            finish_reason: None,
+            usage: None,
+            metadata: None,
+        }
+    }
+}
+
+/// Adds a tool-call piece to the call at its index: the first piece names it, every piece
+/// may add argument text.
+fn add_tool_call_piece(calls: &mut Vec<ToolCall>, piece: ToolCallDelta) {
+    if calls.len() <= piece.index {
+        calls.resize_with(piece.index + 1, ToolCall::default);
+    }
+    let call = &mut calls[piece.index];
+    call.name
+        .push_str(piece.function.name.as_deref().unwrap_or_default());
+    call.arguments
+        .push_str(piece.function.arguments.as_deref().unwrap_or_default());
+}
+
+impl Fold for ChatFold {
+    type Chunk = ChatChunk;
+    type Whole = ChatCompletion;
+
+    fn add(&mut self, chunk: ChatChunk) {
+        if chunk.prompt_token_ids.is_some() {
+            self.prompt_token_ids = chunk.prompt_token_ids;
+        }
+        if chunk.usage.is_some() {
+            self.usage = chunk.usage;
+        }
+        if chunk.gptossd.is_some() {
+            self.metadata = chunk.gptossd;
+        }
+        for choice in chunk.choices {
+            let delta = choice.delta;
+            self.reply
+                .content
+                .push_str(delta.content.as_deref().unwrap_or_default());
+            self.reply
+                .reasoning
+                .push_str(delta.reasoning_content.as_deref().unwrap_or_default());
+            for piece in delta.tool_calls {
+                add_tool_call_piece(&mut self.reply.tool_calls, piece);
+            }
+            if let Some(logprobs) = choice.logprobs {
+                let all = self.logprobs.get_or_insert_with(ChatLogprobs::default);
+                all.content.extend(logprobs.content);
+            }
+            if let Some(ids) = choice.token_ids {
+                self.token_ids.get_or_insert_with(Vec::new).extend(ids);
+            }
+            if choice.finish_reason.is_some() {
+                self.finish_reason = choice.finish_reason;
+            }
+        }
+    }
+
+    fn finish(self) -> Option<ChatCompletion> {
+        let mut whole =
+            ChatCompletion::new(&self.identity, self.reply, self.finish_reason?, self.usage?);
+        whole.prompt_token_ids = self.prompt_token_ids;
+        whole.gptossd = self.metadata;
+        if let Some(choice) = whole.choices.first_mut() {
+            choice.logprobs = self.logprobs;
+            choice.token_ids = self.token_ids;
+        }
+        Some(whole)
+    }
+}
+
+/// The fold of a streamed `text_completion` into the whole one.
+#[derive(Debug, Clone)]
+pub struct CompletionFold {
+    identity: ResponseIdentity,
+    text: String,
+    logprobs: Option<CompletionLogprobs>,
+    prompt_token_ids: Option<Vec<TokenId>>,
+    token_ids: Option<Vec<TokenId>>,
+    finish_reason: Option<FinishReason>,
+    usage: Option<Usage>,
+    metadata: Option<GptossdMetadata>,
+}
+
+impl CompletionFold {
+    /// Nothing yet of the completion `identity`. `logprobs` and `token_ids`: whether the
+    /// request asked for them (the whole answer then has them, empty if no token came).
+    pub fn new(identity: ResponseIdentity, logprobs: bool, token_ids: bool) -> Self {
+        Self {
+            identity,
+            text: String::new(),
+            logprobs: logprobs.then(CompletionLogprobs::default),
+            prompt_token_ids: None,
+            token_ids: token_ids.then(Vec::new),
+            finish_reason: None,
+            usage: None,
+            metadata: None,
+        }
+    }
+}
+
+impl Fold for CompletionFold {
+    type Chunk = Completion;
+    type Whole = Completion;
+
+    fn add(&mut self, chunk: Completion) {
+        if chunk.usage.is_some() {
+            self.usage = chunk.usage;
+        }
+        if chunk.gptossd.is_some() {
+            self.metadata = chunk.gptossd;
+        }
+        for choice in chunk.choices {
+            self.text.push_str(&choice.text);
+            if let Some(logprobs) = choice.logprobs {
+                self.logprobs
+                    .get_or_insert_with(CompletionLogprobs::default)
+                    .extend(logprobs);
+            }
+            if choice.prompt_token_ids.is_some() {
+                self.prompt_token_ids = choice.prompt_token_ids;
+            }
+            if let Some(ids) = choice.token_ids {
+                self.token_ids.get_or_insert_with(Vec::new).extend(ids);
+            }
+            if choice.finish_reason.is_some() {
+                self.finish_reason = choice.finish_reason;
+            }
+        }
+    }
+
+    fn finish(self) -> Option<Completion> {
+        let mut whole =
+            Completion::new(&self.identity, self.text, self.finish_reason?, self.usage?);
+        whole.gptossd = self.metadata;
+        if let Some(choice) = whole.choices.first_mut() {
+            choice.logprobs = self.logprobs;
+            choice.prompt_token_ids = self.prompt_token_ids;
+            choice.token_ids = self.token_ids;
+        }
+        Some(whole)
     }
 }

@@ -621,7 +621,7 @@ fn golden_case(name: &str) -> Value {
         .unwrap_or_else(|| panic!("no golden case {name}"))
 }
 
-fn golden_ids(case: &Value) -> Vec<TokenId> {
+pub(super) fn golden_ids(case: &Value) -> Vec<TokenId> {
     case["ids"]
         .as_array()
         .expect("ids")
@@ -759,13 +759,15 @@ fn profile_effort_applies_only_when_the_request_names_none() {
         request.conversation().system.reasoning_effort,
         ReasoningEffort::Medium
     );
-    request.set_default_effort(ReasoningEffort::Low);
+    // The answer says whether a prompt rendered before is stale.
+    assert!(!request.clone().set_default_effort(ReasoningEffort::Medium));
+    assert!(request.set_default_effort(ReasoningEffort::Low));
     assert_eq!(
         request.conversation().system.reasoning_effort,
         ReasoningEffort::Low
     );
     let mut request = chat(hello(json!({"reasoning_effort": "high"})));
-    request.set_default_effort(ReasoningEffort::Low);
+    assert!(!request.set_default_effort(ReasoningEffort::Low));
     assert_eq!(
         request.conversation().system.reasoning_effort,
         ReasoningEffort::High
@@ -929,15 +931,57 @@ fn effective_max_tokens() {
 // ---------------------------------------------------------------------------------------------
 // Response bodies
 
-fn meta() -> ResponseMeta {
-    ResponseMeta {
+pub(super) fn identity() -> ResponseIdentity {
+    ResponseIdentity {
         id: "chatcmpl-abc".to_owned(),
         created: 1_751_068_800,
         model: "gpt-oss-20b".to_owned(),
     }
 }
 
-fn to_json(value: &impl serde::Serialize) -> Value {
+/// gptossd's metadata of a request that ran on a fallback.
+pub(super) fn metadata() -> GptossdMetadata {
+    GptossdMetadata {
+        request_id: "chatcmpl-abc".to_owned(),
+        profile: ProfileName::QualityFirst,
+        model: "gpt-oss-20b".to_owned(),
+        model_size: crate::config::ModelSize::B20,
+        gpu_mode: "pipeline",
+        engine: "gptossd-pipeline",
+        backend: "cuda".to_owned(),
+        fallback: true,
+        queue_time_ms: Some(1.5),
+        time_to_first_token_ms: None,
+        cancelled: false,
+    }
+}
+
+/// The `gptossd` object and the headers say the same, in the names clients and scripts read.
+#[test]
+fn gptossd_metadata_shape_and_headers() {
+    let body = serde_json::to_string(&metadata()).expect("serialisable");
+    assert_eq!(
+        body,
+        r#"{"request_id":"chatcmpl-abc","profile":"quality_first","model":"gpt-oss-20b","model_size":"20b","gpu_mode":"pipeline","engine":"gptossd-pipeline","backend":"cuda","fallback":true,"queue_time_ms":1.5,"time_to_first_token_ms":null,"cancelled":false}"#
+    );
+    assert_eq!(
+        metadata()
+            .headers()
+            .map(|(name, value)| format!("{name}: {value}")),
+        [
+            "x-request-id: chatcmpl-abc",
+            "x-gptossd-profile: quality_first",
+            "x-gptossd-model: gpt-oss-20b",
+            "x-gptossd-model-size: 20b",
+            "x-gptossd-gpu-mode: pipeline",
+            "x-gptossd-engine: gptossd-pipeline",
+            "x-gptossd-backend: cuda",
+            "x-gptossd-fallback: true",
+        ]
+    );
+}
+
+pub(super) fn to_json(value: &impl serde::Serialize) -> Value {
     serde_json::to_value(value).expect("serialisable")
 }
 
@@ -961,8 +1005,8 @@ fn chat_completion_shape() {
         .with_cached_tokens(32)
         .with_reasoning_tokens(4);
     let body = to_json(
-        &ChatCompletion::new(&meta(), reply, FinishReason::Stop, usage)
-            .with_metadata(json!({"profile": "balanced"}))
+        &ChatCompletion::new(&identity(), reply, FinishReason::Stop, usage)
+            .with_metadata(metadata())
             .with_token_ids(vec![1, 2], vec![3, 4]),
     );
     assert_eq!(
@@ -1000,7 +1044,7 @@ fn chat_completion_shape() {
                "prompt_tokens_details": {"cached_tokens": 32},
                "completion_tokens_details": {"reasoning_tokens": 4}})
     );
-    assert_eq!(body["gptossd"], json!({"profile": "balanced"}));
+    assert_eq!(body["gptossd"], to_json(&metadata()));
 }
 
 #[test]
@@ -1014,7 +1058,7 @@ fn chat_completion_with_tool_calls() {
         }],
     };
     let body = to_json(&ChatCompletion::new(
-        &meta(),
+        &identity(),
         reply,
         FinishReason::ToolCalls,
         Usage::new(1, 2),
@@ -1044,7 +1088,7 @@ fn tool_call_ids_are_deterministic_and_distinct() {
 
 #[test]
 fn chunk_shapes() {
-    let builder = ChunkBuilder::new(meta());
+    let builder = ChunkBuilder::new(identity());
     let role = to_json(&builder.role().with_prompt_token_ids(vec![7]));
     assert_eq!(
         keys(&role),
@@ -1118,17 +1162,22 @@ fn chunk_shapes() {
     assert!(builder
         .on_event(crate::chat::ChatEvent::Content(String::new()))
         .is_none());
+    // What a token that shows nothing travels in when its logprobs or id were asked for.
+    assert_eq!(
+        to_json(&builder.empty())["choices"],
+        json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": null}])
+    );
 
     let finish = to_json(
         &builder
             .finish(FinishReason::Length)
-            .with_metadata(json!({"x": 1})),
+            .with_metadata(metadata()),
     );
     assert_eq!(
         finish["choices"],
         json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": "length"}])
     );
-    assert_eq!(finish["gptossd"], json!({"x": 1}));
+    assert_eq!(finish["gptossd"], to_json(&metadata()));
 
     let usage = to_json(&builder.usage(Usage::new(3, 4)));
     assert_eq!(usage["choices"], json!([]));
@@ -1152,7 +1201,7 @@ fn streamed_chunks_add_up_to_the_reply() {
     for case in golden["reply_cases"].as_array().expect("reply_cases") {
         let ids = golden_ids(case);
         let (whole, summary) = parse_reply(tok, &ids);
-        let builder = ChunkBuilder::new(meta());
+        let builder = ChunkBuilder::new(identity());
         let mut parser = ReplyParser::new(tok);
         let mut chunks = vec![to_json(&builder.role())];
         for &id in &ids {
@@ -1271,9 +1320,9 @@ fn chat_logprobs_shape() {
 #[test]
 fn text_completion_shapes() {
     let tok = Tokenizer::get();
-    let m = ResponseMeta {
+    let m = ResponseIdentity {
         id: "cmpl-1".to_owned(),
-        ..meta()
+        ..identity()
     };
     let ids = tok.encode("Hello world");
     let mut builder = CompletionLogprobsBuilder::new();

@@ -7,7 +7,10 @@
 //! defaults ([`defaults`], also written out in `packaging/gptossd.toml`, and the few that
 //! depend on the machine: [`default_control_socket`], [`default_layout`]), the checks, and the
 //! command-line overrides ([`Overrides`]). Parse, don't validate: only the checked [`Config`]
-//! leaves this module, and it cannot be built any other way.
+//! leaves this module, and it cannot be built any other way. Beside it, in `routing`, the rules
+//! that read it to route requests: a request's profile ([`Config::choose_profile`]), a
+//! profile's models ([`Config::profile_models`]) and the loaded model that serves it now
+//! ([`Config::route`]).
 //!
 //! # Invariants of a [`Config`]
 //!
@@ -38,6 +41,7 @@ mod host;
 mod location;
 mod overrides;
 mod raw;
+mod routing;
 #[cfg(test)]
 mod tests;
 
@@ -55,6 +59,10 @@ pub use self::device::{Device, DeviceParseError};
 pub use self::host::{
     default_control_socket, default_layout, ControlSocketSource, DefaultLayout, Host,
     RUNTIME_DIRECTORY_ENV, XDG_RUNTIME_DIR_ENV,
+};
+pub use self::routing::{
+    profile_for_shape, LoadedModel, ModelChoice, ProfileModels, AUTO_ASSUMED_MAX_TOKENS,
+    AUTO_LONG_ANSWER_TOKENS, AUTO_LONG_PROMPT_TOKENS, AUTO_SHORT_TOKENS,
 };
 pub use crate::chat::ReasoningEffort;
 use crate::split::{split_layers, CostModel};
@@ -367,55 +375,6 @@ impl Config {
     pub fn slo(&self) -> &SloWindow {
         &self.slo
     }
-
-    /// Which models serve `profile`. `size_of` gives each model's size: its `size` setting, or
-    /// for `auto` what its `config.json` says ([`ModelSettings::resolve_size`]).
-    ///
-    /// The primary model is the profile's `model`, else the first model of the profile's
-    /// preferred size ([`ProfileName::preferred_size`]), else the first model standing in for
-    /// that size ([`ModelSize::serves_as`]: a test model for the 20b), else the first model.
-    /// The fallback is the profile's `fallback`, else for `quality_first` the first 20b model
-    /// (or stand-in) other than the primary; never the primary itself.
-    pub fn profile_models(
-        &self,
-        profile: ProfileName,
-        size_of: impl Fn(&ModelSettings) -> ModelSize,
-    ) -> ProfileModels<'_> {
-        let settings = self.profiles.get(profile);
-        let of_size = |size: ModelSize, except: Option<&str>| {
-            let others = || {
-                self.models
-                    .iter()
-                    .filter(move |m| Some(m.name.as_str()) != except)
-            };
-            others()
-                .find(|m| size_of(m) == size)
-                .or_else(|| others().find(|m| size_of(m).serves_as() == size))
-        };
-        let primary = settings
-            .model
-            .as_deref()
-            .and_then(|n| self.model(n))
-            .or_else(|| of_size(profile.preferred_size(), None))
-            .unwrap_or(&self.models[0]);
-        let fallback = match settings.fallback.as_deref() {
-            Some(n) => self.model(n),
-            None if profile == ProfileName::QualityFirst => {
-                of_size(ModelSize::B20, Some(&primary.name))
-            }
-            None => None,
-        }
-        .filter(|f| f.name != primary.name);
-        ProfileModels { primary, fallback }
-    }
-}
-
-/// The models a profile runs on.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ProfileModels<'a> {
-    pub primary: &'a ModelSettings,
-    /// Used when the primary is not loaded or unhealthy.
-    pub fallback: Option<&'a ModelSettings>,
 }
 
 /// `[server]`: the HTTP listener and the control socket.

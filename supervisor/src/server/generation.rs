@@ -1,28 +1,82 @@
-//! One generation as a request handler sees it: submitted to a model's pipeline, its events
+//! One generation as a request handler sees it: submitted to its model's pipeline, its events
 //! awaited one by one, its timings taken, its metrics recorded exactly once, and its sequence
 //! cancelled if the handler goes away before the end (a client that disconnects).
+//!
+//! The pipeline meets the HTTP side in two places only, both here: [`Run::submit`] is the one
+//! call of `PipelineHandle::submit` (its refusal typed as [`SubmitError`]), and [`Run::next`]
+//! is where each pipeline event enters the handler, translated into a [`RunEvent`] (a failure
+//! typed as [`RunFailure`]). Both errors turn into an [`ApiError`] by a `From` here, so the HTTP
+//! status comes from the error table ([`ErrorCase`]), never from the text of a message.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::api::FinishReason;
-use crate::config::ProfileName;
+use crate::api::{
+    ApiError, EndedBy, ErrorCase, FinishReason, GeneratedToken, GptossdMetadata, Usage,
+};
 use crate::metrics::{Labels, Outcome, RequestRecord};
 use crate::pipeline::{Finish, GenEvent, GenReceiver, GenRequest, SubmitError};
-use crate::scheduler::SeqId;
+use crate::scheduler::{Rejected, SeqId};
 
 use super::state::{AppState, Route, ENGINE};
 
 /// What the handler gets from [`Run::next`].
 #[derive(Debug)]
 pub enum RunEvent {
-    Token {
-        token: u32,
-        logprob: f32,
-        top: Vec<(u32, f32)>,
-    },
-    Finished(Finish),
-    Failed(String),
+    Token(GeneratedToken),
+    Finished(EndedBy),
+    Failed(RunFailure),
+}
+
+/// Why a submitted generation failed before it finished.
+///
+/// The pipeline reports a failure as text today (`GenEvent::Failed(String)`), so the only
+/// typed fact at hand is whether the daemon is draining: a request the pipeline drops then was
+/// cut by the end of the drain's grace. Every other failure (a step failed on a stage, the
+/// model went unhealthy) is [`RunFailure::Pipeline`], a 500 whose text goes to the log only.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RunFailure {
+    /// The daemon is shutting down and the pipeline gave up on the request.
+    #[error("the server is shutting down ({0})")]
+    ShuttingDown(String),
+    /// The pipeline failed the request.
+    #[error("the pipeline failed the request: {0}")]
+    Pipeline(String),
+    /// The pipeline dropped the request without a last event.
+    #[error("the pipeline stopped")]
+    PipelineStopped,
+}
+
+impl From<RunFailure> for ApiError {
+    fn from(failure: RunFailure) -> Self {
+        match failure {
+            RunFailure::ShuttingDown(_) => {
+                ApiError::new(ErrorCase::Unavailable, "the server is shutting down")
+            }
+            RunFailure::Pipeline(_) | RunFailure::PipelineStopped => ApiError::internal(),
+        }
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::Rejected(Rejected::QueueFull { limit }) => ApiError::new(
+                ErrorCase::QueueFull,
+                format!("the server is at capacity ({limit} requests waiting); retry later"),
+            ),
+            SubmitError::Rejected(
+                r @ (Rejected::TooLong { .. } | Rejected::ExceedsKvPool { .. }),
+            ) => ApiError::new(ErrorCase::ContextLength, r.to_string()).with_param("max_tokens"),
+            SubmitError::Rejected(r) => ApiError::invalid_value("messages", r.to_string()),
+            SubmitError::TokenOutOfRange { .. } => ApiError::invalid_value("prompt", e.to_string()),
+            SubmitError::Draining => ApiError::new(ErrorCase::Unavailable, e.to_string()),
+            SubmitError::Unhealthy(_) | SubmitError::Stopped => {
+                ApiError::new(ErrorCase::Unhealthy, e.to_string())
+            }
+        }
+    }
 }
 
 /// A submitted generation.
@@ -33,8 +87,8 @@ pub struct Run {
     seq: SeqId,
     rx: GenReceiver,
     labels: Labels,
-    profile: ProfileName,
-    fallback: bool,
+    /// The response metadata known at submission (timings and `cancelled` come at the end).
+    metadata: GptossdMetadata,
     arrival: Instant,
     scheduled_at: Option<Instant>,
     first_token_at: Option<Instant>,
@@ -54,24 +108,35 @@ impl Run {
         req: GenRequest,
         arrival: Instant,
     ) -> Result<Run, SubmitError> {
-        let model_index = state.model_index(&route.model.name).unwrap_or(0);
         let prompt_tokens = req.prompt.len();
         let (seq, rx) = route.model.pipeline.submit(req)?;
-        state.register(&id, model_index, seq);
+        state.register(&id, route.index, seq);
         let labels = Labels {
             engine: ENGINE.to_string(),
             model: route.model.name.clone(),
             profile: route.profile.as_str().to_string(),
         };
+        let metadata = GptossdMetadata {
+            request_id: id.clone(),
+            profile: route.profile,
+            model: route.model.name.clone(),
+            model_size: route.model.size,
+            gpu_mode: route.model.gpu_mode(),
+            engine: ENGINE,
+            backend: route.model.backend.clone(),
+            fallback: route.fallback,
+            queue_time_ms: None,
+            time_to_first_token_ms: None,
+            cancelled: false,
+        };
         Ok(Run {
             id,
             state,
-            model_index,
+            model_index: route.index,
             seq,
             rx,
             labels,
-            profile: route.profile,
-            fallback: route.fallback,
+            metadata,
             arrival,
             scheduled_at: None,
             first_token_at: None,
@@ -87,7 +152,7 @@ impl Run {
     pub async fn next(&mut self) -> RunEvent {
         loop {
             let Some(ev) = self.rx.recv().await else {
-                return RunEvent::Failed("the pipeline stopped".into());
+                return RunEvent::Failed(RunFailure::PipelineStopped);
             };
             match ev {
                 GenEvent::Scheduled => {
@@ -108,14 +173,27 @@ impl Run {
                     }
                     self.last_token_at = Some(now);
                     self.generated += 1;
-                    return RunEvent::Token {
-                        token,
+                    return RunEvent::Token(GeneratedToken {
+                        id: token,
                         logprob,
                         top,
-                    };
+                    });
                 }
-                GenEvent::Finished(f) => return RunEvent::Finished(f),
-                GenEvent::Failed(m) => return RunEvent::Failed(m),
+                GenEvent::Finished(f) => {
+                    return RunEvent::Finished(match f {
+                        Finish::Stop => EndedBy::StopToken,
+                        Finish::Length => EndedBy::Length,
+                        Finish::Cancelled => EndedBy::Cancel,
+                    })
+                }
+                GenEvent::Failed(message) => {
+                    let failure = if self.state.draining.load(Ordering::SeqCst) {
+                        RunFailure::ShuttingDown(message)
+                    } else {
+                        RunFailure::Pipeline(message)
+                    };
+                    return RunEvent::Failed(failure);
+                }
             }
         }
     }
@@ -136,21 +214,19 @@ impl Run {
         self.first_token_at.map(|t| t - self.arrival)
     }
 
-    /// The `gptossd` metadata object of a response.
-    pub fn meta(&self) -> serde_json::Value {
-        let model = self.state.models.get(self.model_index);
-        serde_json::json!({
-            "request_id": self.id,
-            "profile": self.profile.as_str(),
-            "model": self.labels.model,
-            "model_size": model.map(|m| m.size.as_str()),
-            "gpu_mode": model.map(|m| m.gpu_mode()),
-            "engine": ENGINE,
-            "backend": model.map(|m| m.backend.as_str()),
-            "fallback": self.fallback,
-            "queue_time_ms": self.queue_time().map(|d| d.as_secs_f64() * 1e3),
-            "time_to_first_token_ms": self.ttft().map(|d| d.as_secs_f64() * 1e3),
-        })
+    /// The response metadata as of now; `cancelled`: the request was cancelled.
+    pub fn metadata(&self, cancelled: bool) -> GptossdMetadata {
+        GptossdMetadata {
+            queue_time_ms: self.queue_time().map(|d| d.as_secs_f64() * 1e3),
+            time_to_first_token_ms: self.ttft().map(|d| d.as_secs_f64() * 1e3),
+            cancelled,
+            ..self.metadata.clone()
+        }
+    }
+
+    /// The token counts so far: the prompt and every generated token (a stop token included).
+    pub fn usage(&self) -> Usage {
+        Usage::new(self.prompt_tokens, self.generated)
     }
 
     /// Records the request's metrics once, with its finish reason (or error reason).
@@ -177,7 +253,7 @@ impl Run {
                 (Some(f), Some(l)) => Some(l - f),
                 _ => None,
             },
-            fallback: self.fallback,
+            fallback: self.metadata.fallback,
         };
         self.state.metrics.record(&record);
     }
@@ -196,81 +272,64 @@ impl Drop for Run {
     }
 }
 
-/// Holds back text that might be the start of a stop string, and cuts at the first match.
-pub struct StopMatcher {
-    stops: Vec<String>,
-    pending: String,
-    longest: usize,
-}
-
-impl StopMatcher {
-    pub fn new(stops: Vec<String>) -> Self {
-        let longest = stops.iter().map(|s| s.len()).max().unwrap_or(0);
-        Self {
-            stops,
-            pending: String::new(),
-            longest,
-        }
-    }
-
-    /// Adds generated text; returns what may be emitted now and whether a stop string matched
-    /// (then nothing after it is ever emitted).
-    pub fn push(&mut self, text: &str) -> (String, bool) {
-        if self.stops.is_empty() {
-            return (text.to_string(), false);
-        }
-        self.pending.push_str(text);
-        let hit = self
-            .stops
-            .iter()
-            .filter_map(|s| self.pending.find(s.as_str()))
-            .min();
-        if let Some(at) = hit {
-            let out = self.pending[..at].to_string();
-            self.pending.clear();
-            return (out, true);
-        }
-        // Keep the last longest−1 bytes (on a char boundary): they may begin a stop string.
-        let mut keep_from = self
-            .pending
-            .len()
-            .saturating_sub(self.longest.saturating_sub(1));
-        while !self.pending.is_char_boundary(keep_from) {
-            keep_from -= 1;
-        }
-        let out = self.pending[..keep_from].to_string();
-        self.pending.drain(..keep_from);
-        (out, false)
-    }
-
-    /// The held-back text at the end of generation.
-    pub fn finish(&mut self) -> String {
-        std::mem::take(&mut self.pending)
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::StopMatcher;
+    use super::*;
 
-    #[test]
-    fn stop_strings_cut_across_pushes() {
-        let mut m = StopMatcher::new(vec!["END".into(), "\n\n".into()]);
-        let (a, hit) = m.push("hello E");
-        assert!(!hit);
-        let (b, hit) = m.push("ND world");
-        assert!(hit);
-        assert_eq!(format!("{a}{b}"), "hello ");
+    fn row(e: ApiError) -> (u16, Option<String>, String) {
+        (e.status, e.code, e.message)
     }
 
     #[test]
-    fn text_without_stops_passes_through_whole() {
-        let mut m = StopMatcher::new(vec!["zz".into()]);
-        let (a, _) = m.push("abcz");
-        let (b, _) = m.push("é!");
-        let c = m.finish();
-        assert_eq!(format!("{a}{b}{c}"), "abczé!");
-        let mut none = StopMatcher::new(vec![]);
-        assert_eq!(none.push("x").0, "x");
+    fn a_failed_run_takes_its_status_from_the_error_table_and_keeps_its_text_in_the_log() {
+        let (status, code, message) = row(RunFailure::ShuttingDown("grace over".into()).into());
+        assert_eq!(
+            (status, code.as_deref(), message.as_str()),
+            (
+                503,
+                Some("service_unavailable"),
+                "the server is shutting down"
+            )
+        );
+        for failure in [
+            RunFailure::Pipeline("internal error: stage 1 step 7: NaN in logits".into()),
+            RunFailure::PipelineStopped,
+        ] {
+            let (status, code, message) = row(failure.into());
+            assert_eq!((status, code.as_deref()), (500, Some("internal_error")));
+            assert!(!message.contains("stage 1"), "{message}");
+        }
+    }
+
+    #[test]
+    fn a_refused_submission_maps_by_its_variant() {
+        let queue_full = ApiError::from(SubmitError::Rejected(Rejected::QueueFull { limit: 8 }));
+        assert_eq!(
+            (queue_full.status, queue_full.case),
+            (429, ErrorCase::QueueFull)
+        );
+        assert!(
+            queue_full.message.contains("8 requests"),
+            "{}",
+            queue_full.message
+        );
+        let too_long = ApiError::from(SubmitError::Rejected(Rejected::TooLong {
+            prompt: 10,
+            max_new_tokens: 20,
+            max_context: 16,
+        }));
+        assert_eq!(too_long.case, ErrorCase::ContextLength);
+        assert_eq!(too_long.param.as_deref(), Some("max_tokens"));
+        assert_eq!(
+            ApiError::from(SubmitError::Draining).case,
+            ErrorCase::Unavailable
+        );
+        for unhealthy in [
+            SubmitError::Unhealthy("stage 1".into()),
+            SubmitError::Stopped,
+        ] {
+            let e = ApiError::from(unhealthy);
+            assert_eq!((e.status, e.case), (503, ErrorCase::Unhealthy));
+        }
     }
 }

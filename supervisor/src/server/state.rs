@@ -1,14 +1,19 @@
 //! What every request handler shares: the configuration, the loaded models and their
 //! pipelines, the default profile (switchable at run time), metrics, and the registry of
 //! running requests (for the cancel endpoint).
+//!
+//! Routing a request to a model is the configuration's rule ([`Config::route`]); this file only
+//! describes the loaded models to it and resolves the answer into a [`Route`], or a typed
+//! [`RouteError`] when nothing can serve the request.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::Instant;
 
+use crate::api::{ApiError, ErrorCase};
 use crate::chat::tokenizer::Tokenizer;
-use crate::config::{Config, ModelSize, ProfileName, ProfileSettings};
+use crate::config::{Config, LoadedModel, ModelSize, ProfileName, ProfileSettings};
 use crate::metrics::Metrics;
 use crate::pipeline::PipelineHandle;
 use crate::scheduler::SeqId;
@@ -58,8 +63,37 @@ pub struct Route<'a> {
     pub profile: ProfileName,
     pub settings: &'a ProfileSettings,
     pub model: &'a ModelEntry,
-    /// The profile's primary model was not usable and its fallback serves.
+    /// The model's position in [`AppState::models`].
+    pub index: usize,
+    /// Not the model the profile wants: its primary was not usable and its fallback serves,
+    /// or `quality_first` runs on something other than a 120b.
     pub fallback: bool,
+}
+
+/// Why a request has no model to run on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// Neither the profile's model nor its fallback is loaded.
+    #[error("no model can serve profile {0}")]
+    NoModel(ProfileName),
+    /// The request's `model` is not one of the loaded models.
+    #[error("model {name:?} is not served (available: {})", available.join(", "))]
+    ModelNotFound {
+        name: String,
+        available: Vec<String>,
+    },
+}
+
+impl From<RouteError> for ApiError {
+    fn from(e: RouteError) -> Self {
+        match e {
+            RouteError::NoModel(_) => ApiError::new(ErrorCase::Unavailable, e.to_string()),
+            RouteError::ModelNotFound { name, available } => {
+                let available: Vec<&str> = available.iter().map(String::as_str).collect();
+                ApiError::model_not_found(&name, &available)
+            }
+        }
+    }
 }
 
 /// The daemon's shared state.
@@ -117,51 +151,51 @@ impl AppState {
         format!("{prefix}-{:x}{:08x}", std::process::id(), n)
     }
 
-    pub fn model_index(&self, name: &str) -> Option<usize> {
-        self.models.iter().position(|m| m.name == name)
-    }
-
-    fn entry(&self, name: &str) -> Option<&ModelEntry> {
-        self.models.iter().find(|m| m.name == name)
-    }
-
-    /// The model for `profile`: its primary when usable, else its fallback (flagged).
+    /// The model for `profile` now: its primary when usable, else its fallback (flagged); see
+    /// [`Config::route`].
     pub fn route(&self, profile: ProfileName) -> Option<Route<'_>> {
-        let models = self.config.profile_models(profile, |m| {
-            self.entry(&m.name).map_or(ModelSize::B20, |e| e.size)
-        });
-        let settings = self.config.profile(profile);
-        let primary = self.entry(&models.primary.name);
-        // quality_first wants 120b: a 20b primary (no 120b configured) counts as a fallback.
-        let wants_120 = profile == ProfileName::QualityFirst;
-        match primary {
-            Some(p) if p.usable() => Some(Route {
-                profile,
-                settings,
-                model: p,
-                fallback: wants_120 && p.size != ModelSize::B120,
+        let loaded: Vec<LoadedModel<'_>> = self
+            .models
+            .iter()
+            .map(|m| LoadedModel {
+                name: &m.name,
+                size: m.size,
+                usable: m.usable(),
+            })
+            .collect();
+        let choice = self.config.route(profile, &loaded)?;
+        let model = self.models.get(choice.index)?;
+        Some(Route {
+            profile,
+            settings: self.config.profile(profile),
+            model,
+            index: choice.index,
+            fallback: choice.fallback,
+        })
+    }
+
+    /// The route of a request on `profile` that may name a `model`: the profile's route, or the
+    /// named model (with the profile's settings, never flagged as a fallback).
+    pub fn route_request(
+        &self,
+        profile: ProfileName,
+        model: Option<&str>,
+    ) -> Result<Route<'_>, RouteError> {
+        let route = self.route(profile).ok_or(RouteError::NoModel(profile))?;
+        let Some(name) = model.filter(|&name| name != route.model.name) else {
+            return Ok(route);
+        };
+        match self.models.iter().position(|m| m.name == name) {
+            Some(index) => Ok(Route {
+                model: &self.models[index],
+                index,
+                fallback: false,
+                ..route
             }),
-            _ => {
-                let fb = models
-                    .fallback
-                    .and_then(|f| self.entry(&f.name))
-                    .filter(|f| f.usable());
-                match (fb, primary) {
-                    (Some(f), _) => Some(Route {
-                        profile,
-                        settings,
-                        model: f,
-                        fallback: true,
-                    }),
-                    (None, Some(p)) => Some(Route {
-                        profile,
-                        settings,
-                        model: p,
-                        fallback: false,
-                    }),
-                    (None, None) => None,
-                }
-            }
+            None => Err(RouteError::ModelNotFound {
+                name: name.to_owned(),
+                available: self.models.iter().map(|m| m.name.clone()).collect(),
+            }),
         }
     }
 
