@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use gptossd_shared::config::{ConfigError, ModelConfig};
 
-use crate::pipeline::worker::WorkerSpec;
-use crate::pipeline::PipelineConfig;
+use crate::pipeline::{PipelineConfig, StageSpec};
 use crate::scheduler::SchedulerConfig;
 use crate::split::{split_layers, CostModel};
 
@@ -115,7 +114,7 @@ pub fn pipeline_config(opts: &LaunchOptions) -> Result<PipelineConfig, LaunchErr
     let stages = splits
         .iter()
         .enumerate()
-        .map(|(k, range)| WorkerSpec {
+        .map(|(k, range)| StageSpec {
             binary: binary.clone(),
             model: opts.model.clone(),
             stage: k,
@@ -188,7 +187,7 @@ pub fn pipeline_config_for_model(
                 Some(Device::Cuda { ordinal }) => (format!("cuda:{ordinal}"), Vec::new()),
                 None => ("cpu".to_string(), Vec::new()),
             };
-            WorkerSpec {
+            StageSpec {
                 binary: binary.clone(),
                 model: model.path.clone(),
                 stage: k,
