@@ -21,8 +21,9 @@
 //! One thread (the engine) owns all mutable state. Everything else talks to it through one
 //! event channel: API calls (the [`PipelineHandle`]), stage connections and messages (the
 //! control reader threads), a stage's stderr closing, step results (the result reader). The
-//! engine never blocks on a stage, and sleeps until an event or the next thing due. The
-//! status is published on a `watch`.
+//! engine never blocks on a stage, and sleeps until an event or the next thing due. Callers
+//! get answers without blocking: a request's acknowledgement and its events on tokio
+//! channels, the status (readiness included) on a `watch`.
 //!
 //! Failure: a stage that exits, misses heartbeats or overruns the step deadline is killed,
 //! the epoch is bumped, the two rings it touched are replaced, every running sequence is
@@ -43,6 +44,7 @@ mod lifecycle;
 mod process;
 mod registry;
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
@@ -52,7 +54,7 @@ use std::time::{Duration, Instant};
 use gptossd_shared::protocol::{StepResult, WorkerMsg};
 use gptossd_stage::sampler::Sampler;
 use interprocess::os::unix::uds_local_socket::Stream;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::scheduler::{Rejected, SchedulerConfig, SchedulerStats, SeqId};
 use engine::Engine;
@@ -147,6 +149,19 @@ pub enum SubmitError {
     Stopped,
 }
 
+/// Why a pipeline did not start (every stage loaded) while it was awaited.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StartError {
+    /// The model became unhealthy before it was ever ready; `recovery` tells a load failure
+    /// ([`Recovery::AdministratorRestart`]) from a crash loop.
+    #[error("{reason}")]
+    Unhealthy { reason: String, recovery: Recovery },
+    #[error("the pipeline did not become ready within {0:?}")]
+    TimedOut(Duration),
+    #[error("the pipeline has stopped")]
+    Stopped,
+}
+
 /// One stage as health output shows it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct StageStatus {
@@ -180,7 +195,8 @@ pub struct PipelineStatus {
 pub type GenReceiver = tokio::sync::mpsc::UnboundedReceiver<GenEvent>;
 type GenSender = tokio::sync::mpsc::UnboundedSender<GenEvent>;
 /// The engine's answer to a submit: taken, or why not.
-type Ack = Sender<Result<(), SubmitError>>;
+type Ack = oneshot::Sender<Result<(), SubmitError>>;
+type Acked = oneshot::Receiver<Result<(), SubmitError>>;
 
 /// What the engine is told: by the handle (API calls), the control readers (stage
 /// connections and messages), a stage's stderr reader, and the result reader.
@@ -236,15 +252,28 @@ pub struct PipelineHandle {
 impl PipelineHandle {
     /// Queues a request; its events arrive on the returned receiver. Dropping the receiver
     /// cancels the request.
-    pub fn submit(&self, req: GenRequest) -> Result<(SeqId, GenReceiver), SubmitError> {
+    pub async fn submit(&self, req: GenRequest) -> Result<(SeqId, GenReceiver), SubmitError> {
+        let (id, rx, ack) = self.send_submit(req)?;
+        ack.await.map_err(|_| SubmitError::Stopped)??;
+        Ok((id, rx))
+    }
+
+    /// [`PipelineHandle::submit`] for synchronous callers (the CLI); never call it from async
+    /// code.
+    pub fn submit_blocking(&self, req: GenRequest) -> Result<(SeqId, GenReceiver), SubmitError> {
+        let (id, rx, ack) = self.send_submit(req)?;
+        ack.blocking_recv().map_err(|_| SubmitError::Stopped)??;
+        Ok((id, rx))
+    }
+
+    fn send_submit(&self, req: GenRequest) -> Result<(SeqId, GenReceiver, Acked), SubmitError> {
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let (ack, acked) = mpsc::channel();
+        let (ack, acked) = oneshot::channel();
         self.events
             .send(Event::Submit { id, req, tx, ack })
             .map_err(|_| SubmitError::Stopped)?;
-        acked.recv().map_err(|_| SubmitError::Stopped)??;
-        Ok((id, rx))
+        Ok((id, rx, acked))
     }
 
     /// Ends a request (its receiver gets `Finished(Cancelled)`); its KV blocks are freed at
@@ -271,28 +300,32 @@ impl PipelineHandle {
         self.status.borrow().clone()
     }
 
-    /// Waits until every stage has loaded (or the model is found unhealthy, or `timeout`).
-    pub fn wait_ready(&self, timeout: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let s = self.status();
-            if let Some(reason) = s.unhealthy {
-                return Err(reason);
-            }
-            if s.ready {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "the pipeline did not become ready within {timeout:?}"
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(10));
+    /// Resolves once every stage has loaded (the model is ready for the first time), or with
+    /// the reason when the model turns unhealthy before that.
+    pub async fn started(&self) -> Result<(), StartError> {
+        let mut status = self.status.clone();
+        let s = status
+            .wait_for(|s| s.started || s.unhealthy.is_some())
+            .await
+            .map_err(|_| StartError::Stopped)?;
+        match (s.started, &s.unhealthy, s.recovery) {
+            (false, Some(reason), Some(recovery)) => Err(StartError::Unhealthy {
+                reason: reason.clone(),
+                recovery,
+            }),
+            _ => Ok(()),
         }
     }
 
+    /// [`PipelineHandle::started`] for synchronous callers (the CLI), waiting at most
+    /// `timeout`; never call it from async code.
+    pub fn wait_started(&self, timeout: Duration) -> Result<(), StartError> {
+        block_on_until(self.started(), Instant::now() + timeout)
+            .unwrap_or(Err(StartError::TimedOut(timeout)))
+    }
+
     /// Drains (no new requests; running ones may finish within `grace`), stops the stages and
-    /// waits for the engine to end.
+    /// waits for the engine to end. Blocks: from async code, call it on a blocking thread.
     pub fn shutdown(&self, grace: Duration) {
         let (done_tx, done_rx) = mpsc::channel();
         if self
@@ -305,6 +338,30 @@ impl PipelineHandle {
         {
             let _ = done_rx.recv();
         }
+    }
+}
+
+/// Polls `fut` on this thread, parked between wake-ups, until it completes or `deadline`
+/// passes (tokio's channels and `watch` need no runtime to be awaited).
+fn block_on_until<F: Future>(fut: F, deadline: Instant) -> Option<F::Output> {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        if let std::task::Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+            return Some(out);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        std::thread::park_timeout(deadline - now);
     }
 }
 
@@ -326,4 +383,96 @@ pub fn start(cfg: PipelineConfig) -> std::io::Result<PipelineHandle> {
         status,
         next_id: Arc::new(AtomicU64::new(1)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(started: bool, unhealthy: Option<Recovery>) -> PipelineStatus {
+        PipelineStatus {
+            started,
+            ready: started,
+            unhealthy: unhealthy.map(|_| "stage 1 cannot load: broken".to_string()),
+            recovery: unhealthy,
+            ..PipelineStatus::default()
+        }
+    }
+
+    /// A handle whose engine is this test: it publishes statuses by hand.
+    fn handle() -> (PipelineHandle, watch::Sender<PipelineStatus>) {
+        let (events, _inbox) = mpsc::channel();
+        let (tx, status) = watch::channel(PipelineStatus::default());
+        let handle = PipelineHandle {
+            events,
+            status,
+            next_id: Arc::new(AtomicU64::new(1)),
+        };
+        (handle, tx)
+    }
+
+    #[test]
+    fn waiting_for_the_start_wakes_on_the_published_status() {
+        let (handle, tx) = handle();
+        let publisher = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            tx.send_replace(status(true, None));
+            tx
+        });
+        assert!(handle.wait_started(Duration::from_secs(10)).is_ok());
+        let tx = publisher.join().expect("publisher");
+        // Once started, a later crash loop is not a failed start.
+        tx.send_replace(status(
+            true,
+            Some(Recovery::CoolDown {
+                retry_at: Instant::now(),
+            }),
+        ));
+        assert!(handle.wait_started(Duration::from_millis(1)).is_ok());
+    }
+
+    #[test]
+    fn a_model_unhealthy_before_it_started_did_not_start() {
+        let (handle, tx) = handle();
+        tx.send_replace(status(false, Some(Recovery::AdministratorRestart)));
+        match handle.wait_started(Duration::from_secs(10)) {
+            Err(StartError::Unhealthy { reason, recovery }) => {
+                assert_eq!(reason, "stage 1 cannot load: broken");
+                assert_eq!(recovery, Recovery::AdministratorRestart);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn waiting_for_the_start_times_out_or_sees_the_engine_gone() {
+        let (handle, tx) = handle();
+        let timeout = Duration::from_millis(30);
+        assert!(matches!(
+            handle.wait_started(timeout),
+            Err(StartError::TimedOut(t)) if t == timeout
+        ));
+        drop(tx);
+        assert!(matches!(
+            handle.wait_started(Duration::from_secs(10)),
+            Err(StartError::Stopped)
+        ));
+    }
+
+    #[test]
+    fn a_submit_to_a_stopped_engine_is_refused() {
+        let (handle, _tx) = handle();
+        let params = gptossd_stage::sampler::SamplingParams::default();
+        let req = GenRequest {
+            prompt: vec![1],
+            max_new_tokens: 1,
+            sampler: Sampler::new(params, 0).expect("sampler"),
+            priority: 0,
+            stop_tokens: Vec::new(),
+        };
+        assert!(matches!(
+            handle.submit_blocking(req),
+            Err(SubmitError::Stopped)
+        ));
+    }
 }

@@ -47,7 +47,7 @@ pub struct Run {
 
 impl Run {
     /// Submits `req` to the routed model. `arrival` is when the HTTP request came in.
-    pub fn submit(
+    pub async fn submit(
         state: Arc<AppState>,
         route: &Route<'_>,
         id: String,
@@ -56,7 +56,7 @@ impl Run {
     ) -> Result<Run, SubmitError> {
         let model_index = state.model_index(&route.model.name).unwrap_or(0);
         let prompt_tokens = req.prompt.len();
-        let (seq, rx) = route.model.pipeline.submit(req)?;
+        let (seq, rx) = route.model.pipeline.submit(req).await?;
         state.register(&id, model_index, seq);
         let labels = Labels {
             engine: ENGINE.to_string(),

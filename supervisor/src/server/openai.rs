@@ -264,7 +264,11 @@ struct Job {
 
 impl Launch<'_> {
     /// Submits the generation; returns the run, the response job and whether to stream.
-    fn start(self, state: &Arc<AppState>, arrival: Instant) -> Result<(Run, Job, bool), ApiError> {
+    async fn start(
+        self,
+        state: &Arc<AppState>,
+        arrival: Instant,
+    ) -> Result<(Run, Job, bool), ApiError> {
         let sampler = Sampler::new(self.params, self.params.resolved_seed())
             .map_err(|e| ApiError::invalid_value("temperature", e.to_string()))?;
         let id = state.new_id(self.id_prefix);
@@ -280,6 +284,7 @@ impl Launch<'_> {
             },
         };
         let run = Run::submit(state.clone(), &self.route, id.clone(), gen, arrival)
+            .await
             .map_err(submit_error)?;
         let job = Job {
             meta: ResponseMeta {
@@ -312,7 +317,7 @@ impl Launch<'_> {
         W: std::future::Future<Output = HttpResponse>,
     {
         let model = self.route.model.name.clone();
-        match self.start(state, arrival) {
+        match self.start(state, arrival).await {
             Err(e) => reject(state, Some(&model), Some(profile), &e),
             Ok((run, job, true)) => {
                 let (tx, body) = SseBody::channel();
