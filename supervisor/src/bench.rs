@@ -325,7 +325,7 @@ fn run_pipeline(args: &BenchArgs, stages: usize) -> anyhow::Result<()> {
     let cfg = tool_pipeline(&args.model, overrides, Some(max_batch))?;
     let handle = pipeline::start(cfg).context("starting the pipeline")?;
     handle
-        .wait_ready(std::time::Duration::from_secs(600))
+        .wait_started(std::time::Duration::from_secs(600))
         .map_err(|e| anyhow::anyhow!("pipeline: {e}"))?;
     let greedy = SamplingParams {
         temperature: 0.0,
@@ -346,7 +346,7 @@ fn run_pipeline(args: &BenchArgs, stages: usize) -> anyhow::Result<()> {
                 priority: 0,
                 stop_tokens: Vec::new(),
             };
-            rxs.push(handle.submit(req)?.1);
+            rxs.push(handle.submit_blocking(req)?.1);
         }
         // Gather every event with its time, all sequences interleaved, on this thread.
         let mut first_token: Vec<Option<Instant>> = vec![None; b];

@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use gptossd_shared::config::{ConfigError, ModelConfig};
 
-use crate::pipeline::worker::WorkerSpec;
-use crate::pipeline::PipelineConfig;
+use crate::pipeline::{PipelineConfig, StageSpec};
 use crate::scheduler::SchedulerConfig;
 
 /// Environment variable overriding where the `gptossd-stage` binary is.
@@ -97,7 +96,7 @@ pub fn pipeline_config(
                 Some(Device::Cuda { ordinal }) => (format!("cuda:{ordinal}"), Vec::new()),
                 None => ("cpu".to_string(), Vec::new()),
             };
-            WorkerSpec {
+            StageSpec {
                 binary: binary.clone(),
                 model: model.path.clone(),
                 stage: k,

@@ -402,7 +402,7 @@ fn generate_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
         .with_context(|| format!("setting up the pipeline for {}", dir.display()))?;
     let handle = pipeline::start(cfg).context("starting the pipeline")?;
     handle
-        .wait_ready(std::time::Duration::from_secs(600))
+        .wait_started(std::time::Duration::from_secs(600))
         .map_err(|e| anyhow::anyhow!("the pipeline did not start: {e}"))?;
     // SIGTERM/SIGINT: drain (running requests finish within the grace period), then exit 0.
     let mut signals = signal_hook::iterator::Signals::new([
@@ -439,7 +439,7 @@ fn generate_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
             stop_tokens: STOP_TOKENS.to_vec(),
         };
         let (_, rx) = handle
-            .submit(req)
+            .submit_blocking(req)
             .with_context(|| format!("request {}", i + 1))?;
         receivers.push(rx);
     }

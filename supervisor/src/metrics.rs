@@ -109,7 +109,7 @@ pub const NAMESPACE: &str = "gptossd";
 pub const UNKNOWN: &str = "unknown";
 
 /// The states a stage worker can be in, as `/health` writes them (the pipeline's
-/// `WorkerState`); `gptossd_stage_state` has one series per stage and name.
+/// `StageState`); `gptossd_stage_state` has one series per stage and name.
 pub const STAGE_STATES: &[&str] = &[
     "spawning",
     "loading",

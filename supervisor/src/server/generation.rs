@@ -101,7 +101,7 @@ pub struct Run {
 
 impl Run {
     /// Submits `req` to the routed model. `arrival` is when the HTTP request came in.
-    pub fn submit(
+    pub async fn submit(
         state: Arc<AppState>,
         route: &Route<'_>,
         id: String,
@@ -109,7 +109,7 @@ impl Run {
         arrival: Instant,
     ) -> Result<Run, SubmitError> {
         let prompt_tokens = req.prompt.len();
-        let (seq, rx) = route.model.pipeline.submit(req)?;
+        let (seq, rx) = route.model.pipeline.submit(req).await?;
         state.register(&id, route.index, seq);
         let labels = Labels {
             engine: ENGINE.to_string(),

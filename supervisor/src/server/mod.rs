@@ -27,7 +27,7 @@ use tokio::sync::Notify;
 use crate::api::{ApiError, ErrorCase};
 use crate::config::Config;
 use crate::launch::{pipeline_config, LaunchError};
-use crate::pipeline::{self, Recovery};
+use crate::pipeline::{self, Recovery, StartError};
 
 use http::{error, HttpResponse};
 use state::{AppState, ModelEntry};
@@ -341,34 +341,38 @@ fn bind_control(path: &Path, private_dir: bool) -> std::io::Result<tokio::net::U
     Ok(listener)
 }
 
-/// Waits until every stage of every model has loaded, then tells systemd (READY=1). A model
-/// found unhealthy before it was ever ready did not start: that ends start-up with its reason
-/// (a load failure will not heal by itself; a crash loop while loading is reported too rather
-/// than waiting out its cool-down with the service never ready).
+/// Waits until every stage of every model has loaded, then tells systemd (READY=1). Each
+/// model's readiness is a watched value: this wakes when one changes, never on a timer. A
+/// model found unhealthy before it was ever ready did not start: that ends start-up with its
+/// reason (a load failure will not heal by itself; a crash loop while loading is reported too
+/// rather than waiting out its cool-down with the service never ready).
 async fn wait_until_ready(state: &AppState) -> Result<(), ServeError> {
-    loop {
-        for m in &state.models {
-            let s = m.pipeline.status();
-            if let (false, Some(reason)) = (s.started, s.unhealthy) {
-                let model = m.name.clone();
-                return Err(match s.recovery {
-                    Some(Recovery::AdministratorRestart) => {
-                        ServeError::LoadFailed { model, reason }
-                    }
-                    _ => ServeError::StartFailed { model, reason },
-                });
-            }
-        }
-        if state.models.iter().all(|m| m.pipeline.status().ready) {
-            tracing::info!("every stage of every model is loaded: ready");
-            let _ = sd_notify::notify(&[
-                sd_notify::NotifyState::Ready,
-                sd_notify::NotifyState::Status("serving"),
-            ]);
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut starting = tokio::task::JoinSet::new();
+    for m in &state.models {
+        let (model, pipeline) = (m.name.clone(), m.pipeline.clone());
+        starting.spawn(async move { (model, pipeline.started().await) });
     }
+    while let Some(joined) = starting.join_next().await {
+        let Ok((model, Err(error))) = joined else {
+            continue;
+        };
+        return Err(match error {
+            StartError::Unhealthy {
+                reason,
+                recovery: Recovery::AdministratorRestart,
+            } => ServeError::LoadFailed { model, reason },
+            other => ServeError::StartFailed {
+                model,
+                reason: other.to_string(),
+            },
+        });
+    }
+    tracing::info!("every stage of every model is loaded: ready");
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("serving"),
+    ]);
+    Ok(())
 }
 
 async fn watch_signals(state: Arc<AppState>, shutdown: Arc<Shutdown>) {

@@ -190,7 +190,9 @@ impl Launch<'_> {
             id.clone(),
             self.request,
             arrival,
-        ) {
+        )
+        .await
+        {
             Ok(run) => run,
             Err(e) => return reject(state, &Refused::routed(&self.route, e.into())),
         };

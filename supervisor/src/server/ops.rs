@@ -9,8 +9,7 @@ use hyper::StatusCode;
 use serde_json::json;
 
 use crate::metrics::Gauges;
-use crate::pipeline::worker::WorkerState;
-use crate::pipeline::Recovery;
+use crate::pipeline::{Recovery, StageState};
 
 use super::http::{json, text, HttpResponse};
 use super::state::{AppState, ENGINE};
@@ -71,7 +70,7 @@ pub fn health(state: &AppState) -> Health {
     let ready: usize = statuses
         .iter()
         .flat_map(|s| s.stages.iter())
-        .filter(|st| matches!(st.state, WorkerState::Ready | WorkerState::Busy))
+        .filter(|st| matches!(st.state, StageState::Ready | StageState::Busy))
         .count();
     if ready == stages && statuses.iter().all(|s| s.unhealthy.is_none()) {
         Health {
@@ -175,20 +174,20 @@ pub fn health_response(state: &AppState) -> HttpResponse {
     response
 }
 
-/// A worker state's name in `gptossd_stage_state` (one of [`STAGE_STATES`]), the same as in
+/// A stage state's name in `gptossd_stage_state` (one of [`STAGE_STATES`]), the same as in
 /// `/health`.
 ///
 /// [`STAGE_STATES`]: crate::metrics::STAGE_STATES
-fn stage_state_name(state: WorkerState) -> &'static str {
+fn stage_state_name(state: StageState) -> &'static str {
     match state {
-        WorkerState::Spawning => "spawning",
-        WorkerState::Loading => "loading",
-        WorkerState::Ready => "ready",
-        WorkerState::Busy => "busy",
-        WorkerState::Draining => "draining",
-        WorkerState::Dead => "dead",
-        WorkerState::Restarting => "restarting",
-        WorkerState::Failed => "failed",
+        StageState::Spawning => "spawning",
+        StageState::Loading => "loading",
+        StageState::Ready => "ready",
+        StageState::Busy => "busy",
+        StageState::Draining => "draining",
+        StageState::Dead => "dead",
+        StageState::Restarting => "restarting",
+        StageState::Failed => "failed",
     }
 }
 
@@ -311,16 +310,16 @@ mod tests {
     use crate::metrics::STAGE_STATES;
 
     #[test]
-    fn every_worker_state_has_its_health_name_among_the_metric_states() {
+    fn every_stage_state_has_its_health_name_among_the_metric_states() {
         let all = [
-            WorkerState::Spawning,
-            WorkerState::Loading,
-            WorkerState::Ready,
-            WorkerState::Busy,
-            WorkerState::Draining,
-            WorkerState::Dead,
-            WorkerState::Restarting,
-            WorkerState::Failed,
+            StageState::Spawning,
+            StageState::Loading,
+            StageState::Ready,
+            StageState::Busy,
+            StageState::Draining,
+            StageState::Dead,
+            StageState::Restarting,
+            StageState::Failed,
         ];
         for state in all {
             let name = stage_state_name(state);

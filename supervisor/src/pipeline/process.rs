@@ -1,44 +1,29 @@
-//! One stage worker process: how it is started, what state it is in, and the tail of what it
-//! wrote on stderr.
+//! One stage worker's operating-system process: how it is started, the tail of what it wrote
+//! on stderr, how it is killed and reaped. It knows nothing of the stage's lifecycle (that is
+//! `lifecycle.rs`) nor of the rings' contents (that is `dataplane.rs`).
 //!
-//! A worker is spawned with an explicit environment, in its own process group, with a
-//! parent-death signal (it dies with the supervisor, even after a `kill -9` of the supervisor),
-//! and with exactly two inherited descriptors besides stdio: its input and output rings.
+//! A stage process is spawned with an explicit environment, in its own process group, with a
+//! parent-death signal (it dies with the supervisor, even after a `kill -9` of the
+//! supervisor), and with exactly two inherited descriptors besides stdio: its input and output
+//! rings. When its stderr closes (it exited, or is about to), the `on_stderr_closed` callback
+//! given to [`StageProcess::spawn`] runs once with its pid: that is how the engine learns of a
+//! process that dies before it ever connected.
+//!
+//! Once reaped, a process's pid may be given to another: [`StageProcess::kill`] signals only a
+//! process not yet reaped.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-/// The life of a worker. Shown by health output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WorkerState {
-    /// The process was started; it has not said hello yet.
-    Spawning,
-    /// It said hello and is mapping its weights.
-    Loading,
-    /// Loaded and idle, or between steps.
-    Ready,
-    /// Computing a step.
-    Busy,
-    /// Finishing its current step before stopping.
-    Draining,
-    /// Exited or killed; not (yet) restarted.
-    Dead,
-    /// Waiting for its restart backoff to pass.
-    Restarting,
-    /// Crashed too often (or could not load): not restarted again.
-    Failed,
-}
-
-/// What is needed to start a stage worker.
+/// What is needed to start one stage's process.
 #[derive(Debug, Clone)]
-pub struct WorkerSpec {
+pub struct StageSpec {
     pub binary: PathBuf,
     pub model: PathBuf,
     pub stage: usize,
@@ -51,19 +36,34 @@ pub struct WorkerSpec {
     pub kv_blocks: usize,
     pub block_size: usize,
     pub heartbeat_ms: u64,
-    /// Extra environment for this worker (test fault injection).
+    /// Extra environment for this stage (test fault injection).
     pub extra_env: Vec<(String, String)>,
 }
 
-/// A running (or dead) worker process.
-pub struct WorkerProcess {
-    pub child: Child,
-    pub pid: u32,
-    pub started: Instant,
-    pub stderr_tail: Arc<Mutex<VecDeque<String>>>,
+/// How a new process is wired to the rest of the pipeline.
+#[derive(Debug, Clone, Copy)]
+pub struct Wiring<'a> {
+    /// The supervisor's control socket name to connect to.
+    pub control: &'a str,
+    /// The ring it reads steps from (inherited).
+    pub ring_in: BorrowedFd<'a>,
+    /// The ring it writes its output to (inherited).
+    pub ring_out: BorrowedFd<'a>,
+    /// Steps of epochs below this one are skipped.
+    pub epoch: u64,
 }
 
-/// Environment variables passed through to workers (everything else is dropped).
+/// A running (or dead, not yet dropped) stage process.
+pub struct StageProcess {
+    child: Child,
+    pub pid: u32,
+    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+/// How often [`StageProcess::wait_exit`] asks the kernel whether the process has exited.
+const EXIT_POLL: Duration = Duration::from_millis(2);
+
+/// Environment variables passed through to stage processes (everything else is dropped).
 const PASS_ENV: [&str; 5] = [
     "PATH",
     "LD_LIBRARY_PATH",
@@ -72,18 +72,18 @@ const PASS_ENV: [&str; 5] = [
     "GPTOSSD_CPU_ISA",
 ];
 
-impl WorkerProcess {
-    /// Starts the worker with its rings inherited as `ring_in` / `ring_out` and the control
-    /// socket name to connect to.
+impl StageProcess {
+    /// Starts the stage's process, keeping the last `tail_lines` lines of its stderr.
+    /// `on_stderr_closed` runs (on the stderr reader thread, with the pid) once its stderr
+    /// closes.
     pub fn spawn(
-        spec: &WorkerSpec,
-        control: &str,
-        ring_in: BorrowedFd<'_>,
-        ring_out: BorrowedFd<'_>,
-        epoch: u64,
+        spec: &StageSpec,
+        wiring: Wiring<'_>,
         tail_lines: usize,
+        on_stderr_closed: impl FnOnce(u32) + Send + 'static,
     ) -> std::io::Result<Self> {
-        let (fd_in, fd_out): (RawFd, RawFd) = (ring_in.as_raw_fd(), ring_out.as_raw_fd());
+        let (fd_in, fd_out): (RawFd, RawFd) =
+            (wiring.ring_in.as_raw_fd(), wiring.ring_out.as_raw_fd());
         let mut cmd = Command::new(&spec.binary);
         cmd.env_clear();
         for key in PASS_ENV {
@@ -101,12 +101,12 @@ impl WorkerProcess {
             .args(["--end-layer", &spec.layers.end.to_string()])
             .args(["--device", &spec.device])
             .args(["--threads", &spec.threads.to_string()])
-            .args(["--control", control])
+            .args(["--control", wiring.control])
             .args(["--ring-in", &fd_in.to_string()])
             .args(["--ring-out", &fd_out.to_string()])
             .args(["--kv-blocks", &spec.kv_blocks.to_string()])
             .args(["--block-size", &spec.block_size.to_string()])
-            .args(["--epoch", &epoch.to_string()])
+            .args(["--epoch", &wiring.epoch.to_string()])
             .args(["--heartbeat-ms", &spec.heartbeat_ms.to_string()]);
         if !spec.cpus.is_empty() {
             let cpus: Vec<String> = spec.cpus.iter().map(|c| c.to_string()).collect();
@@ -160,19 +160,23 @@ impl WorkerProcess {
                             t.push_back(line);
                         }
                     }
+                    on_stderr_closed(pid);
                 })?;
         }
         Ok(Self {
             child,
             pid,
-            started: Instant::now(),
             stderr_tail,
         })
     }
 
-    /// Kills the whole process group and reaps the worker.
+    /// Kills the whole process group and reaps the process (unless it was reaped already).
     pub fn kill(&mut self) {
-        // SAFETY: plain syscall on the worker's process group (its pid, set by process_group(0)).
+        if self.try_exit().is_some() {
+            return;
+        }
+        // A process not yet reaped keeps its pid (as a zombie at worst), so this reaches it.
+        // SAFETY: plain syscall on the process's own group (its pid, set by process_group(0)).
         unsafe {
             libc::kill(-(self.pid as i32), libc::SIGKILL);
         }
@@ -180,7 +184,7 @@ impl WorkerProcess {
         let _ = self.child.wait();
     }
 
-    /// The last lines the worker wrote on stderr.
+    /// The last lines the process wrote on stderr.
     pub fn tail(&self) -> Vec<String> {
         self.stderr_tail
             .lock()
@@ -189,7 +193,25 @@ impl WorkerProcess {
     }
 
     /// Whether the process has exited (reaping it), with its status.
-    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits up to `limit` for the process to exit (reaping it). For the moments when it is
+    /// known to be on its way out: its control socket or stderr just closed, or it was told to
+    /// shut down. Polls the kernel every 2 ms: a child's exit has no descriptor to wait on
+    /// here without taking over SIGCHLD.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.try_exit() {
+                return Some(status);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            std::thread::sleep(EXIT_POLL.min(deadline - now));
+        }
     }
 }
