@@ -799,3 +799,238 @@ fn under_systemd_records_reach_a_real_journal_with_native_fields() {
     assert_eq!(failed["GPTOSSD_MODEL"], "gpt-oss-20b", "{failed}");
     assert_nothing_left(view.path());
 }
+
+/// Datagrams a test's own `NOTIFY_SOCKET` received, with when they arrived.
+fn notify_collector(path: &Path) -> std::sync::Arc<std::sync::Mutex<Vec<(Instant, String)>>> {
+    let socket = std::os::unix::net::UnixDatagram::bind(path).expect("bind notify socket");
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = got.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        while let Ok(n) = socket.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if let Ok(mut g) = sink.lock() {
+                g.push((Instant::now(), text));
+            }
+        }
+    });
+    got
+}
+
+#[test]
+fn systemd_is_told_ready_status_and_watchdog_pings_only_while_the_engine_turns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let notify = dir.path().join("notify.sock");
+    let got = notify_collector(&notify);
+    let notify_str = notify.to_string_lossy().into_owned();
+    let d = Daemon::start_with(
+        2,
+        "",
+        "",
+        &[
+            ("NOTIFY_SOCKET", notify_str.as_str()),
+            ("WATCHDOG_USEC", "1000000"),
+            ("GPTOSSD_TEST_HOOKS", "1"),
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let messages = |since: Instant| -> Vec<(Instant, String)> {
+        got.lock()
+            .map(|g| g.iter().filter(|(t, _)| *t >= since).cloned().collect())
+            .unwrap_or_default()
+    };
+    let all = messages(Instant::now() - Duration::from_secs(3600));
+    let texts: Vec<&str> = all.iter().map(|(_, m)| m.as_str()).collect();
+    let ready = texts
+        .iter()
+        .position(|m| m.contains("READY=1"))
+        .unwrap_or_else(|| panic!("no READY=1 in {texts:?}"));
+    assert!(
+        texts[..ready].iter().any(|m| m.contains("STATUS=loading")),
+        "a loading status before READY: {texts:?}"
+    );
+    assert!(
+        texts.iter().any(|m| m.contains("STATUS=serving")),
+        "{texts:?}"
+    );
+    let pings = |from: Instant, to: Instant| {
+        messages(from)
+            .iter()
+            .filter(|(t, m)| *t <= to && m.contains("WATCHDOG=1"))
+            .count()
+    };
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        pings(t0, Instant::now()) >= 3,
+        "pings every 0.5 s: {texts:?}"
+    );
+
+    // A stuck engine (test hook: its loop sleeps 3 s): no ping for the whole freeze.
+    let r = d.control("POST", "/debug/freeze?ms=3000", None);
+    assert_eq!(r.status, 202, "{}", r.text());
+    let frozen = Instant::now();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        pings(frozen + Duration::from_millis(600), Instant::now()),
+        0,
+        "a ping while the engine was stuck"
+    );
+    assert!(d.log().contains("watchdog pings withheld"), "{}", d.log());
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        pings(frozen + Duration::from_millis(3500), Instant::now()) >= 1,
+        "pings resume once the engine turns again"
+    );
+    assert!(d.stop().success());
+    let after = messages(t0);
+    assert!(
+        after.iter().any(|(_, m)| m.contains("STOPPING=1")),
+        "{after:?}"
+    );
+}
+
+/// The daemon's config file (Daemon::start_with writes it beside the control socket).
+fn config_of(d: &Daemon) -> PathBuf {
+    d.control.with_file_name("gptossd.toml")
+}
+
+#[test]
+fn a_reload_changes_profiles_live_and_refuses_what_needs_a_restart() {
+    let d = Daemon::start(2, "");
+    let config = config_of(&d);
+    let original = std::fs::read_to_string(&config).expect("config");
+    // A long stream runs across the reloads: it must finish normally.
+    let port = d.port;
+    let stream = std::thread::spawn(move || {
+        let body = serde_json::json!({
+            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 60,
+            "ignore_eos": true, "stream": true,
+        });
+        try_request(
+            port,
+            "POST",
+            "/v1/chat/completions",
+            Some(body.to_string().as_bytes()),
+            &[],
+        )
+    });
+    std::thread::sleep(Duration::from_millis(200));
+
+    // 1. A live change: the default profile's max_new_tokens, by SIGHUP.
+    std::fs::write(
+        &config,
+        format!("{original}\n[profiles.balanced]\nmax_new_tokens = 3\n"),
+    )
+    .expect("write");
+    let pid = d.child.as_ref().expect("running").id();
+    signal(pid, libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d.log().contains("configuration reloaded") {
+        assert!(Instant::now() < deadline, "no reload:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = d.post(
+        "/v1/chat/completions",
+        &serde_json::json!({"messages": [{"role": "user", "content": "Hi"}], "ignore_eos": true}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["usage"]["completion_tokens"], 3, "{}", r.text());
+
+    // 2. A change that needs a restart: refused on the control socket, naming the key.
+    std::fs::write(
+        &config,
+        original.replace("threads_per_stage = 1", "threads_per_stage = 2"),
+    )
+    .expect("write");
+    let r = d.control("POST", "/reload", None);
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(
+        r.text().contains("models.gpt-oss-20b.threads_per_stage"),
+        "{}",
+        r.text()
+    );
+    // Nothing changed: still 3 tokens by default.
+    let r = d.post(
+        "/v1/chat/completions",
+        &serde_json::json!({"messages": [{"role": "user", "content": "Hi"}], "ignore_eos": true}),
+    );
+    assert_eq!(r.json()["usage"]["completion_tokens"], 3, "{}", r.text());
+
+    // 3. A config error: 400, nothing changed.
+    std::fs::write(&config, format!("{original}\n[server]\nbogus = 1\n")).expect("write");
+    let r = d.control("POST", "/reload", None);
+    assert_eq!(r.status, 400, "{}", r.text());
+
+    // 4. Back to the original by the control socket: the change is reported.
+    std::fs::write(&config, &original).expect("write");
+    let r = d.control("POST", "/reload", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("profiles.balanced"), "{}", r.text());
+
+    let streamed = stream.join().expect("thread").expect("stream");
+    assert_eq!(streamed.status, 200);
+    let data = streamed.sse_data();
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{data:?}");
+    assert!(
+        data.iter()
+            .any(|d| d.contains("\"finish_reason\":\"length\"")),
+        "the running stream finished normally: {data:?}"
+    );
+    assert!(d.stop().success());
+}
+
+#[test]
+fn a_missed_slo_degrades_health_once_and_clears_on_a_reload() {
+    // Any real request misses a 1 ms time-to-first-token SLO.
+    let d = Daemon::start(
+        1,
+        "[profiles.balanced.slo]\nttft_p95_ms = 1\n[slo]\nmin_requests = 3\nwindow_secs = 60\n",
+    );
+    let before = health(&d).1;
+    assert_eq!(before["status"], "healthy", "{before}");
+    for _ in 0..4 {
+        let r = d.post(
+            "/v1/chat/completions",
+            &serde_json::json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let (status, h, _) = health(&d);
+    assert_eq!(status, 200, "degraded still serves");
+    assert_eq!(h["status"], "degraded", "{h}");
+    assert!(h["score"].as_f64().is_some_and(|s| s < 1.0), "{h}");
+    let reason = h["slo"]["balanced"][0]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.contains("p95 time to first token"), "{h}");
+    let metrics = d.get("/metrics").text();
+    assert!(
+        metrics.contains("gptossd_slo_breach{profile=\"balanced\",slo=\"ttft_p95_ms\"} 1"),
+        "{metrics}"
+    );
+    assert_eq!(
+        d.log().matches("SLO missed").count(),
+        1,
+        "one warning when it starts:\n{}",
+        d.log()
+    );
+    // The owner relaxes the SLO: a reload clears it.
+    let config = config_of(&d);
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replace("ttft_p95_ms = 1\n", "ttft_p95_ms = 600000\n"),
+    )
+    .expect("write");
+    let r = d.control("POST", "/reload", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (_, h, _) = health(&d);
+    assert_eq!(h["status"], "healthy", "{h}");
+    assert_eq!(d.log().matches("SLO met again").count(), 1, "{}", d.log());
+    assert!(d
+        .get("/metrics")
+        .text()
+        .contains("gptossd_slo_breach{profile=\"balanced\",slo=\"ttft_p95_ms\"} 0"));
+    assert!(d.stop().success());
+}

@@ -20,9 +20,14 @@
 use std::io::IsTerminal;
 use std::os::fd::AsRawFd;
 
+use std::sync::OnceLock;
+
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer};
+use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
+
+/// The filter in force, replaceable at run time ([`set_level`]).
+static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 
 /// The environment variable with the log filter.
 pub const FILTER_ENV: &str = "GPTOSSD_LOG";
@@ -45,7 +50,9 @@ pub enum LogFormat {
 
 /// Installs the global subscriber. Call once, first thing.
 pub fn init(format: LogFormat) {
-    let filter = || EnvFilter::try_from_env(FILTER_ENV).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env(FILTER_ENV).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let _ = FILTER.set(handle);
     let format = match format {
         LogFormat::Auto if stderr_is_journal() => LogFormat::Journald,
         LogFormat::Auto => LogFormat::Text,
@@ -55,7 +62,8 @@ pub fn init(format: LogFormat) {
         LogFormat::Journald => match journald_layer() {
             Ok(layer) => {
                 tracing_subscriber::registry()
-                    .with(layer.with_filter(filter()))
+                    .with(filter)
+                    .with(layer)
                     .init();
                 return;
             }
@@ -70,10 +78,28 @@ pub fn init(format: LogFormat) {
         stderr.with_ansi(std::io::stderr().is_terminal()).boxed()
     };
     tracing_subscriber::registry()
-        .with(layer.with_filter(filter()))
+        .with(filter)
+        .with(layer)
         .init();
     if let Some(e) = journal_error {
         tracing::warn!(error = %e, "cannot reach the journal: logging to stderr");
+    }
+}
+
+/// Puts the configuration's `server.log_level` in force (at start-up and on a reload), unless
+/// `$GPTOSSD_LOG` is set, which wins. `None` means `info`.
+pub fn set_level(level: Option<&str>) {
+    if std::env::var_os(FILTER_ENV).is_some() {
+        return;
+    }
+    let Some(handle) = FILTER.get() else { return };
+    match EnvFilter::try_new(level.unwrap_or("info")) {
+        Ok(filter) => {
+            if let Err(e) = handle.reload(filter) {
+                tracing::warn!(error = %e, "cannot change the log level");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "not a log filter"),
     }
 }
 

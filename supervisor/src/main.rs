@@ -200,7 +200,8 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(gptossd::server::run(config, test_model)) {
+    let source = gptossd::server::reload::ConfigSource { file, overrides };
+    match runtime.block_on(gptossd::server::run(config, source, test_model)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -95,6 +95,9 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use serde_json::{json, Value};
 
+use crate::config::ProfileName;
+use crate::slo::{Breach, Sample, Slo, SloTracker, Transition};
+
 /// `Content-Type` of [`Metrics::render_prometheus`]: the Prometheus text format 0.0.4.
 pub const PROMETHEUS_CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
@@ -298,6 +301,14 @@ struct Families {
     queue: HistogramFamily,
     prefill: HistogramFamily,
     decode: HistogramFamily,
+    slo_breach: Family<SloLabels, Gauge>,
+}
+
+/// Labels of `gptossd_slo_breach`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SloLabels {
+    profile: String,
+    slo: String,
 }
 
 impl Families {
@@ -317,6 +328,7 @@ impl Families {
             failure: Family::default(),
             rejected: Family::default(),
             fallbacks: Family::default(),
+            slo_breach: Family::default(),
             ttft: Family::new_with_constructor(ttft_histogram),
             inter_token: Family::new_with_constructor(inter_token_histogram),
             e2e: Family::new_with_constructor(e2e_histogram),
@@ -331,6 +343,11 @@ impl Families {
         // The help texts have no final period: the encoder adds one.
         let mut r = Registry::with_prefix(NAMESPACE);
         let f = self;
+        r.register(
+            "slo_breach",
+            "1 while the profile misses this SLO over the window (see [profiles.*.slo]), else 0",
+            f.slo_breach.clone(),
+        );
         r.register(
             "num_requests_running",
             "Requests in the running batch",
@@ -555,6 +572,8 @@ pub struct Metrics {
     registry: Registry,
     started: Instant,
     stats: Mutex<StatsState>,
+    /// Each finished request is also a sample for the profiles' SLOs.
+    slo: Mutex<SloTracker>,
 }
 
 impl Default for Metrics {
@@ -572,7 +591,70 @@ impl Metrics {
             registry,
             started: Instant::now(),
             stats: Mutex::new(StatsState::default()),
+            slo: Mutex::new(SloTracker::new(Duration::from_secs(300), 1, [])),
         }
+    }
+
+    /// Puts the configuration's SLO thresholds and window in force (at start-up and on a
+    /// reload; the samples so far are kept) and exports every profile × SLO as not breached
+    /// until judged otherwise.
+    pub fn set_slo(&self, config: &crate::config::Config) {
+        let thresholds = ProfileName::ALL.map(|p| (p, config.profile(p).slo.clone()));
+        let slo = config.slo();
+        if let Ok(mut t) = self.slo.lock() {
+            t.configure(slo.window, slo.min_requests, thresholds);
+        }
+        for p in ProfileName::ALL {
+            for s in Slo::ALL {
+                self.families
+                    .slo_breach
+                    .get_or_create(&SloLabels {
+                        profile: p.as_str().into(),
+                        slo: s.as_str().into(),
+                    })
+                    .set(0);
+            }
+        }
+        self.judge_slo(Instant::now());
+    }
+
+    /// Judges the SLOs now: ages samples out of the window, logs each breach when it starts and
+    /// when it clears, updates `gptossd_slo_breach`. Returns the breaches and the window.
+    pub fn judge_slo(&self, now: Instant) -> (Vec<Breach>, Duration) {
+        let Ok(mut t) = self.slo.lock() else {
+            return (Vec::new(), Duration::ZERO);
+        };
+        let window = t.window();
+        for change in t.evaluate(now) {
+            let (profile, slo, value) = match &change {
+                Transition::Started(b) => {
+                    tracing::warn!(profile = %b.profile, slo = b.slo.as_str(), "SLO missed: {}", b.reason(window));
+                    (b.profile, b.slo, 1)
+                }
+                Transition::Cleared { profile, slo } => {
+                    tracing::info!(profile = %profile, slo = slo.as_str(), "SLO met again");
+                    (*profile, *slo, 0)
+                }
+            };
+            self.families
+                .slo_breach
+                .get_or_create(&SloLabels {
+                    profile: profile.as_str().into(),
+                    slo: slo.as_str().into(),
+                })
+                .set(value);
+        }
+        (t.breaches(), window)
+    }
+
+    fn observe_slo(&self, labels: &Labels, sample: Sample) {
+        let Ok(profile) = labels.profile.parse::<ProfileName>() else {
+            return;
+        };
+        if let Ok(mut t) = self.slo.lock() {
+            t.observe(profile, sample);
+        }
+        self.judge_slo(sample.at);
     }
 
     /// A poisoned lock only means another thread panicked mid-update of plain counters:
@@ -583,6 +665,15 @@ impl Metrics {
 
     /// Records a request that ran, once, when it ends.
     pub fn record(&self, r: &RequestRecord) {
+        self.observe_slo(
+            &r.labels,
+            Sample {
+                at: Instant::now(),
+                ttft: r.ttft,
+                e2e: r.e2e,
+                failed: matches!(r.outcome, Outcome::Error { .. }),
+            },
+        );
         let f = &self.families;
         let labels = &r.labels;
         f.prompt_tokens
@@ -674,6 +765,15 @@ impl Metrics {
     /// Counts a request the server could not take (a 5xx before it ran: an unhealthy model, a
     /// drain), by reason.
     pub fn failed(&self, labels: &Labels, reason: &str) {
+        self.observe_slo(
+            labels,
+            Sample {
+                at: Instant::now(),
+                ttft: None,
+                e2e: Duration::ZERO,
+                failed: true,
+            },
+        );
         self.families
             .failure
             .get_or_create(&FailureLabels {

@@ -124,6 +124,18 @@ impl SloTracker {
         }
     }
 
+    /// New thresholds and window (a reload); the samples so far are kept and judged anew.
+    pub fn configure(
+        &mut self,
+        window: Duration,
+        min_requests: usize,
+        thresholds: impl IntoIterator<Item = (ProfileName, SloThresholds)>,
+    ) {
+        self.window = window;
+        self.min_requests = min_requests.max(1);
+        self.thresholds = thresholds.into_iter().collect();
+    }
+
     pub fn window(&self) -> Duration {
         self.window
     }

@@ -183,7 +183,11 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(20));
         };
         assert_nothing_left(&self.model_dir());
-        assert!(!self.control.exists(), "control socket left behind");
+        assert!(
+            !self.control.exists(),
+            "control socket left behind ({status})\n{}",
+            self.log()
+        );
         status
     }
 

@@ -261,6 +261,20 @@ fn check_server(s: &RawServer, ctx: &Ctx, host: &Host) -> Result<ServerSettings,
             1,
             "server.request_timeout_secs",
         )?),
+        log_level: match &s.log_level {
+            None => None,
+            Some(v) => {
+                if let Err(e) = tracing_subscriber::EnvFilter::try_new(&v.value) {
+                    return Err(ctx.invalid(
+                        ctx.origin(&v.at),
+                        "server.log_level",
+                        &v.value,
+                        format!("not a log filter ({e}); e.g. \"info\", \"debug\", \"gptossd=debug,warn\""),
+                    ));
+                }
+                Some(v.value.clone())
+            }
+        },
         max_connections: match s.max_connections {
             None => None,
             Some(_) => Some(ctx.at_least(&s.max_connections, 1, 1, "server.max_connections")?),

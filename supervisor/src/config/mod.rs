@@ -405,6 +405,10 @@ pub struct ServerSettings {
     /// Default (`None`): from the file-descriptor limit at start-up (see
     /// `server::accept::connection_cap`).
     pub max_connections: Option<usize>,
+    /// `log_level`: which records are logged, in tracing's filter syntax (`"info"`,
+    /// `"debug"`, `"gptossd=debug,warn"`). Default (`None`): `info`. `$GPTOSSD_LOG`, when set,
+    /// takes precedence. A reload applies it.
+    pub log_level: Option<String>,
 }
 
 impl ServerSettings {

@@ -84,6 +84,7 @@ pub(super) struct RawServer {
     pub max_body_bytes: Opt<usize>,
     pub request_timeout_secs: Opt<u64>,
     pub max_connections: Opt<usize>,
+    pub log_level: Opt<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

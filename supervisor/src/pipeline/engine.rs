@@ -196,6 +196,16 @@ impl Engine {
                 let _ = ack.send(self.submit(id, req, tx, now));
             }
             Event::Cancel { id } => self.cancel(id),
+            Event::Ping { done } => {
+                let _ = done.send(());
+            }
+            Event::Freeze { pause } => {
+                tracing::warn!(
+                    pause_ms = pause.as_millis() as u64,
+                    "engine frozen (test hook)"
+                );
+                std::thread::sleep(pause);
+            }
             Event::SetBatching {
                 max_batch_seqs,
                 prefill_window,

@@ -239,6 +239,14 @@ enum Event {
         pid: u32,
     },
     Result(StepResult),
+    /// A liveness probe: the engine answers when its loop gets to it (the watchdog's rule).
+    Ping {
+        done: oneshot::Sender<()>,
+    },
+    /// Test hook: the engine loop stops turning for this long (a stuck engine).
+    Freeze {
+        pause: Duration,
+    },
 }
 
 /// The API side of a running pipeline. Cheap to clone.
@@ -288,6 +296,21 @@ impl PipelineHandle {
             max_batch_seqs,
             prefill_window,
         });
+    }
+
+    /// Whether the engine loop is turning: true when it answers a probe within `limit`.
+    pub async fn ping(&self, limit: Duration) -> bool {
+        let (done, answered) = oneshot::channel();
+        if self.events.send(Event::Ping { done }).is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(limit, answered).await, Ok(Ok(())))
+    }
+
+    /// Test hook (the control socket's `POST /debug/freeze`, only with `GPTOSSD_TEST_HOOKS=1`):
+    /// the engine loop stops for `pause`, as a stuck engine would.
+    pub fn freeze(&self, pause: Duration) {
+        let _ = self.events.send(Event::Freeze { pause });
     }
 
     /// Kills and restarts one stage (an administrative action; requests pause and resume).

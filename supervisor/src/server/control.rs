@@ -8,6 +8,10 @@
 //! | GET | `/stages` | every model's stages (index, layers, device, pid, state, restarts, last error) |
 //! | POST | `/stages/{k}/restart` (default model) or `/models/{name}/stages/{k}/restart` | restart a stage |
 //! | POST | `/drain` | stop taking requests, finish running ones, exit |
+//! | POST | `/reload` | re-read the config file (as SIGHUP): 200 with the keys changed, 409 naming a key that needs a restart, 400 for a config error |
+//!
+//! With `GPTOSSD_TEST_HOOKS=1` in the daemon's environment (tests only), `POST
+//! /debug/freeze?ms=N` stops every engine loop for N ms, as a stuck engine would.
 
 use std::sync::Arc;
 
@@ -17,6 +21,8 @@ use serde_json::json;
 
 use crate::api::{ApiError, ErrorCase};
 use crate::config::ProfileName;
+
+use super::reload::ReloadError;
 
 use super::http::{error, json, read_body, HttpResponse};
 use super::state::AppState;
@@ -36,7 +42,8 @@ pub async fn handle(
             &json!({"default_profile": state.default_profile().as_str()}),
         ),
         (Method::PUT | Method::POST, ["profile"]) => {
-            let server = state.config.server();
+            let config = state.config();
+            let server = config.server();
             let body = match read_body(req, server.max_body_bytes, server.request_timeout).await {
                 Ok(b) => b,
                 Err(e) => return error(&e),
@@ -79,6 +86,29 @@ pub async fn handle(
             shutdown.begin(&state, "drain requested on the control socket");
             json(StatusCode::ACCEPTED, &json!({"draining": true}))
         }
+        (Method::POST, ["reload"]) => match super::reload_logged(&state, "control socket") {
+            Ok(changed) => json(
+                StatusCode::OK,
+                &json!({"reloaded": true, "changed": changed}),
+            ),
+            Err(e) => {
+                let status = match e {
+                    ReloadError::NeedsRestart { .. } | ReloadError::NoFile => StatusCode::CONFLICT,
+                    ReloadError::Config(_) => StatusCode::BAD_REQUEST,
+                };
+                json(
+                    status,
+                    &json!({"reloaded": false, "error": {"message": e.to_string()}}),
+                )
+            }
+        },
+        (Method::POST, ["debug", "freeze"]) if test_hooks() => {
+            let ms = query_u64(req.uri().query(), "ms").unwrap_or(1000);
+            for m in &state.models {
+                m.pipeline.freeze(std::time::Duration::from_millis(ms));
+            }
+            json(StatusCode::ACCEPTED, &json!({"frozen_ms": ms}))
+        }
         _ => error(&ApiError::new(
             ErrorCase::NotFound,
             format!("no control endpoint {path}"),
@@ -114,4 +144,18 @@ fn restart(state: &AppState, model: Option<&str>, stage: &str) -> HttpResponse {
             ),
         )),
     }
+}
+
+/// Whether test-only verbs are enabled (`GPTOSSD_TEST_HOOKS=1`).
+fn test_hooks() -> bool {
+    std::env::var("GPTOSSD_TEST_HOOKS").as_deref() == Ok("1")
+}
+
+/// `key=N` from a query string.
+fn query_u64(query: Option<&str>, key: &str) -> Option<u64> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.parse().ok())
 }

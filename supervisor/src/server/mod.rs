@@ -12,7 +12,9 @@ pub mod generation;
 pub mod http;
 pub mod openai;
 pub mod ops;
+pub mod reload;
 pub mod state;
+pub mod systemd;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -114,7 +116,7 @@ impl Shutdown {
         if began.is_none() {
             tracing::info!(
                 reason = why,
-                grace_secs = state.config.workers().drain_grace.as_secs(),
+                grace_secs = state.config().workers().drain_grace.as_secs(),
                 "draining"
             );
             state.draining.store(true, Ordering::SeqCst);
@@ -126,7 +128,11 @@ impl Shutdown {
 }
 
 /// Runs the daemon: binds its sockets, starts its models, serves until it has drained.
-pub async fn run(config: Config, test_model: bool) -> Result<(), ServeError> {
+pub async fn run(
+    config: Config,
+    source: reload::ConfigSource,
+    test_model: bool,
+) -> Result<(), ServeError> {
     let addr = config.server().listen_addr();
     let control_path = config.server().control_socket.clone();
     let listener = tokio::net::TcpListener::bind(addr)
@@ -135,22 +141,24 @@ pub async fn run(config: Config, test_model: bool) -> Result<(), ServeError> {
             addr: addr.to_string(),
             error,
         })?;
-    let source = config.server().control_socket_source;
-    let control = bind_control(&control_path, source.needs_private_dir()).map_err(|error| {
-        ServeError::Control {
-            path: control_path.clone(),
-            error,
-        }
-    })?;
+    let socket_source = config.server().control_socket_source;
+    let control =
+        bind_control(&control_path, socket_source.needs_private_dir()).map_err(|error| {
+            ServeError::Control {
+                path: control_path.clone(),
+                error,
+            }
+        })?;
     tracing::info!(
         path = %control_path.display(),
-        source = source.describe(),
+        source = socket_source.describe(),
         "control socket bound"
     );
     // Machine-readable for tests and scripts: the port actually bound (port 0 picks one), at
     // the end of the line (this record has no fields).
     let local = listener.local_addr().unwrap_or(addr);
     tracing::info!("listening on http://{local}");
+    systemd::status("loading: checking the checkpoints and starting the stage workers");
     let models = match preflight(&config).and_then(|()| start_models(&config, test_model)) {
         Ok(m) => m,
         Err(e) => {
@@ -159,7 +167,7 @@ pub async fn run(config: Config, test_model: bool) -> Result<(), ServeError> {
         }
     };
     tracing::info!(models = %describe(&models), "starting");
-    serve(config, models, listener, control).await
+    serve(config, source, models, listener, control).await
 }
 
 /// Checks every model's checkpoint without loading it (config.json in range, every shard
@@ -230,6 +238,7 @@ pub fn start_models(config: &Config, test_model: bool) -> Result<Vec<ModelEntry>
 /// start (then the workers are stopped and the reason returned).
 async fn serve(
     config: Config,
+    source: reload::ConfigSource,
     models: Vec<ModelEntry>,
     listener: tokio::net::TcpListener,
     control: tokio::net::UnixListener,
@@ -252,8 +261,12 @@ async fn serve(
     } else {
         tracing::info!(max_connections, fd_limit, "connection limit");
     }
-    let state = Arc::new(AppState::new(config, models));
+    let state = Arc::new(AppState::new(config, source, models));
     let shutdown = Shutdown::new();
+
+    tokio::spawn(systemd::report_status(state.clone()));
+    tokio::spawn(systemd::watchdog(state.clone()));
+    tokio::spawn(judge_slo_periodically(state.clone()));
 
     tokio::spawn(accept_http(listener, state.clone(), max_connections));
     tokio::spawn(accept_control(control, state.clone(), shutdown.clone()));
@@ -273,7 +286,7 @@ async fn serve(
     loop {
         let began = shutdown.began.lock().ok().and_then(|b| *b);
         if let Some(t0) = began {
-            let grace = state.config.workers().drain_grace;
+            let grace = state.config().workers().drain_grace;
             if state.running_requests() == 0 || t0.elapsed() >= grace {
                 break;
             }
@@ -282,7 +295,7 @@ async fn serve(
             shutdown.notify.notified().await;
         }
     }
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    systemd::stopping();
     stop_pipelines(&state).await;
     let _ = std::fs::remove_file(&control_path);
     tracing::info!("stopped");
@@ -368,25 +381,47 @@ async fn wait_until_ready(state: &AppState) -> Result<(), ServeError> {
         });
     }
     tracing::info!("every stage of every model is loaded: ready");
-    let _ = sd_notify::notify(&[
-        sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status("serving"),
-    ]);
+    systemd::ready();
     Ok(())
 }
 
+/// SIGTERM and SIGINT drain; SIGHUP reloads the config file.
 async fn watch_signals(state: Arc<AppState>, shutdown: Arc<Shutdown>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };
-    tokio::select! {
-        _ = term.recv() => shutdown.begin(&state, "SIGTERM"),
-        _ = int.recv() => shutdown.begin(&state, "SIGINT"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => return shutdown.begin(&state, "SIGTERM"),
+            _ = int.recv() => return shutdown.begin(&state, "SIGINT"),
+            _ = hup.recv() => {
+                let _ = reload_logged(&state, "SIGHUP");
+            }
+        }
+    }
+}
+
+/// Reloads the config file and logs the outcome; returns it for the control socket.
+pub fn reload_logged(state: &AppState, why: &str) -> Result<Vec<String>, reload::ReloadError> {
+    let result = reload::reload(state, &state.source);
+    match &result {
+        Ok(changed) => tracing::info!(trigger = why, changed = ?changed, "configuration reloaded"),
+        Err(e) => tracing::warn!(trigger = why, error = %e, "configuration not reloaded"),
+    }
+    result
+}
+
+/// Judges the SLOs every few seconds, so that a breach also clears when traffic stops.
+async fn judge_slo_periodically(state: Arc<AppState>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        state.metrics.judge_slo(Instant::now());
     }
 }
 
@@ -395,9 +430,7 @@ async fn accept_http(
     state: Arc<AppState>,
     max_connections: usize,
 ) {
-    let server = state.config.server();
     let mut gate = accept::Gate::new("http", max_connections);
-    let timeout = server.request_timeout;
     loop {
         let Some(permit) = gate.admit().await else {
             return;
@@ -409,6 +442,8 @@ async fn accept_http(
                 continue;
             }
         };
+        // Read per connection: a reload may change it.
+        let timeout = state.config().server().request_timeout;
         let state = state.clone();
         // Every error an API client sees is an OpenAI body, hyper's own 400/408/431 included.
         tokio::spawn(async move {
@@ -426,9 +461,7 @@ async fn accept_control(
     state: Arc<AppState>,
     shutdown: Arc<Shutdown>,
 ) {
-    let server = state.config.server();
     let mut gate = accept::Gate::new("control", accept::CONTROL_MAX_CONNECTIONS);
-    let timeout = server.request_timeout;
     loop {
         let Some(permit) = gate.admit().await else {
             return;
@@ -440,6 +473,7 @@ async fn accept_control(
                 continue;
             }
         };
+        let timeout = state.config().server().request_timeout;
         let state = state.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {

@@ -121,7 +121,8 @@ async fn read_request(
     }
     require_json(req.headers())?;
     let headers = req.headers().clone();
-    let server = state.config.server();
+    let config = state.config();
+    let server = config.server();
     let body = read_body(req, server.max_body_bytes, server.request_timeout).await?;
     Ok((headers, body))
 }
@@ -245,7 +246,7 @@ fn prepare_chat<'a>(
     let mut rendered = None;
     let profile =
         state
-            .config
+            .config()
             .choose_profile(named, state.default_profile(), parsed.max_tokens(), || {
                 rendered.insert(render(&parsed)).len()
             });
@@ -321,7 +322,7 @@ fn prepare_completion<'a>(
     let named = named_profile(parsed.profile(), headers)?;
     let profile =
         state
-            .config
+            .config()
             .choose_profile(named, state.default_profile(), parsed.max_tokens(), || {
                 prompt.len()
             });

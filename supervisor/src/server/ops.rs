@@ -72,7 +72,10 @@ pub fn health(state: &AppState) -> Health {
         .flat_map(|s| s.stages.iter())
         .filter(|st| matches!(st.state, StageState::Ready | StageState::Busy))
         .count();
-    if ready == stages && statuses.iter().all(|s| s.unhealthy.is_none()) {
+    // Each SLO in breach takes a tenth off the score (at most half).
+    let (breaches, _) = state.metrics.judge_slo(std::time::Instant::now());
+    let slo_factor = 1.0 - (breaches.len() as f64 * 0.1).min(0.5);
+    if ready == stages && statuses.iter().all(|s| s.unhealthy.is_none()) && breaches.is_empty() {
         Health {
             status: "healthy",
             score: 1.0,
@@ -86,10 +89,26 @@ pub fn health(state: &AppState) -> Health {
         };
         Health {
             status: "degraded",
-            score: (score * 0.99).min(0.99),
+            score: (score * slo_factor * 0.99).min(0.99),
             serving: true,
         }
     }
+}
+
+/// The SLOs in breach, for `/health` and `/stats`: `{"<profile>": [{"slo", "reason"}]}`, every
+/// profile present (an empty list when it meets its SLOs).
+pub fn slo_json(state: &AppState) -> serde_json::Value {
+    let (breaches, window) = state.metrics.judge_slo(std::time::Instant::now());
+    let mut out = serde_json::Map::new();
+    for p in crate::config::ProfileName::ALL {
+        let list: Vec<_> = breaches
+            .iter()
+            .filter(|b| b.profile == p)
+            .map(|b| json!({"slo": b.slo.as_str(), "reason": b.reason(window)}))
+            .collect();
+        out.insert(p.as_str().to_string(), serde_json::Value::Array(list));
+    }
+    serde_json::Value::Object(out)
 }
 
 /// How an unhealthy model comes back, for `/health`.
@@ -155,10 +174,11 @@ pub fn health_response(state: &AppState) -> HttpResponse {
                 "streaming": true,
                 "cancel": true,
                 "prefix_cache": true,
-                "auto_profile": state.config.scheduler().auto_profile,
+                "auto_profile": state.config().scheduler().auto_profile,
             },
         },
         "uptime_seconds": state.started.elapsed().as_secs_f64(),
+        "slo": slo_json(state),
     });
     let status = if h.serving {
         StatusCode::OK
@@ -231,6 +251,7 @@ pub fn stats_response(state: &AppState) -> HttpResponse {
     refresh_gauges(state);
     let mut body = state.metrics.stats_json();
     if let Some(obj) = body.as_object_mut() {
+        obj.insert("slo".into(), slo_json(state));
         let sched: Vec<_> = state
             .models
             .iter()

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use crate::api::{ApiError, ErrorCase};
@@ -61,7 +61,9 @@ impl ModelEntry {
 /// Where a request goes.
 pub struct Route<'a> {
     pub profile: ProfileName,
-    pub settings: &'a ProfileSettings,
+    /// The profile's settings when the request was routed (a reload does not change them
+    /// under a running request).
+    pub settings: ProfileSettings,
     pub model: &'a ModelEntry,
     /// The model's position in [`AppState::models`].
     pub index: usize,
@@ -98,31 +100,59 @@ impl From<RouteError> for ApiError {
 
 /// The daemon's shared state.
 pub struct AppState {
-    pub config: Config,
+    /// The configuration in force; a reload swaps it ([`AppState::replace_config`]).
+    config: RwLock<Arc<Config>>,
     pub models: Vec<ModelEntry>,
     pub default_profile: RwLock<ProfileName>,
     pub metrics: Metrics,
     pub tokenizer: Tokenizer,
     pub draining: AtomicBool,
     pub started: Instant,
+    /// Where the configuration came from, for a reload.
+    pub source: super::reload::ConfigSource,
     next_request: AtomicU64,
     /// Running requests by response id: which model, which sequence.
     active: Mutex<HashMap<String, (usize, SeqId)>>,
 }
 
 impl AppState {
-    pub fn new(config: Config, models: Vec<ModelEntry>) -> Self {
+    pub fn new(
+        config: Config,
+        source: super::reload::ConfigSource,
+        models: Vec<ModelEntry>,
+    ) -> Self {
         let default_profile = config.scheduler().default_profile;
+        let metrics = Metrics::new();
+        metrics.set_slo(&config);
+        crate::logging::set_level(config.server().log_level.as_deref());
         Self {
-            config,
+            config: RwLock::new(Arc::new(config)),
             models,
             default_profile: RwLock::new(default_profile),
-            metrics: Metrics::new(),
+            metrics,
             tokenizer: Tokenizer::get(),
             draining: AtomicBool::new(false),
             started: Instant::now(),
+            source,
             next_request: AtomicU64::new(1),
             active: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The configuration in force now.
+    pub fn config(&self) -> Arc<Config> {
+        match self.config.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Puts a reloaded configuration in force; returns the one it replaces.
+    pub fn replace_config(&self, new: Config) -> Arc<Config> {
+        let new = Arc::new(new);
+        match self.config.write() {
+            Ok(mut c) => std::mem::replace(&mut *c, new),
+            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), new),
         }
     }
 
@@ -139,7 +169,8 @@ impl AppState {
         if let Ok(mut p) = self.default_profile.write() {
             *p = profile;
         }
-        let s = self.config.profile(profile);
+        let config = self.config();
+        let s = config.profile(profile);
         for m in &self.models {
             m.pipeline.set_batching(s.max_batch, s.prefill_window);
         }
@@ -163,11 +194,12 @@ impl AppState {
                 usable: m.usable(),
             })
             .collect();
-        let choice = self.config.route(profile, &loaded)?;
+        let config = self.config();
+        let choice = config.route(profile, &loaded)?;
         let model = self.models.get(choice.index)?;
         Some(Route {
             profile,
-            settings: self.config.profile(profile),
+            settings: config.profile(profile).clone(),
             model,
             index: choice.index,
             fallback: choice.fallback,
