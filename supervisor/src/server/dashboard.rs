@@ -13,32 +13,41 @@
 //!
 //! One JSON object, always `200`, also while starting or draining:
 //!
-//! | field | meaning |
-//! |---|---|
-//! | `version` | `1`; bumped when a field changes meaning |
-//! | `uptime_seconds` | since the daemon started |
-//! | `health.status`, `health.score` | as `/health`: `starting`, `healthy`, `degraded`, `unhealthy`, `draining`; 0–1 |
-//! | `default_profile` | the profile a request without one runs on |
-//! | `models[]` | one per configured model: |
-//! | `.name`, `.size`, `.backend`, `.gpu_mode`, `.test_model` | what it is |
-//! | `.ready`, `.started` | every stage loaded now / at least once |
-//! | `.unhealthy` | the reason it refuses requests, or `null` |
-//! | `.recovery` | `null`, `{"kind": "administrator_restart"}` or `{"kind": "cool_down", "retry_in_seconds": n}` |
-//! | `.epoch` | bumped on every stage failure |
-//! | `.requests.running`, `.requests.waiting` | sequences admitted / queued in its scheduler now |
-//! | `.kv_cache.blocks_in_use`, `.kv_cache.blocks_total`, `.kv_cache.usage` | KV blocks; usage in 0–1 |
-//! | `.prefix_cache.queries`, `.prefix_cache.hits` | cumulative prompt tokens looked up / found |
-//! | `.tokens_computed.prefill`, `.tokens_computed.decode` | cumulative tokens sent through the pipeline (the page's tokens/s is their rise between two polls) |
-//! | `.preemptions`, `.replayed` | cumulative sequences preempted / requeued after a stage failure |
-//! | `.stages[]` | `index`, `layers` (`[first, end)`), `device`, `pid` (or `null`), `state` (`spawning`, `loading`, `ready`, `busy`, `draining`, `dead`, `restarting`, `failed`), `restarts`, `last_error` (the last crash or load failure, or `null`), `steps_done` |
-//! | `profiles[]` | one per profile (`latency_first`, `balanced`, `quality_first`): |
-//! | `.name`, `.default` | its name; whether it is the default |
-//! | `.model`, `.fallback` | the model it routes to now (or `null`); whether that is its fallback |
-//! | `.slo_targets` | its configured SLO: `ttft_p95_ms`, `e2e_p95_ms`, `error_rate` |
-//! | `.series[]` | one per model that ran its requests: `model`, `requests` (`total`, `finished`, `failed`), `errors` (failures by reason), `tokens` (`prompt`, `generated`), `ttft_ms` and `e2e_ms` (`count`, `p50`, `p95`: nearest rank over the last 10 000 finished requests, `null` before any) |
-//! | `rejected.total`, `rejected.by_code` | requests refused with a 4xx, by error code |
-//! | `slo` | when the daemon reports it: per profile name, the list of SLO breaches, each with a `reason`; absent otherwise |
-//! | `response_cache` | when the daemon reports it: `hits`, `misses`; absent otherwise |
+//! - `version`: `1`; bumped when a field changes meaning.
+//! - `uptime_seconds`: since the daemon started.
+//! - `health`: `status` and `score` as `/health` has them (`starting`, `healthy`, `degraded`,
+//!   `unhealthy`, `draining`; 0–1).
+//! - `default_profile`: the profile a request without one runs on.
+//! - `models[]`, one per configured model:
+//!   - `name`, `size`, `backend`, `gpu_mode`, `test_model`: what it is;
+//!   - `ready`, `started`: every stage loaded now / at least once;
+//!   - `unhealthy`: why it refuses requests, or `null`;
+//!   - `recovery`: `null`, `{"kind": "administrator_restart"}` or
+//!     `{"kind": "cool_down", "retry_in_seconds": n}`;
+//!   - `epoch`: bumped on every stage failure;
+//!   - `requests`: `running`, `waiting` — sequences admitted / queued in its scheduler now;
+//!   - `kv_cache`: `blocks_in_use`, `blocks_total`, `usage` (0–1);
+//!   - `prefix_cache`: `queries`, `hits` — cumulative prompt tokens looked up / found;
+//!   - `tokens_computed`: `prefill`, `decode` — cumulative tokens sent through the pipeline (the
+//!     page's tokens/s is their rise between two polls);
+//!   - `preemptions`, `replayed`: cumulative sequences preempted / requeued after a stage
+//!     failure;
+//!   - `stages[]`: `index`, `layers` (`[first, end)`), `device`, `pid` (or `null`), `state`
+//!     (`spawning`, `loading`, `ready`, `busy`, `draining`, `dead`, `restarting`, `failed`),
+//!     `restarts`, `last_error` (the last crash or load failure, or `null`), `steps_done`.
+//! - `profiles[]`, one per profile (`latency_first`, `balanced`, `quality_first`):
+//!   - `name`, `default`: its name; whether it is the default;
+//!   - `model`, `fallback`: the model it routes to now (or `null`); whether that is its
+//!     fallback;
+//!   - `slo_targets`: its configured SLO, `ttft_p95_ms`, `e2e_p95_ms`, `error_rate`;
+//!   - `series[]`, one per model that ran its requests: `model`, `requests` (`total`,
+//!     `finished`, `failed`), `errors` (failures by reason), `tokens` (`prompt`, `generated`),
+//!     `ttft_ms` and `e2e_ms` (`count`, `p50`, `p95`: nearest rank over the last 10 000 finished
+//!     requests, `null` before any).
+//! - `rejected`: `total` and `by_code` — requests refused with a 4xx, by error code.
+//! - `slo`, when the daemon reports it: per profile name, the list of its SLO breaches, each
+//!   with a `reason`; absent otherwise.
+//! - `response_cache`, when the daemon reports it: `hits`, `misses`; absent otherwise.
 //!
 //! `slo` and `response_cache` are copied from the `/stats` document when it has them.
 //!
