@@ -8,6 +8,7 @@
 
 pub mod accept;
 pub mod control;
+pub mod dashboard;
 pub mod generation;
 pub mod http;
 pub mod openai;
@@ -503,6 +504,8 @@ async fn route(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse {
         ),
         (Method::GET, ["stats"]) => ops::stats_response(&state),
         (Method::GET, ["metrics"]) => ops::metrics_response(&state),
+        (Method::GET, ["dashboard"]) => dashboard::page(),
+        (Method::GET, ["dashboard", name]) => dashboard::get(&state, name),
         (
             _,
             ["v1", "chat", "completions"]
