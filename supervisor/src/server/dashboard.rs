@@ -304,7 +304,7 @@ mod tests {
 
     use super::*;
     use crate::metrics::{Labels, Metrics, Outcome, RequestRecord};
-    use crate::pipeline::worker::WorkerState;
+    use crate::pipeline::StageState;
 
     fn record(profile: &str, outcome: Outcome, ttft_ms: u64, e2e_ms: u64) -> RequestRecord {
         RequestRecord {
@@ -414,7 +414,7 @@ mod tests {
             layers: [2, 4],
             device: "cpu".into(),
             pid: Some(4242),
-            state: WorkerState::Restarting,
+            state: StageState::Restarting,
             restarts: 1,
             last_error: Some("killed by signal 9".into()),
             steps_done: 7,
