@@ -144,6 +144,9 @@ step "run"
 [ "$(command -v gptossd)" = /usr/bin/gptossd ] || fail "gptossd on PATH is $(command -v gptossd)"
 [ "$(gptossd --version)" = "gptossd $version" ] || fail "gptossd --version says $(gptossd --version)"
 ok "gptossd --version: $(gptossd --version)"
+# With the binary in place, the installed unit passes systemd's own checks.
+systemd-analyze verify /lib/systemd/system/gptossd.service || fail "systemd-analyze verify"
+ok "systemd-analyze verify: the installed unit is valid"
 model=/var/lib/gptossd/models/tiny
 (cd /var/lib/gptossd && runuser -u gptossd -- gptossd make-test-model --preset tiny --out "$model") ||
     fail "make-test-model as gptossd"
