@@ -474,10 +474,9 @@ impl Engine {
             }
         }
         if let Some(mut process) = self.stages[st].process.take() {
+            // Its stderr lines were logged as they came (process.rs); the tail stays for the
+            // stage's last error.
             process.kill();
-            for line in process.tail() {
-                tracing::warn!(stage = st, pid, %line, "stage stderr");
-            }
         }
         self.data.disconnect(st);
         self.data.bump_epoch();

@@ -148,11 +148,17 @@ impl StageProcess {
         if let Some(stderr) = child.stderr.take() {
             let tail = stderr_tail.clone();
             let stage = spec.stage;
+            // The spawner's span (the pipeline's, with the model's name) goes with the lines.
+            let span = tracing::Span::current();
             std::thread::Builder::new()
                 .name(format!("stage{stage}-stderr"))
                 .spawn(move || {
+                    let _entered = span.enter();
                     for line in BufReader::new(stderr).lines() {
                         let Ok(line) = line else { break };
+                        // A stage writes to stderr only when something is wrong: each line is
+                        // a record of its own, under the stage's fields, as it comes.
+                        tracing::warn!(target: "gptossd::stage", stage, pid, "{line}");
                         if let Ok(mut t) = tail.lock() {
                             if t.len() == tail_lines.max(1) {
                                 t.pop_front();
