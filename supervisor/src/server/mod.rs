@@ -63,6 +63,8 @@ pub enum ServeError {
         path: PathBuf,
         error: std::io::Error,
     },
+    #[error("cannot install signal handlers: {error}")]
+    Signals { error: std::io::Error },
     #[error("model {model} cannot load: {reason}")]
     LoadFailed { model: String, reason: String },
     #[error("model {model} did not start: {reason}")]
@@ -78,7 +80,8 @@ impl ServeError {
             Self::Pipeline { .. }
             | Self::Bind { .. }
             | Self::Control { .. }
-            | Self::StartFailed { .. } => 1,
+            | Self::StartFailed { .. }
+            | Self::Signals { .. } => 1,
         }
     }
 }
@@ -134,6 +137,8 @@ pub async fn run(
     source: reload::ConfigSource,
     test_model: bool,
 ) -> Result<(), ServeError> {
+    // Handlers first: a SIGTERM from here on drains (or ends start-up) instead of killing.
+    let signals = Signals::install().map_err(|error| ServeError::Signals { error })?;
     let addr = config.server().listen_addr();
     let control_path = config.server().control_socket.clone();
     let listener = tokio::net::TcpListener::bind(addr)
@@ -168,7 +173,7 @@ pub async fn run(
         }
     };
     tracing::info!(models = %describe(&models), "starting");
-    serve(config, source, models, listener, control).await
+    serve(config, source, models, listener, control, signals).await
 }
 
 /// Checks every model's checkpoint without loading it (config.json in range, every shard
@@ -243,6 +248,7 @@ async fn serve(
     models: Vec<ModelEntry>,
     listener: tokio::net::TcpListener,
     control: tokio::net::UnixListener,
+    signals: Signals,
 ) -> Result<(), ServeError> {
     let control_path = config.server().control_socket.clone();
     let fd_limit = match accept::raise_fd_limit() {
@@ -271,7 +277,7 @@ async fn serve(
 
     tokio::spawn(accept_http(listener, state.clone(), max_connections));
     tokio::spawn(accept_control(control, state.clone(), shutdown.clone()));
-    tokio::spawn(watch_signals(state.clone(), shutdown.clone()));
+    tokio::spawn(watch_signals(signals, state.clone(), shutdown.clone()));
 
     let started = tokio::select! {
         r = wait_until_ready(&state) => r,
@@ -386,17 +392,31 @@ async fn wait_until_ready(state: &AppState) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// The signals the daemon handles, installed before anything else starts.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// SIGTERM and SIGINT drain; SIGHUP reloads the config file.
-async fn watch_signals(state: Arc<AppState>, shutdown: Arc<Shutdown>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
+async fn watch_signals(signals: Signals, state: Arc<AppState>, shutdown: Arc<Shutdown>) {
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+    } = signals;
     loop {
         tokio::select! {
             _ = term.recv() => return shutdown.begin(&state, "SIGTERM"),
