@@ -84,6 +84,7 @@ pub(super) struct RawServer {
     pub max_body_bytes: Opt<usize>,
     pub request_timeout_secs: Opt<u64>,
     pub max_connections: Opt<usize>,
+    pub response_cache_bytes: Opt<usize>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -118,6 +119,11 @@ pub(super) struct RawProfile {
     pub prefill_window_ms: Opt<u64>,
     pub max_new_tokens: Opt<usize>,
     pub reasoning_effort: Opt<String>,
+    pub response_cache: Opt<bool>,
+    pub timeout_ceiling_secs: Opt<u64>,
+    pub timeout_queue_budget_ms: Opt<u64>,
+    pub timeout_ttft_budget_ms: Opt<u64>,
+    pub timeout_slack: Opt<f64>,
     pub slo: RawSlo,
 }
 
