@@ -973,3 +973,308 @@ fn errors_hyper_answers_by_itself_have_openai_bodies() {
     assert_eq!(d.post("/v1/chat/completions", &chat(2)).status, 200);
     assert!(d.stop().success());
 }
+
+// ---------------------------------------------------------------------------------------------
+// The response cache, deadlines and the access log
+
+/// The choices of a streamed chat answer, joined as a whole answer joins them: content, token
+/// ids and logprobs; with the stream's `gptossd` object.
+fn fold_chat_stream(r: &HttpResponse) -> (Value, Value) {
+    assert_well_formed_stream(r);
+    let frames = r.sse_data();
+    let (mut content, mut ids, mut logprobs) = (String::new(), Vec::new(), Vec::new());
+    let (mut finish, mut meta) = (Value::Null, Value::Null);
+    for frame in &frames[..frames.len() - 1] {
+        let chunk: Value = serde_json::from_str(frame).expect("chunk");
+        let choice = &chunk["choices"][0];
+        content += choice["delta"]["content"].as_str().unwrap_or_default();
+        ids.extend(choice["token_ids"].as_array().cloned().unwrap_or_default());
+        logprobs.extend(
+            choice["logprobs"]["content"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default(),
+        );
+        if !choice["finish_reason"].is_null() {
+            finish = choice["finish_reason"].clone();
+            meta = chunk["gptossd"].clone();
+        }
+    }
+    let folded = json!({"content": content, "token_ids": ids, "logprobs": logprobs, "finish_reason": finish});
+    (folded, meta)
+}
+
+/// The same parts of a whole chat answer's one choice.
+fn chat_choice_parts(body: &Value) -> Value {
+    let c = &body["choices"][0];
+    json!({
+        "content": c["message"]["content"],
+        "token_ids": c["token_ids"],
+        "logprobs": c["logprobs"]["content"],
+        "finish_reason": c["finish_reason"],
+    })
+}
+
+/// The cache's hits and misses in `/metrics` for the test model.
+fn cache_counts(d: &Daemon) -> (f64, f64) {
+    let text = d.get("/metrics").text();
+    let s = samples(&text);
+    let model = "model=\"gpt-oss-20b\"";
+    (
+        sum(&s, "gptossd_response_cache_hits_total", &[model]),
+        sum(&s, "gptossd_response_cache_misses_total", &[model]),
+    )
+}
+
+#[test]
+fn a_cached_answer_is_byte_for_byte_what_the_pipeline_generates() {
+    let d = Daemon::start(1, "");
+    // Reasoning effort named, so that both profiles render the same prompt.
+    let request = |profile: &str| {
+        json!({"messages": [{"role": "user", "content": "Tell me about caches"}],
+               "profile": profile, "reasoning_effort": "low", "max_tokens": 24,
+               "temperature": 0, "logprobs": true, "top_logprobs": 3,
+               "return_token_ids": true})
+    };
+    let first = d.post("/v1/chat/completions", &request("latency_first"));
+    assert_eq!(first.status, 200, "{}", first.text());
+    let first = first.json();
+    assert_eq!(first["gptossd"]["cached"], false);
+    assert_eq!(cache_counts(&d), (0.0, 1.0));
+
+    let again = d
+        .post("/v1/chat/completions", &request("latency_first"))
+        .json();
+    assert_eq!(again["gptossd"]["cached"], true, "{again}");
+    assert_eq!(
+        again["choices"].to_string(),
+        first["choices"].to_string(),
+        "a hit gives the same choices, byte for byte"
+    );
+    assert_eq!(again["usage"], first["usage"]);
+    assert_ne!(again["id"], first["id"]);
+    assert_eq!(cache_counts(&d), (1.0, 1.0));
+
+    let mut streamed = request("latency_first");
+    streamed["stream"] = json!(true);
+    let (folded, meta) = fold_chat_stream(&d.post("/v1/chat/completions", &streamed));
+    assert_eq!(meta["cached"], true);
+    assert_eq!(
+        folded,
+        chat_choice_parts(&first),
+        "a streamed hit says the same"
+    );
+    assert_eq!(cache_counts(&d), (2.0, 1.0));
+
+    // What the pipeline generates for it now, on a profile without the cache (twice, never
+    // cached), is what the cache gave.
+    for _ in 0..2 {
+        let fresh = d.post("/v1/chat/completions", &request("balanced")).json();
+        assert_eq!(fresh["gptossd"]["cached"], false);
+        assert_eq!(fresh["choices"].to_string(), first["choices"].to_string());
+    }
+    assert_eq!(
+        cache_counts(&d),
+        (2.0, 1.0),
+        "balanced never looks the cache up"
+    );
+    let stats = d.get("/stats").json();
+    let rc = &stats["response_cache"];
+    assert_eq!(
+        (&rc["hits"], &rc["misses"], &rc["entries"]),
+        (&json!(2), &json!(1), &json!(1))
+    );
+    assert!(rc["bytes"].as_u64().is_some_and(|b| b > 24 * 8), "{rc}");
+    assert!(d.stop().success());
+}
+
+#[test]
+fn a_seeded_sample_is_cached_and_an_unseeded_one_is_not() {
+    let d = Daemon::start(1, "");
+    let body = |seed: Option<u64>| {
+        let mut b = json!({"prompt": [1, 2, 3, 4], "max_tokens": 16, "temperature": 1.0,
+                           "profile": "latency_first", "return_token_ids": true});
+        if let Some(seed) = seed {
+            b["seed"] = json!(seed);
+        }
+        b
+    };
+    let first = d.post("/v1/completions", &body(Some(42))).json();
+    let second = d.post("/v1/completions", &body(Some(42))).json();
+    assert_eq!(
+        (&first["gptossd"]["cached"], &second["gptossd"]["cached"]),
+        (&json!(false), &json!(true))
+    );
+    assert_eq!(second["choices"].to_string(), first["choices"].to_string());
+    // Another seed is another request.
+    let other = d.post("/v1/completions", &body(Some(43))).json();
+    assert_eq!(other["gptossd"]["cached"], false);
+    for _ in 0..2 {
+        let unseeded = d.post("/v1/completions", &body(None)).json();
+        assert_eq!(
+            unseeded["gptossd"]["cached"], false,
+            "a fresh sample each time"
+        );
+    }
+    assert_eq!(
+        cache_counts(&d),
+        (1.0, 2.0),
+        "unseeded samples are not looked up"
+    );
+    assert!(d.stop().success());
+}
+
+#[test]
+fn a_request_past_its_deadline_is_cancelled_with_a_504_or_an_error_event() {
+    let d = Daemon::start(
+        1,
+        "[profiles.balanced]\ntimeout_ceiling_secs = 1\nmax_new_tokens = 4000\n",
+    );
+    // A short request finishes well within its deadline, which it is told.
+    let short = d.post("/v1/chat/completions", &chat(2));
+    assert_eq!(short.status, 200, "{}", short.text());
+    assert_eq!(short.json()["gptossd"]["deadline_ms"], 1000);
+
+    // 4000 tokens take the tiny model several seconds: past the 1 s ceiling.
+    let long =
+        json!({"prompt": [1, 2, 3], "max_tokens": 4000, "temperature": 0, "ignore_eos": true});
+    let t = Instant::now();
+    let whole = d.post("/v1/completions", &long);
+    let took = t.elapsed();
+    assert_eq!(whole.status, 504, "{}", whole.text());
+    let error = &whole.json()["error"];
+    assert_eq!(
+        (&error["type"], &error["code"]),
+        (&json!("timeout_error"), &json!("deadline_exceeded"))
+    );
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("1000 ms")),
+        "{error}"
+    );
+    assert!(whole.header("x-request-id").is_some());
+    assert!(
+        took >= Duration::from_millis(950) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+
+    let mut streamed = long.clone();
+    streamed["stream"] = json!(true);
+    let r = d.post("/v1/completions", &streamed);
+    assert_eq!(r.status, 200, "a stream's status went out first");
+    let frames = r.sse_data();
+    assert!(
+        frames.len() > 2,
+        "tokens came before the deadline: {frames:?}"
+    );
+    assert!(!frames.contains(&"[DONE]".to_string()), "{frames:?}");
+    let last: Value = serde_json::from_str(frames.last().expect("frames")).expect("error event");
+    assert_eq!(last["error"]["code"], "deadline_exceeded", "{last}");
+
+    // Both sequences were cancelled and their KV blocks freed.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = d.get("/health").json()["models"][0]["scheduler"].clone();
+        if s["running"] == 0 && s["waiting"] == 0 && s["kv_blocks_in_use"] == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not freed after the timeout: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let text = d.get("/metrics").text();
+    let failures = sum(
+        &samples(&text),
+        "gptossd_request_failure_total",
+        &["reason=\"timeout\"", "profile=\"balanced\""],
+    );
+    assert_eq!(failures, 2.0, "{text}");
+
+    // latency_first keeps its 600 s ceiling until 8 of its requests have finished; then its
+    // deadline follows its pace: 30 s queue + 30 s TTFT budgets + 4 × p95 × 2, far below 600 s.
+    let paced = json!({"prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": true, "profile": "latency_first"});
+    for _ in 0..8 {
+        let r = d.post("/v1/completions", &paced).json();
+        assert_eq!(r["gptossd"]["deadline_ms"], 600_000, "{r}");
+    }
+    let r = d.post("/v1/completions", &paced).json();
+    let ms = r["gptossd"]["deadline_ms"].as_u64().expect("deadline_ms");
+    assert!((60_000..61_000).contains(&ms), "{ms}");
+    assert!(d.stop().success());
+}
+
+/// The daemon's access-log lines, once there are `n` of them (within 10 s).
+fn access_lines(d: &Daemon, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines: Vec<String> = d
+            .log()
+            .lines()
+            .filter(|l| l.contains(" gptossd::access: "))
+            .map(str::to_string)
+            .collect();
+        if lines.len() >= n || Instant::now() > deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn every_request_gets_exactly_one_access_record_with_its_id_and_status() {
+    let d = Daemon::start(1, "");
+    let whole = d.post("/v1/chat/completions", &chat(3));
+    let mut stream = json!({"prompt": [1, 2, 3], "max_tokens": 3, "stream": true});
+    let streamed = d.post("/v1/completions", &stream);
+    stream["max_tokens"] = json!(0);
+    let bad = d.post("/v1/completions", &stream);
+    let mut unknown = chat(3);
+    unknown["model"] = json!("gpt-5");
+    let missing = d.post("/v1/chat/completions", &unknown);
+    let expected = [
+        (&whole, 200, "/v1/chat/completions", "finish_reason="),
+        (&streamed, 200, "/v1/completions", "finish_reason="),
+        (&bad, 400, "/v1/completions", "error=invalid_value"),
+        (
+            &missing,
+            404,
+            "/v1/chat/completions",
+            "error=model_not_found",
+        ),
+    ];
+    let lines = access_lines(&d, expected.len());
+    assert_eq!(lines.len(), expected.len(), "{lines:#?}");
+    for (r, status, route, outcome) in expected {
+        assert_eq!(r.status, status, "{}", r.text());
+        let id = r.header("x-request-id").expect("x-request-id");
+        let id_field = format!("request_id={id}");
+        let mine: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.split_whitespace().any(|w| w == id_field))
+            .collect();
+        assert_eq!(mine.len(), 1, "one record for {id}: {lines:#?}");
+        let fields: Vec<&str> = mine[0].split_whitespace().collect();
+        for field in [
+            format!("status={status}"),
+            "method=POST".into(),
+            format!("route={route}"),
+        ] {
+            assert!(fields.contains(&field.as_str()), "{field} in {}", mine[0]);
+        }
+        assert!(mine[0].contains(outcome), "{outcome} in {}", mine[0]);
+        for name in [
+            "model=",
+            "profile=",
+            "duration_ms=",
+            "cancelled=",
+            "cached=",
+        ] {
+            assert!(mine[0].contains(name), "{name} in {}", mine[0]);
+        }
+    }
+    assert!(lines[0].contains("model=gpt-oss-20b") && lines[0].contains("completion_tokens=3"));
+    assert!(d.stop().success());
+}

@@ -43,7 +43,14 @@
 //! | `gptossd_request_queue_time_seconds`            | histogram | S                       |
 //! | `gptossd_request_prefill_time_seconds`          | histogram | S                       |
 //! | `gptossd_request_decode_time_seconds`           | histogram | S                       |
+//! | `gptossd_response_cache_hits_total`             | counter   | M                       |
+//! | `gptossd_response_cache_misses_total`           | counter   | M                       |
+//! | `gptossd_response_cache_entries`                | gauge     | M                       |
+//! | `gptossd_response_cache_bytes`                  | gauge     | M                       |
 //!
+//! - `response_cache_*`: lookups of the response cache and what it holds
+//!   ([`Metrics::response_cache_lookup`], [`Metrics::set_response_cache_footprint`]; in
+//!   `/stats` as `response_cache`: `hits`, `misses`, `entries`, `bytes`, and per model).
 //! - `prefix_cache_*`, `stage_restarts_total`: cumulative counts kept by the scheduler and the
 //!   pipeline; each [`Metrics::set_gauges`] copies them in as they are (a smaller value than
 //!   last time reads to Prometheus as a counter reset, which is what it is).
@@ -574,6 +581,7 @@ pub struct Metrics {
     stats: Mutex<StatsState>,
     /// Each finished request is also a sample for the profiles' SLOs.
     slo: Mutex<SloTracker>,
+    response_cache: response_cache::CacheSeries,
 }
 
 impl Default for Metrics {
@@ -585,13 +593,16 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let families = Families::new();
-        let registry = families.registry();
+        let mut registry = families.registry();
+        let response_cache = response_cache::CacheSeries::default();
+        response_cache.register(&mut registry);
         Metrics {
             families,
             registry,
             started: Instant::now(),
             stats: Mutex::new(StatsState::default()),
             slo: Mutex::new(SloTracker::new(Duration::from_secs(300), 1, [])),
+            response_cache,
         }
     }
 
@@ -905,6 +916,7 @@ impl Metrics {
             "series": series,
             "models": models,
             "rejected": { "total": rejected_total, "series": rejected },
+            "response_cache": self.response_cache.stats_json(),
         })
     }
 }
@@ -917,5 +929,6 @@ fn series_entry<'a>(
     map.entry(labels.clone()).or_default()
 }
 
+mod response_cache;
 #[cfg(test)]
 mod tests;

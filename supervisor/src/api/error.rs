@@ -60,6 +60,11 @@ pub enum ErrorCase {
     /// The model's workers are unhealthy (crashed too often, could not load) or its pipeline
     /// stopped: not transient, so no `Retry-After`.
     Unhealthy,
+    /// The request ran past its deadline (its profile's adaptive timeout) and was cancelled.
+    /// A 504 with OpenAI's body; the type is `timeout_error` (the name Anthropic's API gives
+    /// its 504, beside the `overloaded_error` this table already borrows) and the code gRPC's
+    /// `deadline_exceeded`, apart from the client-side `request_timeout` (408).
+    Timeout,
     /// A fault inside gptossd; the details go to the log.
     Internal,
 }
@@ -90,6 +95,7 @@ impl ErrorCase {
     /// | Overloaded | 503 | overloaded_error | overloaded | 1 |
     /// | Unavailable | 503 | service_unavailable | service_unavailable | 1 |
     /// | Unhealthy | 503 | service_unavailable | model_unhealthy | |
+    /// | Timeout | 504 | timeout_error | deadline_exceeded | |
     /// | Internal | 500 | server_error | internal_error | |
     pub const fn status(self) -> u16 {
         match self {
@@ -110,6 +116,7 @@ impl ErrorCase {
             Self::MethodNotAllowed => 405,
             Self::QueueFull => 429,
             Self::Overloaded | Self::Unavailable | Self::Unhealthy => 503,
+            Self::Timeout => 504,
             Self::Internal => 500,
         }
     }
@@ -135,6 +142,7 @@ impl ErrorCase {
             Self::QueueFull => "rate_limit_error",
             Self::Overloaded => "overloaded_error",
             Self::Unavailable | Self::Unhealthy => "service_unavailable",
+            Self::Timeout => "timeout_error",
             Self::Internal => "server_error",
         }
     }
@@ -162,6 +170,7 @@ impl ErrorCase {
             Self::Overloaded => "overloaded",
             Self::Unavailable => "service_unavailable",
             Self::Unhealthy => "model_unhealthy",
+            Self::Timeout => "deadline_exceeded",
             Self::Internal => "internal_error",
         }
     }

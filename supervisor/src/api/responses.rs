@@ -74,6 +74,12 @@ pub struct GptossdMetadata {
     pub time_to_first_token_ms: Option<f64>,
     /// The request was cancelled before it ended on its own (finish reason `abort`).
     pub cancelled: bool,
+    /// The answer came from the response cache: the tokens a run of the same request
+    /// generated before (bit for bit what the model would generate again).
+    pub cached: bool,
+    /// The request's deadline, in milliseconds after its arrival: its profile's adaptive
+    /// timeout (`crate::deadline`). Past it the request is cancelled with a 504.
+    pub deadline_ms: u64,
 }
 
 impl GptossdMetadata {

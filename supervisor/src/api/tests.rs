@@ -576,6 +576,12 @@ fn error_table_and_body() {
         "service_unavailable"
     );
     assert_eq!(ApiError::internal().status, 500);
+    let e = ApiError::new(ErrorCase::Timeout, "x");
+    assert_eq!(
+        (e.status, e.kind, e.code.as_deref(), e.case.retry_after()),
+        (504, "timeout_error", Some("deadline_exceeded"), None)
+    );
+    assert!(!e.case.is_rejection(), "a timeout is the server's failure");
     let e = ApiError::model_not_found("gpt-5", &["gpt-oss-20b"]);
     assert_eq!((e.status, e.kind), (404, "not_found_error"));
     let body = chat_err(hello(json!({"n": 2}))).body();
@@ -953,6 +959,8 @@ pub(super) fn metadata() -> GptossdMetadata {
         queue_time_ms: Some(1.5),
         time_to_first_token_ms: None,
         cancelled: false,
+        cached: false,
+        deadline_ms: 600_000,
     }
 }
 
@@ -962,7 +970,7 @@ fn gptossd_metadata_shape_and_headers() {
     let body = serde_json::to_string(&metadata()).expect("serialisable");
     assert_eq!(
         body,
-        r#"{"request_id":"chatcmpl-abc","profile":"quality_first","model":"gpt-oss-20b","model_size":"20b","gpu_mode":"pipeline","engine":"gptossd-pipeline","backend":"cuda","fallback":true,"queue_time_ms":1.5,"time_to_first_token_ms":null,"cancelled":false}"#
+        r#"{"request_id":"chatcmpl-abc","profile":"quality_first","model":"gpt-oss-20b","model_size":"20b","gpu_mode":"pipeline","engine":"gptossd-pipeline","backend":"cuda","fallback":true,"queue_time_ms":1.5,"time_to_first_token_ms":null,"cancelled":false,"cached":false,"deadline_ms":600000}"#
     );
     assert_eq!(
         metadata()

@@ -16,7 +16,7 @@ use super::raw::{
 use super::{
     defaults, Config, ConfigError, ControlSocketSource, Device, ModelSettings, ModelSize, Origin,
     Overrides, ProfileName, ProfileSettings, Profiles, ReasoningEffort, SchedulerSettings,
-    ServerSettings, SizeSetting, SloThresholds, SloWindow, WorkerSettings,
+    ServerSettings, SizeSetting, SloThresholds, SloWindow, TimeoutSettings, WorkerSettings,
 };
 use crate::split::explicit_split;
 
@@ -279,6 +279,7 @@ fn check_server(s: &RawServer, ctx: &Ctx, host: &Host) -> Result<ServerSettings,
             None => None,
             Some(_) => Some(ctx.at_least(&s.max_connections, 1, 1, "server.max_connections")?),
         },
+        response_cache_bytes: get(&s.response_cache_bytes, defaults::RESPONSE_CACHE_BYTES),
     })
 }
 
@@ -587,10 +588,10 @@ fn check_profile(
     models: &[&str],
     ctx: &Ctx,
 ) -> Result<ProfileSettings, ConfigError> {
-    let (max_batch, window_ms, max_new_tokens, effort, ttft_p95_ms) = match p {
-        ProfileName::LatencyFirst => (32, 4, 512, ReasoningEffort::Low, 1_000),
-        ProfileName::Balanced => (48, 6, 1024, ReasoningEffort::Medium, 2_000),
-        ProfileName::QualityFirst => (8, 12, 2048, ReasoningEffort::High, 5_000),
+    let (max_batch, window_ms, max_new_tokens, effort, ttft_p95_ms, cache, ceiling_secs) = match p {
+        ProfileName::LatencyFirst => (32, 4, 512, ReasoningEffort::Low, 1_000, true, 600),
+        ProfileName::Balanced => (48, 6, 1024, ReasoningEffort::Medium, 2_000, false, 600),
+        ProfileName::QualityFirst => (8, 12, 2048, ReasoningEffort::High, 5_000, false, 1_800),
     };
     let key = |k: &str| format!("profiles.{p}.{k}");
     let model_ref = |v: &Option<Val<String>>, k: &str| -> Result<Option<String>, ConfigError> {
@@ -644,7 +645,47 @@ fn check_profile(
             &key("max_new_tokens"),
         )?,
         reasoning_effort,
+        response_cache: get(&raw.response_cache, cache),
+        timeout: check_timeout(raw, ceiling_secs, &key, ctx)?,
         slo: check_slo(&raw.slo, ttft_p95_ms, &key, ctx)?,
+    })
+}
+
+/// One profile's timeout: a ceiling ≥ 1 s, a finite slack ≥ 1 (less would cut requests that
+/// merely run at the profile's usual pace).
+fn check_timeout(
+    raw: &RawProfile,
+    ceiling_secs: u64,
+    key: &dyn Fn(&str) -> String,
+    ctx: &Ctx,
+) -> Result<TimeoutSettings, ConfigError> {
+    let ceiling = ctx.at_least(
+        &raw.timeout_ceiling_secs,
+        ceiling_secs,
+        1,
+        &key("timeout_ceiling_secs"),
+    )?;
+    let slack = get(&raw.timeout_slack, defaults::TIMEOUT_SLACK);
+    if !(slack.is_finite() && slack >= 1.0) {
+        return Err(ctx.invalid(
+            ctx.origin_of(&raw.timeout_slack),
+            key("timeout_slack"),
+            slack,
+            "must be a finite number at least 1 (the margin on the observed time per token)",
+        ));
+    }
+    let ms = |v: &Option<Val<u64>>, default: u64| Duration::from_millis(get(v, default));
+    Ok(TimeoutSettings {
+        ceiling: Duration::from_secs(ceiling),
+        queue_budget: ms(
+            &raw.timeout_queue_budget_ms,
+            defaults::TIMEOUT_QUEUE_BUDGET_MS,
+        ),
+        ttft_budget: ms(
+            &raw.timeout_ttft_budget_ms,
+            defaults::TIMEOUT_TTFT_BUDGET_MS,
+        ),
+        slack,
     })
 }
 

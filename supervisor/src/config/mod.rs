@@ -144,6 +144,14 @@ pub mod defaults {
     pub const SLO_ERROR_RATE: f64 = 0.01;
     /// `workers.stderr_tail_lines`.
     pub const STDERR_TAIL_LINES: usize = 50;
+    /// `server.response_cache_bytes`: 64 MiB.
+    pub const RESPONSE_CACHE_BYTES: usize = 64 * 1024 * 1024;
+    /// `profiles.*.timeout_queue_budget_ms`: what a request may spend waiting for admission.
+    pub const TIMEOUT_QUEUE_BUDGET_MS: u64 = 30_000;
+    /// `profiles.*.timeout_ttft_budget_ms`: what its prefill may take (a long prompt on a CPU).
+    pub const TIMEOUT_TTFT_BUDGET_MS: u64 = 30_000;
+    /// `profiles.*.timeout_slack`: the margin on the observed p95 time per output token.
+    pub const TIMEOUT_SLACK: f64 = 2.0;
 }
 
 /// Command-line flags that override the file, applied after it is read and before it is
@@ -409,6 +417,10 @@ pub struct ServerSettings {
     /// `"debug"`, `"gptossd=debug,warn"`). Default (`None`): `info`. `$GPTOSSD_LOG`, when set,
     /// takes precedence. A reload applies it.
     pub log_level: Option<String>,
+    /// `response_cache_bytes`: the bound of the response cache (the answers of fully
+    /// determined requests, shared by every model and profile; see
+    /// [`crate::response_cache`]), in bytes; 0 turns it off. Default 64 MiB (67,108,864).
+    pub response_cache_bytes: usize,
 }
 
 impl ServerSettings {
@@ -631,13 +643,13 @@ impl Profiles {
     }
 }
 
-/// One profile. Defaults (DESIGN.md's table):
+/// One profile. Defaults (DESIGN.md's table, with the response cache and the timeout ceiling):
 ///
-/// | profile | max_batch | prefill_window_ms | max_new_tokens | reasoning_effort |
-/// |---|---|---|---|---|
-/// | latency_first | 32 | 4 | 512 | low |
-/// | balanced | 48 | 6 | 1024 | medium |
-/// | quality_first | 8 | 12 | 2048 | high |
+/// | profile | max_batch | prefill_window_ms | max_new_tokens | reasoning_effort | response_cache | timeout_ceiling_secs |
+/// |---|---|---|---|---|---|---|
+/// | latency_first | 32 | 4 | 512 | low | true | 600 |
+/// | balanced | 48 | 6 | 1024 | medium | false | 600 |
+/// | quality_first | 8 | 12 | 2048 | high | false | 1800 |
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProfileSettings {
     /// `model`: the served name of the model this profile runs on. Default: none, chosen by
@@ -654,8 +666,31 @@ pub struct ProfileSettings {
     pub max_new_tokens: usize,
     /// `reasoning_effort`: `"low"`, `"medium"` or `"high"` when a request names none.
     pub reasoning_effort: ReasoningEffort,
+    /// `response_cache`: answer a fully determined request (temperature 0, `top_k` 1 or an
+    /// explicit seed) from the response cache when the same one was answered before. Default
+    /// true for `latency_first`, false for the others (whose users expect fresh samples).
+    pub response_cache: bool,
+    /// `timeout_*`: how long a request may take before it is cancelled with a 504.
+    pub timeout: TimeoutSettings,
     /// `[profiles.<name>.slo]`: what the owner expects of this profile.
     pub slo: SloThresholds,
+}
+
+/// A profile's request timeout: `queue_budget + ttft_budget + max_tokens × p95 time per output
+/// token × slack`, at most `ceiling`; the ceiling alone while the profile has too few finished
+/// requests to know its pace ([`crate::deadline`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimeoutSettings {
+    /// `timeout_ceiling_secs`: the longest any request of the profile may take, ≥ 1 s. Default
+    /// 600 s (10 minutes) for `latency_first` and `balanced`, 1800 s for `quality_first`.
+    pub ceiling: Duration,
+    /// `timeout_queue_budget_ms`: the allowance for waiting to be admitted. Default 30 s.
+    pub queue_budget: Duration,
+    /// `timeout_ttft_budget_ms`: the allowance for the prefill, up to the first token.
+    /// Default 30 s.
+    pub ttft_budget: Duration,
+    /// `timeout_slack`: the factor on the decode estimate, ≥ 1. Default 2.
+    pub slack: f64,
 }
 
 /// A profile's personal SLO: p95 time to first token, p95 end-to-end latency and error rate,

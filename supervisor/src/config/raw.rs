@@ -85,6 +85,7 @@ pub(super) struct RawServer {
     pub request_timeout_secs: Opt<u64>,
     pub max_connections: Opt<usize>,
     pub log_level: Opt<String>,
+    pub response_cache_bytes: Opt<usize>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -119,6 +120,11 @@ pub(super) struct RawProfile {
     pub prefill_window_ms: Opt<u64>,
     pub max_new_tokens: Opt<usize>,
     pub reasoning_effort: Opt<String>,
+    pub response_cache: Opt<bool>,
+    pub timeout_ceiling_secs: Opt<u64>,
+    pub timeout_queue_budget_ms: Opt<u64>,
+    pub timeout_ttft_budget_ms: Opt<u64>,
+    pub timeout_slack: Opt<f64>,
     pub slo: RawSlo,
 }
 

@@ -1014,3 +1014,70 @@ fn slo_thresholds_default_per_profile_and_bad_ones_are_named() {
         &["ttft_p95"],
     );
 }
+
+#[test]
+fn response_cache_and_timeouts_default_per_profile_and_bad_ones_are_named() {
+    let c = parse(&one_model("")).expect("config");
+    assert_eq!(c.server().response_cache_bytes, 64 << 20);
+    for (name, cache, ceiling) in [
+        (ProfileName::LatencyFirst, true, 600),
+        (ProfileName::Balanced, false, 600),
+        (ProfileName::QualityFirst, false, 1800),
+    ] {
+        let p = c.profile(name);
+        assert_eq!(p.response_cache, cache, "{name}");
+        assert_eq!(
+            p.timeout,
+            TimeoutSettings {
+                ceiling: Duration::from_secs(ceiling),
+                queue_budget: Duration::from_secs(30),
+                ttft_budget: Duration::from_secs(30),
+                slack: 2.0,
+            },
+            "{name}"
+        );
+    }
+    let c = parse(&format!(
+        "[server]\nresponse_cache_bytes = 0\n{}\n[profiles.balanced]\nresponse_cache = true\n\
+         timeout_ceiling_secs = 1\ntimeout_queue_budget_ms = 5\ntimeout_ttft_budget_ms = 7\n\
+         timeout_slack = 1.5\n",
+        one_model("")
+    ))
+    .expect("config");
+    assert_eq!(c.server().response_cache_bytes, 0);
+    let p = c.profile(ProfileName::Balanced);
+    assert!(p.response_cache);
+    assert_eq!(
+        p.timeout,
+        TimeoutSettings {
+            ceiling: Duration::from_secs(1),
+            queue_budget: Duration::from_millis(5),
+            ttft_budget: Duration::from_millis(7),
+            slack: 1.5,
+        }
+    );
+    error_with(
+        parse(&one_model(
+            "[profiles.balanced]\ntimeout_ceiling_secs = 0\n",
+        )),
+        &[
+            "`profiles.balanced.timeout_ceiling_secs`",
+            "= 0",
+            "at least 1",
+        ],
+    );
+    for slack in ["0.5", "nan", "inf"] {
+        error_with(
+            parse(&one_model(&format!(
+                "[profiles.quality_first]\ntimeout_slack = {slack}\n"
+            ))),
+            &["`profiles.quality_first.timeout_slack`", "at least 1"],
+        );
+    }
+    error_with(
+        parse(&one_model(
+            "[profiles.latency_first]\nresponse_cache = \"yes\"\n",
+        )),
+        &["response_cache"],
+    );
+}

@@ -5,16 +5,20 @@
 //! answer through the endpoint's responder ([`ChatResponder`], [`TextResponder`]), streamed or
 //! whole ([`answer`]: one loop for both).
 //!
-//! A request refused before it runs is answered and counted once ([`reject`]): a 4xx as a
-//! rejection, a 5xx as a failure, labelled with its model and profile when it got that far.
+//! A request refused before it runs is answered, counted and access-logged once ([`reject`]):
+//! a 4xx as a rejection, a 5xx as a failure, labelled with its model and profile when it got
+//! that far. Every answer, a refusal included, carries the request's `x-request-id`.
+//!
+//! A request whose profile has `response_cache` on and whose output is fully determined gets a
+//! [`CacheKey`]; [`Run::start`] answers it from the cache when it can.
 
 mod answer;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use hyper::body::Incoming;
+use hyper::header::HeaderValue;
 use hyper::{HeaderMap, Request};
 
 use crate::api::{
@@ -24,9 +28,10 @@ use crate::api::{
 use crate::config::ProfileName;
 use crate::metrics::{Labels, Rejection, UNKNOWN};
 use crate::pipeline::GenRequest;
+use crate::response_cache::CacheKey;
 use gptossd_stage::sampler::{Sampler, SamplingParams, STOP_TOKENS};
 
-use super::generation::Run;
+use super::generation::{AccessRecord, RequestInfo, Run, Submission};
 use super::http::{error, read_body, require_json, HttpResponse};
 use super::state::{AppState, Route, RouteError, ENGINE};
 
@@ -81,29 +86,49 @@ impl<'a> Refused<'a> {
     }
 }
 
-/// Counts a request refused before it ran and answers it: a 4xx as a rejection, a 5xx as a
-/// failure ([`ErrorCase::is_rejection`]); an unknown model or profile counts as unknown.
-fn reject(state: &AppState, refused: &Refused<'_>) -> HttpResponse {
+/// Counts a request refused before it ran, logs its access record and answers it: a 4xx as a
+/// rejection, a 5xx as a failure ([`ErrorCase::is_rejection`]); an unknown model or profile
+/// counts as unknown.
+fn reject(state: &AppState, info: &RequestInfo, refused: &Refused<'_>) -> HttpResponse {
     let e = &refused.error;
-    let model = refused.model.unwrap_or(UNKNOWN).to_string();
+    let model = refused.model.unwrap_or(UNKNOWN);
+    let profile = refused.profile.map_or(UNKNOWN, ProfileName::as_str);
     if e.case.is_rejection() {
         state.metrics.rejected(&Rejection {
             engine: ENGINE.to_string(),
-            model,
+            model: model.to_string(),
             code: e.case.code().to_string(),
         });
     } else {
         let labels = Labels {
             engine: ENGINE.to_string(),
-            model,
-            profile: refused
-                .profile
-                .map_or(UNKNOWN, ProfileName::as_str)
-                .to_string(),
+            model: model.to_string(),
+            profile: profile.to_string(),
         };
         state.metrics.failed(&labels, e.case.code());
     }
-    error(e)
+    AccessRecord {
+        request_id: &info.id,
+        method: "POST",
+        route: info.route,
+        status: e.status,
+        model,
+        profile,
+        prompt_tokens: None,
+        completion_tokens: None,
+        ttft: None,
+        duration: info.arrival.elapsed(),
+        finish_reason: None,
+        error: Some(e.case.code()),
+        cancelled: false,
+        cached: false,
+    }
+    .log();
+    let mut response = error(e);
+    if let Ok(id) = HeaderValue::from_str(&info.id) {
+        response.headers_mut().insert("x-request-id", id);
+    }
+    response
 }
 
 /// The headers and body of an API request, or why it is refused (draining, a body that is not
@@ -176,29 +201,29 @@ struct Launch<'a> {
     request: GenRequest,
     stream: Option<StreamOptions>,
     options: AnswerOptions,
-    /// `chatcmpl` or `cmpl`: the response id's prefix.
-    id_prefix: &'static str,
 }
 
 impl Launch<'_> {
-    /// Submits the generation and answers through the responder `R`: streamed, whole, or an
-    /// error body if the pipeline refuses it.
-    async fn respond<R: Responder>(self, state: &Arc<AppState>, arrival: Instant) -> HttpResponse {
-        let id = state.new_id(self.id_prefix);
-        let run = match Run::submit(
-            state.clone(),
-            &self.route,
-            id.clone(),
-            self.request,
-            arrival,
-        )
-        .await
-        {
+    /// Starts the generation (from the response cache when it can) and answers through the
+    /// responder `R`: streamed, whole, or an error body if the pipeline refuses it.
+    async fn respond<R: Responder>(self, state: &Arc<AppState>, info: RequestInfo) -> HttpResponse {
+        let cache_key = if self.route.settings.response_cache {
+            CacheKey::new(&self.route.model.name, &self.request, &self.options.stop)
+        } else {
+            None
+        };
+        let submission = Submission {
+            info: info.clone(),
+            request: self.request,
+            streamed: self.stream.is_some(),
+            cache_key,
+        };
+        let run = match Run::start(state.clone(), &self.route, submission).await {
             Ok(run) => run,
-            Err(e) => return reject(state, &Refused::routed(&self.route, e.into())),
+            Err(e) => return reject(state, &info, &Refused::routed(&self.route, e.into())),
         };
         let identity = ResponseIdentity {
-            id,
+            id: info.id,
             created: unix_now(),
             model: self.route.model.name.clone(),
         };
@@ -214,14 +239,14 @@ impl Launch<'_> {
 // Chat
 
 pub async fn chat(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse {
-    let arrival = Instant::now();
+    let info = RequestInfo::arriving(&state, "chatcmpl", "/v1/chat/completions");
     let launch = match read_request(&state, req).await {
         Ok((headers, body)) => prepare_chat(&state, &headers, &body),
         Err(refused) => Err(refused),
     };
     match launch {
-        Ok(launch) => launch.respond::<ChatResponder>(&state, arrival).await,
-        Err(refused) => reject(&state, &refused),
+        Ok(launch) => launch.respond::<ChatResponder>(&state, info).await,
+        Err(refused) => reject(&state, &info, &refused),
     }
 }
 
@@ -277,7 +302,6 @@ fn prepare_chat<'a>(
         request,
         stream: parsed.stream(),
         options,
-        id_prefix: "chatcmpl",
     })
 }
 
@@ -285,14 +309,14 @@ fn prepare_chat<'a>(
 // Completions
 
 pub async fn completions(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse {
-    let arrival = Instant::now();
+    let info = RequestInfo::arriving(&state, "cmpl", "/v1/completions");
     let launch = match read_request(&state, req).await {
         Ok((headers, body)) => prepare_completion(&state, &headers, &body),
         Err(refused) => Err(refused),
     };
     match launch {
-        Ok(launch) => launch.respond::<TextResponder>(&state, arrival).await,
-        Err(refused) => reject(&state, &refused),
+        Ok(launch) => launch.respond::<TextResponder>(&state, info).await,
+        Err(refused) => reject(&state, &info, &refused),
     }
 }
 
@@ -350,6 +374,5 @@ fn prepare_completion<'a>(
         request,
         stream: parsed.stream(),
         options,
-        id_prefix: "cmpl",
     })
 }

@@ -4,7 +4,7 @@
 //! The file is read and checked again with the same command-line overrides as at start-up. If
 //! it names a change that running pipelines cannot take — anything about a model (its path,
 //! name, size, stages, devices, layers, threads, KV pool), the listener (`server.host`, `port`,
-//! `control_socket`, `max_connections`), the scheduler's queue and step sizes, or the workers'
+//! `control_socket`, `max_connections`, `response_cache_bytes`), the scheduler's queue and step sizes, or the workers'
 //! timings — the reload is refused with the first such key, and nothing changes. Otherwise the
 //! new configuration is put in force at once: profiles (batching, limits, routing, SLOs), the
 //! default profile, `auto_profile`, body size and timeouts, the SLO window, `drain_grace_secs`
@@ -85,6 +85,10 @@ pub fn needs_restart(old: &Config, new: &Config) -> Option<String> {
         (
             "server.max_connections",
             os.max_connections != ns.max_connections,
+        ),
+        (
+            "server.response_cache_bytes",
+            os.response_cache_bytes != ns.response_cache_bytes,
         ),
     ];
     if let Some((key, _)) = server.iter().find(|(_, changed)| *changed) {

@@ -1,6 +1,7 @@
 //! What every request handler shares: the configuration, the loaded models and their
-//! pipelines, the default profile (switchable at run time), metrics, and the registry of
-//! running requests (for the cancel endpoint).
+//! pipelines, the default profile (switchable at run time), metrics, the registry of
+//! running requests (for the cancel endpoint), the response cache and each profile's pace (for
+//! its requests' deadlines).
 //!
 //! Routing a request to a model is the configuration's rule ([`Config::route`]); this file only
 //! describes the loaded models to it and resolves the answer into a [`Route`], or a typed
@@ -14,8 +15,10 @@ use std::time::Instant;
 use crate::api::{ApiError, ErrorCase};
 use crate::chat::tokenizer::Tokenizer;
 use crate::config::{Config, LoadedModel, ModelSize, ProfileName, ProfileSettings};
+use crate::deadline::Paces;
 use crate::metrics::Metrics;
 use crate::pipeline::PipelineHandle;
+use crate::response_cache::ResponseCache;
 use crate::scheduler::SeqId;
 
 /// The engine name in metrics and response metadata.
@@ -113,6 +116,10 @@ pub struct AppState {
     next_request: AtomicU64,
     /// Running requests by response id: which model, which sequence.
     active: Mutex<HashMap<String, (usize, SeqId)>>,
+    /// Answers of fully determined requests, shared by every model and profile.
+    pub response_cache: Mutex<ResponseCache>,
+    /// Each profile's observed time per output token.
+    pub paces: Paces,
 }
 
 impl AppState {
@@ -125,6 +132,7 @@ impl AppState {
         let metrics = Metrics::new();
         metrics.set_slo(&config);
         crate::logging::set_level(config.server().log_level.as_deref());
+        let response_cache = Mutex::new(ResponseCache::new(config.server().response_cache_bytes));
         Self {
             config: RwLock::new(Arc::new(config)),
             models,
@@ -136,6 +144,8 @@ impl AppState {
             source,
             next_request: AtomicU64::new(1),
             active: Mutex::new(HashMap::new()),
+            response_cache,
+            paces: Paces::default(),
         }
     }
 

@@ -13,10 +13,12 @@
 //! Streams: the response head goes out at once; then the chunks as they come, then
 //! `data: [DONE]`. While no token has come yet (a long prefill, a queue), a comment line
 //! `: keep-alive` goes out every [`KEEPALIVE`]. A failure after the 200 is one
-//! `data: {"error": …}` event, then the stream ends without `[DONE]`. A client that goes away
+//! `data: {"error": …}` event, then the stream ends without `[DONE]` (a request past its
+//! deadline included: a 504's body in the event). A client that goes away
 //! cancels its sequence (the task drops its [`Run`]): its KV blocks are freed when its current
 //! step returns. Whole answers: the fold as JSON, or a failure as an error response whose status
-//! comes from the error table. Both carry the headers of [`GptossdMetadata::headers`].
+//! comes from the error table. Both carry the headers of [`GptossdMetadata::headers`], an
+//! error response too.
 
 use std::time::Duration;
 
@@ -26,7 +28,6 @@ use hyper::StatusCode;
 use tokio::sync::mpsc;
 
 use crate::api::{ApiError, EndedBy, Fold, GptossdMetadata, Responder};
-use crate::metrics::Outcome;
 use crate::server::generation::{Run, RunEvent};
 use crate::server::http::{error, json, sse, sse_data, HttpResponse, SseBody};
 
@@ -54,7 +55,8 @@ trait Sink<C> {
 }
 
 /// The one loop over a request's events: the responder's chunks, in order, into `sink`, and
-/// the request's metrics recorded once (a run dropped unrecorded counts as `abort`).
+/// the request's metrics and access record written once (a run dropped unrecorded counts as
+/// `abort`). A cached run replays through here like a generated one.
 async fn answer<R: Responder>(
     run: &mut Run,
     mut responder: R,
@@ -83,13 +85,7 @@ async fn answer<R: Responder>(
                 }
             }
             RunEvent::Finished(ended) => break ended,
-            RunEvent::Failed(failure) => {
-                tracing::error!(request_id = %run.id, %failure, "generation failed");
-                run.record(Outcome::Error {
-                    reason: "internal".into(),
-                });
-                return Answered::Failed(failure.into());
-            }
+            RunEvent::Failed(failure) => return Answered::Failed(run.fail(failure)),
         }
     };
     let (tail, reason) = responder.end(ended);
@@ -98,9 +94,7 @@ async fn answer<R: Responder>(
             return Answered::Gone;
         }
     }
-    run.record(Outcome::Finished {
-        reason: reason.as_str().into(),
-    });
+    run.finish(reason);
     let metadata = run.metadata(ended == EndedBy::Cancel);
     if !sink.put(responder.finish(reason, metadata)).await {
         return Answered::Gone;
@@ -132,12 +126,16 @@ pub async fn whole<R: Responder>(mut run: Run, responder: R) -> HttpResponse {
     let mut sink = FoldSink(responder.fold());
     match answer(&mut run, responder, &mut sink).await {
         Answered::Complete => {}
-        Answered::Failed(e) => return error(&e),
+        Answered::Failed(e) => {
+            let mut response = error(&e);
+            write_headers(&mut response, &run.metadata(false));
+            return response;
+        }
         // A fold has no reader to lose; nothing to answer if it ever had.
         Answered::Gone => return error(&ApiError::internal()),
     }
     let Some(body) = sink.0.finish() else {
-        tracing::error!(request_id = %run.id, "the answer ended without its finish or usage chunk");
+        tracing::error!(request_id = %run.id(), "the answer ended without its finish or usage chunk");
         return error(&ApiError::internal());
     };
     let value = serde_json::to_value(&body).unwrap_or_default();
