@@ -18,7 +18,7 @@ use std::cell::RefCell;
 use gptossd_shared::config::{AttentionKind, ModelConfig, SWIGLU_ALPHA};
 use gptossd_shared::weights::{LayerWeights, StageWeights};
 
-use crate::cpu::{matmul_bf16, matmul_mxfp4, vector, Bf16Rows, Mxfp4Rows, ThreadPool};
+use crate::backend::cpu::{matmul_bf16, matmul_mxfp4, vector, Bf16Rows, Mxfp4Rows, ThreadPool};
 use crate::kv::{KvConfig, KvPool};
 
 /// A step that cannot run as given.

@@ -25,7 +25,7 @@ use gptossd_shared::protocol::{
 use gptossd_shared::ring::{recv_fd, Consumer, Producer, Ring, RingError};
 use interprocess::os::unix::uds_local_socket::Stream;
 
-use crate::cpu::ThreadPool;
+use crate::backend::cpu::ThreadPool;
 use crate::model::{Logits, SeqStep, StageModel, StepBatch};
 use crate::sampler::{SampleScratch, Sampler, SamplingParams};
 

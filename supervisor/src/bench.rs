@@ -402,7 +402,7 @@ fn run_pipeline(args: &BenchArgs, stages: usize) -> anyhow::Result<()> {
             "batch": b,
             "stages": stages,
             "mode": "pipeline",
-            "isa": format!("{:?}", gptossd_stage::cpu::Isa::detect()),
+            "isa": format!("{:?}", gptossd_stage::backend::cpu::Isa::detect()),
             "threads": args.threads,
             "prompt_len": args.prompt_len,
             "prefill_tok_s": round((args.prompt_len * b) as f64 / all_first.duration_since(t0).as_secs_f64()),
