@@ -172,10 +172,6 @@ impl<B: Backend> StageModel<B> {
         self.backend.info()
     }
 
-    pub fn backend(&self) -> &B {
-        &self.backend
-    }
-
     /// Drops the step buffers (they grow to the largest step seen, e.g. a burst of long
     /// prompts) so that an idle stage does not keep its high-water mark; the next step grows
     /// them again.

@@ -1,5 +1,6 @@
 //! A sequence's logits are bitwise identical whether it runs alone or batched with others, in
-//! one prefill chunk or token by token, with any prefill chunking and any thread count.
+//! one prefill chunk or token by token, with any prefill chunking, any thread count and any
+//! stage split: the `Backend` contract, checked end to end on every backend compiled in.
 
 #[macro_use]
 mod common;

@@ -16,7 +16,7 @@
 //!   `attention.rs`, `moe.rs`). This is the [`Backend`] contract, met bit for bit.
 //! - **Exact weights.** bf16 and MXFP4 weights are decoded to f32 exactly; activations are never
 //!   quantized; products accumulate in f32 with fused multiply-add.
-//! - **One binary everywhere.** The instruction set is detected at run time; the AVX2 + FMA path
+//! - **One binary everywhere.** The instruction set is detected at run time; the AVX2 + FMA
 //!   path, the AVX-512 paths and the portable path produce identical bits.
 //! - **No copy of the weights.** [`CpuDense`], [`CpuExperts`] and the vectors share the
 //!   checkpoint's read-only mapping.
@@ -53,7 +53,7 @@ use crate::sampler::{LogitsError, Sampled};
 use crate::step::StepBatch;
 
 /// CPU activations: `rows × width` f32, row-major, in `data[..rows · width]`. `data` only
-/// grows (until the backend's buffers are released), so a warmed stage does not allocate.
+/// grows (until the stage drops its buffers when idle), so a warmed stage does not allocate.
 #[derive(Default)]
 pub struct CpuAct {
     data: Vec<f32>,
@@ -65,14 +65,6 @@ impl CpuAct {
     /// The values, `rows × width`.
     pub fn values(&self) -> &[f32] {
         &self.data[..self.rows * self.width]
-    }
-
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub fn width(&self) -> usize {
-        self.width
     }
 
     /// Gives the activations the shape `rows × width` and returns their values (stale
