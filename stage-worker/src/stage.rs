@@ -5,7 +5,7 @@
 //! per backend built in, each a monomorphic `StageModel<B>`. A step pays one `match` here and
 //! then runs the backend's operations with static calls; `model.rs` sees neither `dyn` nor
 //! `cfg`. Adding a backend is adding its folder under `backend/`, a [`Device`] variant and a
-//! [`Stage`] variant.
+//! [`Stage`] variant (with its arm in `on_stage!` and in [`Stage::load`]).
 
 use std::fmt;
 use std::str::FromStr;
@@ -61,6 +61,16 @@ pub enum Stage {
     Cpu(StageModel<CpuBackend>),
 }
 
+/// `$body` with `$m` bound to the concrete `StageModel<B>` of `$stage`: the one place that
+/// lists the variants, so a new backend adds one arm here (and one in [`Stage::load`]).
+macro_rules! on_stage {
+    ($stage:expr, $m:ident => $body:expr) => {
+        match $stage {
+            Stage::Cpu($m) => $body,
+        }
+    };
+}
+
 impl Stage {
     /// Loads the stage on `device`; `threads` host threads compute (CPU) or assist (a GPU).
     pub fn load(
@@ -81,52 +91,36 @@ impl Stage {
     }
 
     pub fn config(&self) -> &ModelConfig {
-        match self {
-            Stage::Cpu(m) => m.config(),
-        }
+        on_stage!(self, m => m.config())
     }
 
     pub fn kv_config(&self) -> KvConfig {
-        match self {
-            Stage::Cpu(m) => m.kv_config(),
-        }
+        on_stage!(self, m => m.kv_config())
     }
 
     pub fn is_first(&self) -> bool {
-        match self {
-            Stage::Cpu(m) => m.is_first(),
-        }
+        on_stage!(self, m => m.is_first())
     }
 
     pub fn is_last(&self) -> bool {
-        match self {
-            Stage::Cpu(m) => m.is_last(),
-        }
+        on_stage!(self, m => m.is_last())
     }
 
     pub fn weight_bytes(&self) -> usize {
-        match self {
-            Stage::Cpu(m) => m.weight_bytes(),
-        }
+        on_stage!(self, m => m.weight_bytes())
     }
 
     pub fn kv_bytes(&self) -> usize {
-        match self {
-            Stage::Cpu(m) => m.kv_bytes(),
-        }
+        on_stage!(self, m => m.kv_bytes())
     }
 
     pub fn info(&self) -> BackendInfo {
-        match self {
-            Stage::Cpu(m) => m.info(),
-        }
+        on_stage!(self, m => m.info())
     }
 
     /// See [`StageModel::release_scratch`].
     pub fn release_scratch(&mut self) {
-        match self {
-            Stage::Cpu(m) => m.release_scratch(),
-        }
+        on_stage!(self, m => m.release_scratch())
     }
 
     /// See [`StageModel::forward`].
@@ -136,9 +130,7 @@ impl Stage {
         input: StageInput<'_>,
         out: &mut Vec<f32>,
     ) -> Result<(), StepError> {
-        match self {
-            Stage::Cpu(m) => m.forward(batch, input, out),
-        }
+        on_stage!(self, m => m.forward(batch, input, out))
     }
 
     /// See [`StageModel::forward_hidden`].
@@ -148,9 +140,7 @@ impl Stage {
         input: StageInput<'_>,
         out: &mut [f32],
     ) -> Result<(), StepError> {
-        match self {
-            Stage::Cpu(m) => m.forward_hidden(batch, input, out),
-        }
+        on_stage!(self, m => m.forward_hidden(batch, input, out))
     }
 
     /// See [`StageModel::forward_sample`].
@@ -160,9 +150,7 @@ impl Stage {
         input: StageInput<'_>,
         rows: &[SampleRow],
     ) -> Result<Vec<Result<Sampled, LogitsError>>, StepError> {
-        match self {
-            Stage::Cpu(m) => m.forward_sample(batch, input, rows),
-        }
+        on_stage!(self, m => m.forward_sample(batch, input, rows))
     }
 }
 
