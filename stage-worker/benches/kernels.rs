@@ -12,7 +12,9 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use gptossd_stage::cpu::{matmul_bf16, matmul_mxfp4, Bf16Rows, Isa, Mxfp4Rows, ThreadPool};
+use gptossd_stage::backend::cpu::{
+    matmul_bf16, matmul_mxfp4, Bf16Rows, Isa, Mxfp4Rows, ThreadPool,
+};
 
 /// Deterministic filler (splitmix64).
 struct Rng(u64);

@@ -1,7 +1,12 @@
-//! gptossd stage worker library: the GPT-OSS layer math on a backend, the per-stage KV pool.
+//! gptossd stage worker library: the GPT-OSS dataflow (`model`) written once over the backend
+//! seam (`backend`: the trait and its CPU implementation), the step and its checks (`step`),
+//! the stage as the process edge sees it (`stage`), the sampler, and the worker loop.
 
-pub mod cpu;
+pub mod backend;
 pub mod kv;
 pub mod model;
+pub mod rope;
 pub mod sampler;
+pub mod stage;
+pub mod step;
 pub mod worker;

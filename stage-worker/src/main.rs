@@ -18,7 +18,7 @@ use gptossd_shared::config::ModelConfig;
 use gptossd_shared::protocol::{WorkerMsg, PROTOCOL_VERSION};
 use gptossd_shared::weights::{StageSpan, StageWeights};
 use gptossd_stage::kv::KvConfig;
-use gptossd_stage::model::StageModel;
+use gptossd_stage::stage::{Device, Stage};
 use gptossd_stage::worker::{self, Hops, Shared};
 use interprocess::local_socket::traits::Stream as _;
 use interprocess::local_socket::{GenericNamespaced, ToNsName};
@@ -108,19 +108,15 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(3));
         }
     };
-    let (mut model, hops) = model;
-    let kv_bytes = (args.kv_blocks
-        * args.block_size
-        * model.config().kv_dim()
-        * 8
-        * (args.end_layer - args.first_layer)) as u64;
+    let (mut stage, hops) = model;
+    let info = stage.info();
     worker::send(
         &stream,
         &WorkerMsg::Loaded {
-            weight_bytes: model.weights().bytes() as u64,
-            kv_bytes,
-            kernels: format!("{:?}", model.pool().isa()),
-            threads: model.pool().threads() as u32,
+            weight_bytes: stage.weight_bytes() as u64,
+            kv_bytes: stage.kv_bytes() as u64,
+            kernels: info.kernels,
+            threads: info.threads as u32,
         },
     );
     if std::env::var(FAULT_ENV).as_deref() == Ok("crash-after-load") {
@@ -139,17 +135,12 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             .name("heartbeat".into())
             .spawn(move || worker::heartbeat(s, sh, interval))?;
     }
-    worker::run(&mut model, hops, &shared).context("compute loop")?;
+    worker::run(&mut stage, hops, &shared).context("compute loop")?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn load(args: &Args) -> anyhow::Result<(StageModel, Hops)> {
-    if args.device != "cpu" {
-        bail!(
-            "device {:?}: only the cpu backend is built in so far",
-            args.device
-        );
-    }
+fn load(args: &Args) -> anyhow::Result<(Stage, Hops)> {
+    let device: Device = args.device.parse()?;
     if !args.cpus.is_empty() {
         let mut set = nix::sched::CpuSet::new();
         for &c in &args.cpus {
@@ -191,5 +182,7 @@ fn load(args: &Args) -> anyhow::Result<(StageModel, Hops)> {
         num_blocks: args.kv_blocks,
         block_size: args.block_size,
     };
-    Ok((StageModel::new(cfg, weights, kv, args.threads), hops))
+    let stage = Stage::load(device, args.threads, cfg, &weights, kv)
+        .with_context(|| format!("loading the stage on {device}"))?;
+    Ok((stage, hops))
 }

@@ -22,12 +22,13 @@ use gptossd_shared::protocol::{
     read_message, read_slot_header, write_message, write_slot_header, SampleSpec, SeqToken,
     StepHeader, StepOutcome, StepResult, SupervisorMsg, WorkerMsg,
 };
-use gptossd_shared::ring::{recv_fd, Consumer, Producer, Ring, RingError};
+use gptossd_shared::ring::{recv_fd, Consumer, Producer, ReadSlot, Ring, RingError};
 use interprocess::os::unix::uds_local_socket::Stream;
 
-use crate::cpu::ThreadPool;
-use crate::model::{Logits, SeqStep, StageModel, StepBatch};
-use crate::sampler::{SampleScratch, Sampler, SamplingParams};
+use crate::backend::SampleRow;
+use crate::sampler::{Sampler, SamplingError, SamplingParams};
+use crate::stage::Stage;
+use crate::step::{Logits, SeqStep, StageInput, StepBatch};
 
 /// How long one ring wait lasts before the loop re-checks its flags.
 const POLL: Duration = Duration::from_millis(50);
@@ -146,12 +147,11 @@ pub enum LoopError {
 }
 
 /// The compute loop: until shutdown, take a step, compute it into the next hop, commit.
-pub fn run(model: &mut StageModel, hops: Hops, shared: &Shared) -> Result<(), LoopError> {
+pub fn run(stage: &mut Stage, hops: Hops, shared: &Shared) -> Result<(), LoopError> {
     let mut in_ring = hops.input;
     let mut out_ring = hops.output;
     let mut consumer: Option<Consumer> = Some(in_ring.consumer()?);
     let mut producer: Option<Producer> = Some(out_ring.producer()?);
-    let mut scratch = StepScratch::default();
     // Set when the input ring was found closed: its end is dropped at the top of the next turn.
     let mut lost_input = false;
     // When the last step finished, while its buffers are still held.
@@ -173,7 +173,7 @@ pub fn run(model: &mut StageModel, hops: Hops, shared: &Shared) -> Result<(), Lo
             Ok(slot) => slot,
             Err(RingError::Timeout(_)) => {
                 if holding_since.is_some_and(|t| t.elapsed() >= IDLE_RELEASE) {
-                    release_memory(model, &mut scratch);
+                    release_memory(stage);
                     holding_since = None;
                 }
                 continue;
@@ -208,7 +208,7 @@ pub fn run(model: &mut StageModel, hops: Hops, shared: &Shared) -> Result<(), Lo
                 producer = Some(out_ring.producer()?);
             }
             let result = match producer.as_mut() {
-                Some(prod) => compute_step(model, &header, &slot[payload_at..], prod, &mut scratch),
+                Some(prod) => compute_step(stage, &header, &slot, payload_at, prod),
                 None => Err(RingError::Closed),
             };
             match result {
@@ -256,23 +256,14 @@ fn await_replacement(slot: &Mutex<Option<Ring>>, shared: &Shared, epoch: u64) ->
     false
 }
 
-/// Gives an idle stage's step buffers back to the OS: the model's and the loop's are dropped,
-/// then glibc returns the freed heap pages (large buffers were mapped and are unmapped on
-/// free already).
-fn release_memory(model: &mut StageModel, scratch: &mut StepScratch) {
-    model.release_scratch();
-    *scratch = StepScratch::default();
+/// Gives an idle stage's step buffers back to the OS: the stage's are dropped, then glibc
+/// returns the freed heap pages (large buffers were mapped and are unmapped on free already).
+fn release_memory(stage: &mut Stage) {
+    stage.release_scratch();
     // SAFETY: malloc_trim only walks glibc's own free lists; no pointer of ours is involved.
     unsafe {
         libc::malloc_trim(0);
     }
-}
-
-/// Buffers reused across steps.
-#[derive(Default)]
-struct StepScratch {
-    x: Vec<f32>,
-    logits: Vec<f32>,
 }
 
 fn batch_of(header: &StepHeader, last_stage: bool) -> StepBatch {
@@ -298,50 +289,30 @@ fn batch_of(header: &StepHeader, last_stage: bool) -> StepBatch {
 /// result (last stage) or is forwarded as a failure marker (an empty-sequence header is not
 /// possible, so the header is forwarded with no payload and the last stage reports it).
 fn compute_step(
-    model: &mut StageModel,
+    stage: &mut Stage,
     header: &StepHeader,
-    payload: &[u8],
+    slot: &ReadSlot<'_>,
+    payload_at: usize,
     prod: &mut Producer,
-    scratch: &mut StepScratch,
 ) -> Result<(), RingError> {
-    let h = model.config().hidden_size;
+    let h = stage.config().hidden_size;
     let n = header.total_tokens();
-    let last = model.is_last();
-    let first = model.weights().embedding.is_some();
+    let last = stage.is_last();
     let batch = batch_of(header, last);
 
-    // Input: token ids on the first hop, hidden states afterwards.
-    let input_ok = if first {
-        payload.len() >= n * 4
+    // Input, read in place: token ids on the first hop, hidden states afterwards. A payload
+    // too short for the header fails the step.
+    let input = if stage.is_first() {
+        slot.view::<u32>(payload_at, n).map(StageInput::Tokens)
     } else {
-        payload.len() >= n * h * 4
-    };
+        slot.view::<f32>(payload_at, n * h).map(StageInput::Hidden)
+    }
+    .ok();
 
     if last {
-        let outcome = if !input_ok {
-            StepOutcome::Failed(format!("step {}: payload too short", header.step))
-        } else {
-            scratch.x.clear();
-            scratch.x.resize(n * h, 0.0);
-            let mut result = Ok(());
-            if first {
-                let ids = as_u32(&payload[..n * 4]);
-                result = model.embed(&batch, &ids, &mut scratch.x);
-            } else {
-                copy_f32(&payload[..n * h * 4], &mut scratch.x);
-            }
-            let result = result
-                .and_then(|()| model.run_layers(&batch, &mut scratch.x))
-                .and_then(|()| model.logits(&batch, &scratch.x, &mut scratch.logits));
-            match result {
-                Ok(()) => sample_all(
-                    header,
-                    &scratch.logits,
-                    model.config().vocab_size,
-                    model.pool(),
-                ),
-                Err(e) => StepOutcome::Failed(format!("step {}: {e}", header.step)),
-            }
+        let outcome = match input {
+            None => StepOutcome::Failed(format!("step {}: payload too short", header.step)),
+            Some(input) => sample_step(stage, header, &batch, input),
         };
         let mut slot = prod.reserve(Duration::MAX)?;
         let result = StepResult {
@@ -354,88 +325,73 @@ fn compute_step(
         return slot.commit(len);
     }
 
-    let mut slot = prod.reserve(Duration::MAX)?;
+    let mut out = prod.reserve(Duration::MAX)?;
     let offset =
-        write_slot_header(&mut slot, header).map_err(|e| RingError::Corrupt(e.to_string()))?;
-    let x = slot.view_mut::<f32>(offset, n * h)?;
-    let result = if !input_ok {
-        Err(None)
-    } else if first {
-        let ids = as_u32(&payload[..n * 4]);
-        model.embed(&batch, &ids, x).map_err(Some)
-    } else {
-        copy_f32(&payload[..n * h * 4], x);
-        Ok(())
-    }
-    .and_then(|()| model.run_layers(&batch, x).map_err(Some));
+        write_slot_header(&mut out, header).map_err(|e| RingError::Corrupt(e.to_string()))?;
+    let x = out.view_mut::<f32>(offset, n * h)?;
+    let result = match input {
+        None => Err(None),
+        Some(input) => stage.forward_hidden(&batch, input, x).map_err(Some),
+    };
     match result {
-        Ok(()) => slot.commit(offset + n * h * 4),
+        Ok(()) => out.commit(offset + n * h * 4),
         Err(e) => {
             // Forward the header without hidden states: the next stages see a short payload
             // and the last stage reports the step as failed.
             if let Some(e) = e {
                 eprintln!("gptossd-stage: step {} failed: {e}", header.step);
             }
-            slot.commit(offset)
+            out.commit(offset)
         }
     }
 }
 
-/// Samples every sequence of the step that asked for a token, in parallel over the stage's
-/// threads (each draw depends only on its logits row, seed and index, so the split changes
-/// nothing).
-fn sample_all(header: &StepHeader, logits: &[f32], vocab: usize, pool: &ThreadPool) -> StepOutcome {
+/// The last stage: runs the step and samples every sequence that asked for a token (the
+/// backend samples all rows at once; each draw depends only on its logits row, seed and
+/// index).
+fn sample_step(
+    stage: &mut Stage,
+    header: &StepHeader,
+    batch: &StepBatch,
+    input: StageInput<'_>,
+) -> StepOutcome {
     let wanted: Vec<(u64, SampleSpec)> = header
         .seqs
         .iter()
         .filter_map(|s| s.sample.map(|spec| (s.seq, spec)))
         .collect();
-    if logits.len() < wanted.len() * vocab {
-        return StepOutcome::Failed(format!("step {}: missing logits", header.step));
-    }
-    let results: Vec<Mutex<Option<Result<SampledTuple, String>>>> =
-        (0..wanted.len()).map(|_| Mutex::new(None)).collect();
-    pool.run(wanted.len(), &|i| {
-        let row = &logits[i * vocab..(i + 1) * vocab];
-        let r = SCRATCH.with(|s| sample_one(&wanted[i].1, row, &mut s.borrow_mut()));
-        if let Ok(mut slot) = results[i].lock() {
-            *slot = Some(r);
-        }
-    });
-    let mut tokens = Vec::with_capacity(wanted.len());
-    for ((seq, _), r) in wanted.iter().zip(results) {
-        match r.into_inner().ok().flatten() {
-            Some(Ok((token, logprob, top))) => tokens.push(SeqToken {
-                seq: *seq,
-                token,
-                logprob,
-                top,
-            }),
-            Some(Err(e)) => {
+    let mut rows = Vec::with_capacity(wanted.len());
+    for (seq, spec) in &wanted {
+        match sample_row(spec) {
+            Ok(row) => rows.push(row),
+            Err(e) => {
                 return StepOutcome::Failed(format!("step {} sequence {seq}: {e}", header.step))
             }
-            None => {
-                return StepOutcome::Failed(format!(
-                    "step {} sequence {seq}: not sampled",
-                    header.step
-                ))
+        }
+    }
+    let sampled = match stage.forward_sample(batch, input, &rows) {
+        Ok(sampled) => sampled,
+        Err(e) => return StepOutcome::Failed(format!("step {}: {e}", header.step)),
+    };
+    let mut tokens = Vec::with_capacity(wanted.len());
+    for ((seq, _), r) in wanted.iter().zip(sampled) {
+        match r {
+            Ok(s) => tokens.push(SeqToken {
+                seq: *seq,
+                token: s.token,
+                logprob: s.logprob,
+                top: s.top,
+            }),
+            Err(e) => {
+                return StepOutcome::Failed(format!("step {} sequence {seq}: {e}", header.step))
             }
         }
     }
     StepOutcome::Tokens(tokens)
 }
 
-thread_local! {
-    static SCRATCH: std::cell::RefCell<SampleScratch> = std::cell::RefCell::new(SampleScratch::default());
-}
-
-type SampledTuple = (u32, f32, Vec<(u32, f32)>);
-
-fn sample_one(
-    spec: &SampleSpec,
-    logits: &[f32],
-    scratch: &mut SampleScratch,
-) -> Result<SampledTuple, String> {
+/// The sampler and token index a [`SampleSpec`] from the ring asks for.
+fn sample_row(spec: &SampleSpec) -> Result<SampleRow, SamplingError> {
     let params = SamplingParams {
         temperature: spec.temperature,
         top_p: spec.top_p,
@@ -451,24 +407,10 @@ fn sample_one(
             Some(spec.logprobs as usize)
         },
     };
-    let sampler = Sampler::new(params, spec.seed).map_err(|e| e.to_string())?;
-    let s = sampler
-        .sample_with(logits, spec.index, scratch)
-        .map_err(|e| e.to_string())?;
-    Ok((s.token, s.logprob, s.top))
-}
-
-fn as_u32(bytes: &[u8]) -> Vec<u32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
-
-fn copy_f32(bytes: &[u8], out: &mut [f32]) {
-    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-        *o = f32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
-    }
+    Ok(SampleRow {
+        sampler: Sampler::new(params, spec.seed)?,
+        index: spec.index,
+    })
 }
 
 /// Sends one message on the control socket, ignoring a closed socket (the reader thread

@@ -1,9 +1,11 @@
 //! A sequence's logits are bitwise identical whether it runs alone or batched with others, in
-//! one prefill chunk or token by token, with any prefill chunking and any thread count.
+//! one prefill chunk or token by token, with any prefill chunking, any thread count and any
+//! stage split: the `Backend` contract, checked end to end on every backend compiled in.
 
+#[macro_use]
 mod common;
 
-use common::{blocks, chunk, stage};
+use common::{blocks, chunk, stage, TestBackend};
 use gptossd_stage::model::{Logits, StageInput, StepBatch};
 
 const VOCAB: usize = 201_088;
@@ -15,8 +17,8 @@ fn prompt(seed: u32, len: usize) -> Vec<u32> {
 }
 
 /// Logits of every position of `tokens`, fed in chunks of the given sizes.
-fn logits_chunked(tokens: &[u32], chunks: &[usize], threads: usize) -> Vec<f32> {
-    let mut m = stage(None, threads);
+fn logits_chunked<B: TestBackend>(tokens: &[u32], chunks: &[usize], threads: usize) -> Vec<f32> {
+    let mut m = stage::<B>(None, threads);
     let table = blocks(0, 8);
     let mut out = Vec::new();
     let mut all = Vec::new();
@@ -34,40 +36,37 @@ fn logits_chunked(tokens: &[u32], chunks: &[usize], threads: usize) -> Vec<f32> 
     all
 }
 
-#[test]
-fn prefill_chunking_and_decode_give_identical_bits() {
+fn prefill_chunking_and_decode_give_identical_bits<B: TestBackend>() {
     let tokens = prompt(1, 21);
-    let whole = logits_chunked(&tokens, &[21], 1);
+    let whole = logits_chunked::<B>(&tokens, &[21], 1);
     assert_eq!(whole.len(), 21 * VOCAB);
     assert!(whole.iter().all(|v| v.is_finite()));
-    let one_by_one = logits_chunked(&tokens, &[1; 21], 1);
+    let one_by_one = logits_chunked::<B>(&tokens, &[1; 21], 1);
     assert!(
         whole == one_by_one,
         "token-by-token decode differs from one prefill"
     );
-    let uneven = logits_chunked(&tokens, &[5, 1, 9, 6], 1);
+    let uneven = logits_chunked::<B>(&tokens, &[5, 1, 9, 6], 1);
     assert!(whole == uneven, "chunked prefill differs from one prefill");
 }
 
-#[test]
-fn thread_count_does_not_change_bits() {
+fn thread_count_does_not_change_bits<B: TestBackend>() {
     let tokens = prompt(2, 13);
-    let one = logits_chunked(&tokens, &[13], 1);
-    let two = logits_chunked(&tokens, &[7, 6], 2);
-    let three = logits_chunked(&tokens, &[13], 3);
+    let one = logits_chunked::<B>(&tokens, &[13], 1);
+    let two = logits_chunked::<B>(&tokens, &[7, 6], 2);
+    let three = logits_chunked::<B>(&tokens, &[13], 3);
     assert!(one == two && one == three);
 }
 
-#[test]
-fn batching_with_other_sequences_gives_identical_bits() {
+fn batching_with_other_sequences_gives_identical_bits<B: TestBackend>() {
     let a = prompt(3, 11);
     let b = prompt(4, 17);
     let c = prompt(5, 3);
-    let alone_a = logits_chunked(&a, &[11], 1);
-    let alone_b = logits_chunked(&b, &[17], 1);
+    let alone_a = logits_chunked::<B>(&a, &[11], 1);
+    let alone_b = logits_chunked::<B>(&b, &[17], 1);
 
     // a, b and c prefilled together in one step, each in its own blocks.
-    let mut m = stage(None, 2);
+    let mut m = stage::<B>(None, 2);
     let (ta, tb, tc) = (blocks(0, 4), blocks(10, 4), blocks(20, 4));
     let batch = StepBatch {
         seqs: vec![
@@ -104,24 +103,23 @@ fn batching_with_other_sequences_gives_identical_bits() {
         .expect("step");
     let mut a2 = a.clone();
     a2.push(next_a);
-    let alone_a2 = logits_chunked(&a2, &[12], 1);
+    let alone_a2 = logits_chunked::<B>(&a2, &[12], 1);
     assert!(
         out[..VOCAB] == alone_a2[11 * VOCAB..],
         "decode of a in a mixed batch differs"
     );
-    let alone_d = logits_chunked(&d, &[9], 1);
+    let alone_d = logits_chunked::<B>(&d, &[9], 1);
     assert!(
         out[VOCAB..] == alone_d[8 * VOCAB..],
         "prefill of d in a mixed batch differs"
     );
 }
 
-#[test]
-fn split_stages_equal_one_stage() {
+fn split_stages_equal_one_stage<B: TestBackend>() {
     use gptossd_shared::weights::StageSpan;
     let tokens = prompt(7, 10);
-    let whole = logits_chunked(&tokens, &[10], 1);
-    let mut first = stage(
+    let whole = logits_chunked::<B>(&tokens, &[10], 1);
+    let mut first = stage::<B>(
         Some(StageSpan {
             layers: 0..1,
             embedding: true,
@@ -129,7 +127,7 @@ fn split_stages_equal_one_stage() {
         }),
         1,
     );
-    let mut middle = stage(
+    let mut middle = stage::<B>(
         Some(StageSpan {
             layers: 1..3,
             embedding: false,
@@ -137,7 +135,7 @@ fn split_stages_equal_one_stage() {
         }),
         1,
     );
-    let mut last = stage(
+    let mut last = stage::<B>(
         Some(StageSpan {
             layers: 3..4,
             embedding: false,
@@ -160,3 +158,10 @@ fn split_stages_equal_one_stage() {
         .expect("stage 2");
     assert!(logits == whole);
 }
+
+backend_tests!(
+    prefill_chunking_and_decode_give_identical_bits,
+    thread_count_does_not_change_bits,
+    batching_with_other_sequences_gives_identical_bits,
+    split_stages_equal_one_stage,
+);

@@ -1,5 +1,6 @@
 //! Helpers shared by the stage-worker integration tests: the tiny model, made once per test
-//! binary from its seed, and a one-stage model over it.
+//! binary from its seed; a one-stage model over it on any backend; and [`backend_tests!`],
+//! which runs a generic test once per backend compiled in.
 
 #![allow(dead_code)]
 
@@ -10,8 +11,50 @@ use gptossd_shared::checkpoint::Checkpoint;
 use gptossd_shared::config::ModelConfig;
 use gptossd_shared::testmodel::{write_test_model, Preset};
 use gptossd_shared::weights::{StageSpan, StageWeights};
+use gptossd_stage::backend::cpu::CpuBackend;
+use gptossd_stage::backend::Backend;
 use gptossd_stage::kv::KvConfig;
 use gptossd_stage::model::{Logits, SeqStep, StageModel};
+
+/// A backend the suites run on: how to make one, and what it promises against the CPU
+/// backend and the references.
+pub trait TestBackend: Backend {
+    /// A backend computing with (or, on a device, assisted by) `threads` host threads.
+    fn for_tests(threads: usize) -> Self;
+    /// Whether every operation gives the CPU backend's bits (else: within [`Self::OP_TOLERANCE`]
+    /// of them).
+    const CPU_BITS: bool;
+    /// Largest relative error (L2 over an operation's output) against the f64 references of
+    /// `backend_ops.rs`, and against the CPU backend when not bit-equal to it.
+    const OP_TOLERANCE: f64;
+    /// Largest |Δlogit| against transformers over the reference's top-20 (golden test).
+    const GOLDEN_TOLERANCE: f32;
+}
+
+impl TestBackend for CpuBackend {
+    fn for_tests(threads: usize) -> Self {
+        CpuBackend::new(threads)
+    }
+    const CPU_BITS: bool = true;
+    const OP_TOLERANCE: f64 = 1e-5;
+    const GOLDEN_TOLERANCE: f32 = 1e-3;
+}
+
+/// Instantiates each named generic test `fn name<B: TestBackend>()` once per backend compiled
+/// in, as `cpu::name` (and, with a GPU backend, `cuda::name`).
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        mod cpu {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name::<gptossd_stage::backend::cpu::CpuBackend>();
+                }
+            )*
+        }
+    };
+}
 
 /// The `tiny` preset with seed 0, generated once into a temporary directory.
 pub fn tiny_model_dir() -> PathBuf {
@@ -25,22 +68,24 @@ pub fn tiny_model_dir() -> PathBuf {
     .to_path_buf()
 }
 
-/// A model stage holding `span` (whole model when `None`).
-pub fn stage(span: Option<StageSpan>, threads: usize) -> StageModel {
+/// The tiny model's config and the weights of `span` (whole model when `None`).
+pub fn tiny_weights(span: Option<StageSpan>) -> (ModelConfig, StageWeights) {
     let dir = tiny_model_dir();
     let cfg = ModelConfig::load(&dir).expect("config");
     let ckpt = Checkpoint::open(&dir).expect("checkpoint");
     let span = span.unwrap_or_else(|| StageSpan::whole(&cfg));
     let weights = StageWeights::load(&ckpt, &cfg, &span).expect("weights");
-    StageModel::new(
-        cfg,
-        weights,
-        KvConfig {
-            num_blocks: 256,
-            block_size: 16,
-        },
-        threads,
-    )
+    (cfg, weights)
+}
+
+/// A model stage holding `span` (whole model when `None`) on backend `B`.
+pub fn stage<B: TestBackend>(span: Option<StageSpan>, threads: usize) -> StageModel<B> {
+    let (cfg, weights) = tiny_weights(span);
+    let kv = KvConfig {
+        num_blocks: 256,
+        block_size: 16,
+    };
+    StageModel::new(B::for_tests(threads), cfg, &weights, kv).expect("load the stage")
 }
 
 /// Blocks `first .. first + count` as a table.

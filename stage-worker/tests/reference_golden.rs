@@ -3,19 +3,20 @@
 //! `tests/reference/golden_tiny_seed0.json` was written by `tests/reference/make_golden.py`
 //! from the `tiny` preset with seed 0. This test regenerates that checkpoint from its seed,
 //! checks it is byte-identical to the one the golden file was made from (else the golden file
-//! is stale, not the model wrong), and compares: identical argmax at every position, max
-//! |Δlogit| ≤ 1e-3 over the reference's top-20, and the same 16 greedy tokens.
+//! is stale, not the model wrong), and compares, on every backend compiled in: identical argmax
+//! at every position, max |Δlogit| over the reference's top-20 within the backend's
+//! `GOLDEN_TOLERANCE` (1e-3 for the CPU), and the same 16 greedy tokens.
 
+#[macro_use]
 mod common;
 
 use std::path::PathBuf;
 
-use common::{blocks, chunk, stage, tiny_model_dir};
+use common::{blocks, chunk, stage, tiny_model_dir, TestBackend};
 use gptossd_stage::model::{Logits, StageInput, StepBatch};
 use sha2::{Digest, Sha256};
 
 const VOCAB: usize = 201_088;
-const TOLERANCE: f32 = 1e-3;
 
 fn golden() -> serde_json::Value {
     let path =
@@ -60,13 +61,12 @@ fn regenerated_checkpoint_is_the_golden_one() {
     }
 }
 
-#[test]
-fn logits_and_greedy_tokens_match_transformers() {
+fn logits_and_greedy_tokens_match_transformers<B: TestBackend>() {
     let g = golden();
     let mut worst = 0f32;
     for (pi, p) in g["prompts"].as_array().expect("prompts").iter().enumerate() {
         let tokens = ids(&p["tokens"]);
-        let mut m = stage(None, 2);
+        let mut m = stage::<B>(None, 2);
         let table = blocks(0, 8);
         let mut logits = Vec::new();
         let batch = StepBatch {
@@ -91,7 +91,7 @@ fn logits_and_greedy_tokens_match_transformers() {
                 let diff = (row[id] - want).abs();
                 worst = worst.max(diff);
                 assert!(
-                    diff <= TOLERANCE,
+                    diff <= B::GOLDEN_TOLERANCE,
                     "prompt {pi} position {pos} token {id}: ours {} reference {want}",
                     row[id]
                 );
@@ -118,3 +118,5 @@ fn logits_and_greedy_tokens_match_transformers() {
     }
     println!("max |Δlogit| against transformers over the reference top-20: {worst:.3e}");
 }
+
+backend_tests!(logits_and_greedy_tokens_match_transformers);

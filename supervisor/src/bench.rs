@@ -24,7 +24,8 @@ use gptossd_shared::checkpoint::Checkpoint;
 use gptossd_shared::config::ModelConfig;
 use gptossd_shared::weights::{StageSpan, StageWeights};
 use gptossd_stage::kv::KvConfig;
-use gptossd_stage::model::{Logits, SeqStep, StageInput, StageModel, StepBatch};
+use gptossd_stage::model::{Logits, SeqStep, StageInput, StepBatch};
+use gptossd_stage::stage::{Device, Stage};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -73,7 +74,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         num_blocks: per_seq_blocks * (max_batch + 1),
         block_size: BLOCK,
     };
-    let mut model = StageModel::new(cfg.clone(), weights, kv, args.threads);
+    let mut model = Stage::load(Device::Cpu, args.threads, cfg.clone(), &weights, kv)?;
+    drop(weights);
     // For the read passes between decode steps: larger than any cache here, small beside the
     // model (it is part of the peak RSS reported).
     let probe = ReadBuffer::new(PROBE_BYTES)?;
@@ -169,7 +171,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     // Measured again once everything else is done and the model unmapped (peak RSS is read
     // before, and an outside measure of the peak does not see this buffer on top of the
     // model): the best figure the machine gave during the run.
-    let isa = format!("{:?}", model.pool().isa());
+    let isa = model.info().kernels;
     let checkpoint_bytes = ckpt.payload_bytes();
     drop((model, ckpt, probe));
     let best_bandwidth = bandwidth.max(read_bandwidth_gbs(args.threads)?);
@@ -404,7 +406,7 @@ fn run_pipeline(args: &BenchArgs, stages: usize) -> anyhow::Result<()> {
             "batch": b,
             "stages": stages,
             "mode": "pipeline",
-            "isa": format!("{:?}", gptossd_stage::cpu::Isa::detect()),
+            "isa": format!("{:?}", gptossd_stage::backend::cpu::Isa::detect()),
             "threads": args.threads,
             "prompt_len": args.prompt_len,
             "prefill_tok_s": round((args.prompt_len * b) as f64 / all_first.duration_since(t0).as_secs_f64()),

@@ -10,9 +10,11 @@ use gptossd_shared::checkpoint::{Checkpoint, CheckpointError};
 use gptossd_shared::config::{ConfigError, ModelConfig};
 use gptossd_shared::weights::{StageSpan, StageWeights};
 use gptossd_shared::VOCAB_EDGE;
+use gptossd_stage::backend::BackendError;
 use gptossd_stage::kv::KvConfig;
-use gptossd_stage::model::{Logits, SeqStep, StageInput, StageModel, StepBatch, StepError};
+use gptossd_stage::model::{Logits, SeqStep, StageInput, StepBatch, StepError};
 use gptossd_stage::sampler::{is_stop_token, LogitsError, SampleScratch, Sampled, Sampler};
+use gptossd_stage::stage::{Device, Stage};
 
 /// Positions per KV block for the local engine.
 const BLOCK_SIZE: usize = 16;
@@ -36,6 +38,8 @@ pub enum EngineError {
         max_new: usize,
         context: usize,
     },
+    #[error("loading the model: {0}")]
+    Load(#[from] BackendError),
     #[error("model step failed: {0}")]
     Step(#[from] StepError),
     #[error("sampling failed: {0}")]
@@ -69,7 +73,7 @@ pub struct GenerateOptions {
 
 /// The whole model in this process.
 pub struct LocalEngine {
-    model: StageModel,
+    model: Stage,
     scratch: SampleScratch,
 }
 
@@ -85,7 +89,7 @@ impl LocalEngine {
             block_size: BLOCK_SIZE,
         };
         Ok(Self {
-            model: StageModel::new(cfg, weights, kv, threads),
+            model: Stage::load(Device::Cpu, threads, cfg, &weights, kv)?,
             scratch: SampleScratch::default(),
         })
     }

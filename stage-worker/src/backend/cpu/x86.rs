@@ -359,7 +359,12 @@ macro_rules! simd_kernels {
         /// The CPU must support AVX2 and FMA; `r0 ≤ r1 ≤ p.rows`; the weights match `p`'s shapes
         /// (checked by the public entry points); no other thread writes rows `r0..r1` meanwhile.
         #[target_feature(enable = $features)]
-        pub(in crate::cpu) unsafe fn rows(p: &Problem<'_>, w: Weights<'_>, r0: usize, r1: usize) {
+        pub(in crate::backend::cpu) unsafe fn rows(
+            p: &Problem<'_>,
+            w: Weights<'_>,
+            r0: usize,
+            r1: usize,
+        ) {
             debug_assert!(r0 <= r1 && r1 <= p.rows);
             match w {
                 Weights::Bf16(bits) => {

@@ -1,28 +1,7 @@
-//! The CPU backend: f32 activations against bf16 and packed MXFP4 weights, and the thread pool
-//! that runs them.
+//! The instruction sets the CPU kernels come in, and which one this CPU runs.
 //!
-//! Invariants every kernel here keeps:
-//! - **Batch invariance.** The bits of one output element depend only on its own activation row
-//!   and its own weight row: never on how many tokens are computed together, on a token's
-//!   position in the batch, on how rows are split over threads, on the thread count, or on the
-//!   instruction set ([`Isa`]). Each output element is reduced by exactly one thread in the fixed
-//!   order written down in [`kernels`].
-//! - **Exact weights.** bf16 and MXFP4 weights are decoded to f32 exactly; activations are never
-//!   quantized; products accumulate in f32 with fused multiply-add.
-//! - **One binary everywhere.** The instruction set is detected at run time; the AVX2 + FMA path
-//!   path, the AVX-512 paths and the portable path produce identical bits.
-
-pub mod kernels;
-pub mod pool;
-mod portable;
-#[cfg(test)]
-mod tests;
-pub mod vector;
-#[cfg(target_arch = "x86_64")]
-mod x86;
-
-pub use kernels::{matmul_bf16, matmul_mxfp4, Bf16Rows, Mxfp4Rows};
-pub use pool::ThreadPool;
+//! Every choice gives bit-identical results (see `kernels.rs`); only the speed differs. The
+//! choice is made at run time, so one binary runs everywhere.
 
 /// The instruction set the kernels run with. Every choice gives bit-identical results; only the
 /// speed differs.
