@@ -266,32 +266,7 @@ fn a_stage_that_crashes_at_every_start_ends_unhealthy_with_its_reason() {
 
 #[test]
 fn a_stage_that_cannot_load_is_reported_without_restarts() {
-    let broken = tempfile::tempdir().expect("tempdir");
-    let dims = gptossd_shared::testmodel::Preset::Tiny.dims();
-    gptossd_shared::testmodel::write_dims(&dims, 0, broken.path()).expect("model");
-    // Point layer 3's sinks at a tensor name that does not exist.
-    let index_path = broken.path().join("model.safetensors.index.json");
-    let mut index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&index_path).expect("index")).expect("json");
-    let map = index["weight_map"].as_object_mut().expect("map");
-    let file = map
-        .remove("model.layers.3.self_attn.sinks")
-        .expect("tensor");
-    map.insert("model.layers.3.self_attn.sinkz".into(), file);
-    std::fs::write(&index_path, index.to_string()).expect("write");
-    let shard = broken.path().join(
-        index["weight_map"]["model.layers.3.self_attn.sinkz"]
-            .as_str()
-            .expect("shard"),
-    );
-    let bytes = std::fs::read(&shard).expect("read");
-    let at = bytes
-        .windows(30)
-        .position(|w| w == b"model.layers.3.self_attn.sinks")
-        .expect("name in header");
-    let mut patched = bytes.clone();
-    patched[at + 29] = b'z';
-    std::fs::write(&shard, patched).expect("write");
+    let broken = common::model_missing_a_tensor();
 
     let reqs = requests_file(&requests(1, 4, false));
     let mut cmd = command();

@@ -117,39 +117,9 @@ fn an_unusable_control_socket_directory_is_reported_at_once() {
     assert_nothing_left(view.path());
 }
 
-/// The tiny model with layer 3's sinks renamed in the index and in the shard's header: the
-/// checkpoint is well-formed, but a stage cannot find a tensor it needs.
-fn model_missing_a_tensor() -> tempfile::TempDir {
-    let broken = tempfile::tempdir().expect("tempdir");
-    let dims = gptossd_shared::testmodel::Preset::Tiny.dims();
-    gptossd_shared::testmodel::write_dims(&dims, 0, broken.path()).expect("model");
-    let index_path = broken.path().join("model.safetensors.index.json");
-    let mut index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&index_path).expect("index")).expect("json");
-    let map = index["weight_map"].as_object_mut().expect("map");
-    let file = map
-        .remove("model.layers.3.self_attn.sinks")
-        .expect("tensor");
-    map.insert("model.layers.3.self_attn.sinkz".into(), file);
-    std::fs::write(&index_path, index.to_string()).expect("write");
-    let shard = broken.path().join(
-        index["weight_map"]["model.layers.3.self_attn.sinkz"]
-            .as_str()
-            .expect("shard"),
-    );
-    let mut bytes = std::fs::read(&shard).expect("read");
-    let at = bytes
-        .windows(30)
-        .position(|w| w == b"model.layers.3.self_attn.sinks")
-        .expect("name in header");
-    bytes[at + 29] = b'z';
-    std::fs::write(&shard, bytes).expect("write");
-    broken
-}
-
 #[test]
 fn a_checkpoint_that_cannot_load_ends_start_up_with_the_reason_and_exit_64() {
-    let broken = model_missing_a_tensor();
+    let broken = common::model_missing_a_tensor();
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config_file(dir.path(), broken.path(), 2, "", "");
     let (status, err, took) = serve_until_exit(&config, Duration::from_secs(60));
@@ -460,6 +430,16 @@ fn health(d: &Daemon) -> (u16, serde_json::Value, Option<String>) {
     (r.status, r.json(), retry)
 }
 
+/// Kills stage 1 twice (waiting for its restart in between): a crash loop under a limit of 1.
+fn crash_stage_1_twice(d: &Daemon) {
+    for _ in 0..2 {
+        let workers = wait_for_workers(&d.model, 2, Duration::from_secs(20));
+        let (pid, _) = *workers.iter().find(|(_, s)| *s == 1).expect("stage 1");
+        signal(pid, libc::SIGKILL);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 fn wait_health_status(d: &Daemon, want: &str, limit: Duration) -> serde_json::Value {
     let deadline = Instant::now() + limit;
     loop {
@@ -503,12 +483,7 @@ fn a_crash_loop_marks_the_model_unhealthy_until_an_operator_restarts_the_stage()
         2,
         "[workers]\ncrash_loop_limit = 1\ncrash_loop_window_secs = 600\nrestart_backoff_initial_ms = 10\n",
     );
-    for _ in 0..2 {
-        let workers = wait_for_workers(&d.model, 2, Duration::from_secs(20));
-        let (pid, _) = *workers.iter().find(|(_, s)| *s == 1).expect("stage 1");
-        signal(pid, libc::SIGKILL);
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    crash_stage_1_twice(&d);
     let h = wait_health_status(&d, "unhealthy", Duration::from_secs(20));
     assert!(h.to_string().contains("crashed 2 times"), "{h}");
     let r = d.post(
@@ -538,12 +513,7 @@ fn a_crash_loop_recovers_by_itself_after_its_cool_down() {
         2,
         "[workers]\ncrash_loop_limit = 1\ncrash_loop_window_secs = 3\nrestart_backoff_initial_ms = 10\n",
     );
-    for _ in 0..2 {
-        let workers = wait_for_workers(&d.model, 2, Duration::from_secs(20));
-        let (pid, _) = *workers.iter().find(|(_, s)| *s == 1).expect("stage 1");
-        signal(pid, libc::SIGKILL);
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    crash_stage_1_twice(&d);
     let h = wait_health_status(&d, "unhealthy", Duration::from_secs(20));
     assert!(
         h.to_string().contains("cool-down"),

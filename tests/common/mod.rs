@@ -198,3 +198,33 @@ pub fn stdout_lines(out: &Output) -> Vec<serde_json::Value> {
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).to_string()
 }
+
+/// The tiny model with layer 3's sinks renamed in the index and in the shard's header: the
+/// checkpoint is well-formed, but a stage cannot find a tensor it needs.
+pub fn model_missing_a_tensor() -> tempfile::TempDir {
+    let broken = tempfile::tempdir().expect("tempdir");
+    let dims = gptossd_shared::testmodel::Preset::Tiny.dims();
+    gptossd_shared::testmodel::write_dims(&dims, 0, broken.path()).expect("model");
+    let index_path = broken.path().join("model.safetensors.index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index_path).expect("index")).expect("json");
+    let map = index["weight_map"].as_object_mut().expect("map");
+    let file = map
+        .remove("model.layers.3.self_attn.sinks")
+        .expect("tensor");
+    map.insert("model.layers.3.self_attn.sinkz".into(), file);
+    std::fs::write(&index_path, index.to_string()).expect("write");
+    let shard = broken.path().join(
+        index["weight_map"]["model.layers.3.self_attn.sinkz"]
+            .as_str()
+            .expect("shard"),
+    );
+    let mut bytes = std::fs::read(&shard).expect("read");
+    let at = bytes
+        .windows(30)
+        .position(|w| w == b"model.layers.3.self_attn.sinks")
+        .expect("name in header");
+    bytes[at + 29] = b'z';
+    std::fs::write(&shard, bytes).expect("write");
+    broken
+}

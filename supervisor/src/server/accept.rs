@@ -92,6 +92,21 @@ impl Gate {
         self.permits.clone().acquire_owned().await.ok()
     }
 
+    /// The next connection, with the permit it holds until it closes: waits for room under the
+    /// cap, then accepts, logging and backing off accept errors.
+    pub async fn next<L: Listener>(
+        &mut self,
+        listener: &L,
+    ) -> Option<(L::Stream, OwnedSemaphorePermit)> {
+        let permit = self.admit().await?;
+        loop {
+            match listener.accept_stream().await {
+                Ok(stream) => return Some((stream, permit)),
+                Err(e) => self.accept_failed(&e).await,
+            }
+        }
+    }
+
     /// Logs an accept error (rate-limited) and waits before the next `accept()` when the
     /// error is one that would repeat at once.
     pub async fn accept_failed(&mut self, e: &std::io::Error) {
@@ -108,6 +123,26 @@ impl Gate {
         if persistent {
             tokio::time::sleep(BACKOFF).await;
         }
+    }
+}
+
+/// A listening socket the daemon accepts on (TCP for the API, Unix for the control socket).
+pub trait Listener {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn accept_stream(&self) -> impl std::future::Future<Output = std::io::Result<Self::Stream>>;
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_stream(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_stream(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(stream, _)| stream)
     }
 }
 

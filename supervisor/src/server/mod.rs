@@ -452,17 +452,7 @@ async fn accept_http(
     max_connections: usize,
 ) {
     let mut gate = accept::Gate::new("http", max_connections);
-    loop {
-        let Some(permit) = gate.admit().await else {
-            return;
-        };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                gate.accept_failed(&e).await;
-                continue;
-            }
-        };
+    while let Some((stream, permit)) = gate.next(&listener).await {
         // Read per connection: a reload may change it.
         let timeout = state.config().server().request_timeout;
         let state = state.clone();
@@ -483,17 +473,7 @@ async fn accept_control(
     shutdown: Arc<Shutdown>,
 ) {
     let mut gate = accept::Gate::new("control", accept::CONTROL_MAX_CONNECTIONS);
-    loop {
-        let Some(permit) = gate.admit().await else {
-            return;
-        };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                gate.accept_failed(&e).await;
-                continue;
-            }
-        };
+    while let Some((stream, permit)) = gate.next(&listener).await {
         let timeout = state.config().server().request_timeout;
         let state = state.clone();
         let shutdown = shutdown.clone();
