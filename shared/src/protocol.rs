@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::wire::{self, WireError};
 
 /// Bumped on any incompatible change of these types.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest control message accepted (a guard against a corrupt length prefix).
 pub const MAX_CONTROL_MESSAGE: usize = 16 << 20;
@@ -49,8 +49,6 @@ pub enum WorkerMsg {
         /// The step being computed and for how long (ms), if any.
         busy: Option<(u64, u64)>,
     },
-    /// Answer to [`SupervisorMsg::Drain`]: no step in progress.
-    Drained,
 }
 
 /// Supervisor → worker.
@@ -58,10 +56,6 @@ pub enum WorkerMsg {
 pub enum SupervisorMsg {
     /// Steps of epochs below this one are skipped.
     SetEpoch { epoch: u64 },
-    /// The sequence's blocks are free; their contents may be dropped.
-    ReleaseBlocks { blocks: Vec<u32> },
-    /// Finish the current step, then report [`WorkerMsg::Drained`].
-    Drain,
     /// Exit now (after the current step).
     Shutdown,
     /// A neighbour was restarted: the descriptor of a new ring for this worker's input

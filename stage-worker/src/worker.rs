@@ -3,7 +3,7 @@
 //!
 //! Threads: the **compute loop** (this module's [`run`]) takes a step from the input ring,
 //! computes it straight into the output ring's next slot, commits, and repeats; a **control
-//! reader** applies supervisor messages (epoch, drain, shutdown, ring replacement); a
+//! reader** applies supervisor messages (epoch, shutdown, ring replacement); a
 //! **heartbeat** thread reports progress at a fixed interval, so a stopped or wedged compute
 //! loop is visible to the supervisor even though the process is alive.
 //!
@@ -81,10 +81,6 @@ pub fn control_reader(stream: Arc<Stream>, shared: Arc<Shared>) {
         };
         match msg {
             SupervisorMsg::SetEpoch { epoch } => shared.epoch.store(epoch, Ordering::SeqCst),
-            SupervisorMsg::ReleaseBlocks { .. } => {}
-            SupervisorMsg::Drain => {
-                let _ = write_message(&mut &*stream, &WorkerMsg::Drained);
-            }
             SupervisorMsg::Shutdown => {
                 shared.shutdown.store(true, Ordering::SeqCst);
                 return;

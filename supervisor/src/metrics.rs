@@ -125,7 +125,6 @@ pub const STAGE_STATES: &[&str] = &[
     "loading",
     "ready",
     "busy",
-    "draining",
     "dead",
     "restarting",
     "failed",

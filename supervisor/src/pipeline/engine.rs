@@ -335,7 +335,6 @@ impl Engine {
             }
             WorkerMsg::LoadFailed { reason } => StageEvent::LoadFailed { reason },
             WorkerMsg::Heartbeat { steps_done, busy } => StageEvent::Heartbeat { steps_done, busy },
-            WorkerMsg::Drained => return,
         };
         let loaded = event == StageEvent::Loaded;
         let decisions = self.lifecycle.on(st, event, now);

@@ -57,9 +57,6 @@ pub enum StageState {
     Ready,
     /// Computing a step.
     Busy,
-    /// Finishing its current step before stopping (not entered by this supervisor today; kept
-    /// for the health and metrics vocabulary).
-    Draining,
     /// No process: not started yet, or stopped with the pipeline.
     Dead,
     /// Taken down; waiting for its restart time.
@@ -73,7 +70,7 @@ impl StageState {
     pub(super) fn has_process(self) -> bool {
         matches!(
             self,
-            Self::Spawning | Self::Loading | Self::Ready | Self::Busy | Self::Draining
+            Self::Spawning | Self::Loading | Self::Ready | Self::Busy
         )
     }
 }
