@@ -16,6 +16,8 @@ use gptossd_stage::model::{Logits, SeqStep, StageInput, StepBatch, StepError};
 use gptossd_stage::sampler::{is_stop_token, LogitsError, SampleScratch, Sampled, Sampler};
 use gptossd_stage::stage::{Device, Stage};
 
+use crate::scheduler::Finish;
+
 /// Positions per KV block for the local engine.
 const BLOCK_SIZE: usize = 16;
 
@@ -46,21 +48,12 @@ pub enum EngineError {
     Sampling(#[from] LogitsError),
 }
 
-/// Why generation stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// A stop token was generated (it is the last token).
-    Stop,
-    /// `max_new_tokens` were generated.
-    Length,
-}
-
 /// The result of one generation.
 #[derive(Debug, Clone)]
 pub struct Generation {
     /// Generated tokens with their logprobs, the stop token included when there is one.
     pub tokens: Vec<Sampled>,
-    pub finish: FinishReason,
+    pub finish: Finish,
 }
 
 /// Options of one generation.
@@ -149,7 +142,7 @@ impl LocalEngine {
             pos += n;
         }
         let mut tokens = Vec::with_capacity(opts.max_new_tokens);
-        let mut finish = FinishReason::Length;
+        let mut finish = Finish::Length;
         while tokens.len() < opts.max_new_tokens {
             let sampled =
                 opts.sampler
@@ -158,7 +151,7 @@ impl LocalEngine {
             let token = sampled.token;
             tokens.push(sampled);
             if is_stop_token(token) {
-                finish = FinishReason::Stop;
+                finish = Finish::Stop;
                 break;
             }
             if tokens.len() == opts.max_new_tokens {

@@ -14,8 +14,8 @@ use gptossd::chat::parser::parse_reply;
 use gptossd::chat::render::{Conversation, Message, SystemOptions};
 use gptossd::chat::tokenizer::Tokenizer;
 use gptossd::launch::tool_pipeline;
-use gptossd::local_engine::{FinishReason, GenerateOptions, LocalEngine};
-use gptossd::pipeline::{self, Finish, GenEvent, GenRequest};
+use gptossd::local_engine::{GenerateOptions, LocalEngine};
+use gptossd::pipeline::{self, GenEvent, GenRequest};
 use gptossd::{bench, civil_date};
 use gptossd_shared::testmodel::{write_test_model, Preset};
 use gptossd_stage::sampler::STOP_TOKENS;
@@ -283,10 +283,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         })
         .context("generation failed")?;
     let ids: Vec<u32> = generation.tokens.iter().map(|s| s.token).collect();
-    let finish = match generation.finish {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-    };
+    let finish = generation.finish.as_str();
     if is_chat {
         let (reply, _) = parse_reply(tokenizer, &ids);
         if args.json {
@@ -454,11 +451,7 @@ fn generate_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
                 GenEvent::Scheduled => {}
                 GenEvent::Token { token, .. } => ids.push(token),
                 GenEvent::Finished(f) => {
-                    finish = match f {
-                        Finish::Stop => "stop",
-                        Finish::Length => "length",
-                        Finish::Cancelled => "cancelled",
-                    };
+                    finish = f.as_str();
                     break;
                 }
                 GenEvent::Failed(message) => {

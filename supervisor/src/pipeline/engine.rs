@@ -36,9 +36,7 @@ use super::registry::{Delivery, Registry};
 use super::{
     Event, Finish, GenRequest, GenSender, PipelineConfig, PipelineStatus, StageStatus, SubmitError,
 };
-use crate::scheduler::{
-    ConfigError, FinishReason, NewSequence, Scheduler, SeqEvent, SeqId, StepId,
-};
+use crate::scheduler::{ConfigError, NewSequence, Scheduler, SeqEvent, SeqId, StepId};
 
 /// How long a stage that closed its control socket or stderr gets to report its exit.
 const EXIT_REPORT: Duration = Duration::from_millis(100);
@@ -573,11 +571,7 @@ impl Engine {
                     }
                 }
                 SeqEvent::Finished { id, reason } => {
-                    let finish = match reason {
-                        FinishReason::Stop => Finish::Stop,
-                        FinishReason::Length => Finish::Length,
-                    };
-                    self.requests.finish(id, finish);
+                    self.requests.finish(id, reason);
                 }
             }
         }

@@ -110,13 +110,7 @@ pub struct GenRequest {
     pub stop_tokens: Vec<u32>,
 }
 
-/// Why a generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Finish {
-    Stop,
-    Length,
-    Cancelled,
-}
+pub use crate::scheduler::Finish;
 
 /// What a request's receiver sees, in order: `Scheduled` (its first step launched), tokens,
 /// then exactly one `Finished` or `Failed`.

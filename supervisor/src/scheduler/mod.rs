@@ -173,7 +173,7 @@ pub struct NewSequence {
     pub prompt: Vec<u32>,
     /// Most tokens to generate (at least one); the stop token, if sampled, counts.
     pub max_new_tokens: usize,
-    /// Sampling one of these finishes the sequence with [`FinishReason::Stop`] (the token is
+    /// Sampling one of these finishes the sequence with [`Finish::Stop`] (the token is
     /// still reported).
     pub stop_tokens: Vec<u32>,
     /// Higher is served first; ties go by arrival.
@@ -263,16 +263,31 @@ pub enum SeqEvent {
     /// Generated token number `index` (0-based) of sequence `id`.
     Token { id: SeqId, token: u32, index: u64 },
     /// The sequence is over and its blocks are freed; no event follows for it.
-    Finished { id: SeqId, reason: FinishReason },
+    Finished { id: SeqId, reason: Finish },
 }
 
-/// Why a sequence finished.
+/// Why a generation ended: one type for the scheduler, the pipeline, the in-process generator
+/// and the API (which maps it to OpenAI's strings in one place, `api::EndedBy`). The
+/// scheduler itself ends sequences with `Stop` or `Length`; `Cancelled` comes from a cancel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
+pub enum Finish {
     /// It sampled one of its stop tokens.
     Stop,
     /// It generated `max_new_tokens` tokens or reached the context limit.
     Length,
+    /// It was cancelled (by the API's cancel endpoint, a client gone, a stop string).
+    Cancelled,
+}
+
+impl Finish {
+    /// The name in the command-line tools' JSON (the API's are OpenAI's: `api::FinishReason`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+            Finish::Cancelled => "abort",
+        }
+    }
 }
 
 /// Counters and gauges for `/stats` and `/metrics`.
@@ -627,9 +642,9 @@ impl Scheduler {
                 index,
             });
             let reason = if seq.stop.contains(&token) {
-                Some(FinishReason::Stop)
+                Some(Finish::Stop)
             } else if seq.generated() >= seq.max_new || seq.tokens.len() >= self.cfg.max_context {
-                Some(FinishReason::Length)
+                Some(Finish::Length)
             } else {
                 None
             };

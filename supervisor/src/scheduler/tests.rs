@@ -179,7 +179,7 @@ struct Sim {
     max_new: BTreeMap<SeqId, usize>,
     stops: BTreeMap<SeqId, Vec<u32>>,
     out: BTreeMap<SeqId, Vec<u32>>,
-    finished: BTreeMap<SeqId, FinishReason>,
+    finished: BTreeMap<SeqId, Finish>,
     cancelled: HashSet<SeqId>,
     flying: VecDeque<StepPlan>,
     launched: Vec<StepPlan>,
@@ -403,17 +403,17 @@ impl Sim {
     }
 
     /// What an uninterrupted run gives for `id`.
-    fn expected(&self, id: SeqId) -> (Vec<u32>, FinishReason) {
+    fn expected(&self, id: SeqId) -> (Vec<u32>, Finish) {
         let stops = &self.stops[&id];
         let mut out = Vec::new();
         for i in 0..self.max_new[&id] as u64 {
             let t = model_token(id, i);
             out.push(t);
             if stops.contains(&t) {
-                return (out, FinishReason::Stop);
+                return (out, Finish::Stop);
             }
         }
-        (out, FinishReason::Length)
+        (out, Finish::Length)
     }
 
     /// Every submitted, uncancelled sequence finished with exactly its expected stream; the pool
@@ -1054,7 +1054,7 @@ fn stop_token_finishes_with_stop_and_is_reported() {
     let out = &sim.out[&1];
     assert_eq!(out.last(), Some(&stop));
     assert!(out.len() <= 3);
-    assert_eq!(sim.finished[&1], FinishReason::Stop);
+    assert_eq!(sim.finished[&1], Finish::Stop);
 }
 
 #[test]
@@ -1113,7 +1113,7 @@ fn random_operations_keep_invariants_and_streams_exact() {
         stopped += sim
             .finished
             .values()
-            .filter(|&&r| r == FinishReason::Stop)
+            .filter(|&&r| r == Finish::Stop)
             .count();
     }
     eprintln!("{total:?} finished {finished} stopped {stopped}");
