@@ -1,8 +1,9 @@
 //! Token sampling on the last pipeline stage: logits in, one token (and its logprobs) out.
 //!
 //! Owns the sampling parameters and their validation ([`SamplingParams`] → [`Sampler`]), the
-//! draw itself (temperature → top-k → top-p → one uniform number), the logprob report, and the
-//! stop-token set ([`is_stop_token`]). It knows nothing of batches, KV or the tokenizer: the
+//! draw itself (temperature → top-k → top-p → one uniform number) and the logprob report.
+//! Which tokens end a turn is the chat format's business (the supervisor's `chat`), passed in
+//! as data. It knows nothing of batches, KV or the tokenizer: the
 //! caller hands it one sequence's logits and the index of the token being generated.
 //!
 //! # Invariants
@@ -53,19 +54,6 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 use thiserror::Error;
 
-/// `<|endoftext|>`: a stop token (HF generation_config eos).
-pub const ENDOFTEXT: u32 = 199_999;
-/// `<|return|>`: ends the final answer — stop.
-pub const RETURN: u32 = 200_002;
-/// `<|end|>`: ends one message; **not** a stop token (it separates analysis from final).
-pub const END: u32 = 200_007;
-/// `<|call|>`: ends a tool call — stop.
-pub const CALL: u32 = 200_012;
-
-/// The ids that end generation for an assistant turn (reference §5.5, §8 item 6).
-/// Deliberately excludes [`END`] (200007), which harmony's broader `stop_tokens()` contains.
-pub const STOP_TOKENS: [u32; 3] = [RETURN, CALL, ENDOFTEXT];
-
 /// Highest accepted temperature (OpenAI's range is 0..=2).
 pub const MAX_TEMPERATURE: f32 = 2.0;
 /// Most top alternatives a request may ask for (OpenAI's `top_logprobs` limit).
@@ -73,11 +61,6 @@ pub const MAX_LOGPROBS: usize = 20;
 
 /// First chunk size of the progressive top-p ranking; each later chunk is 4× larger.
 const TOP_P_FIRST_CHUNK: usize = 256;
-
-/// Whether sampling `id` ends the sequence: `<|return|>`, `<|call|>` or `<|endoftext|>`.
-pub const fn is_stop_token(id: u32) -> bool {
-    id == RETURN || id == CALL || id == ENDOFTEXT
-}
 
 /// A request's sampling parameters as received; [`Sampler::new`] is the only way to use them,
 /// and it validates them.
@@ -553,20 +536,6 @@ mod tests {
                 }
             })
             .collect()
-    }
-
-    #[test]
-    fn stop_tokens_are_return_call_endoftext_not_end() {
-        assert!(is_stop_token(200_002));
-        assert!(is_stop_token(200_012));
-        assert!(is_stop_token(199_999));
-        assert!(!is_stop_token(200_007));
-        assert!(!is_stop_token(END));
-        assert!(!is_stop_token(200_006));
-        assert!(!is_stop_token(0));
-        for id in STOP_TOKENS {
-            assert!(is_stop_token(id));
-        }
     }
 
     #[test]

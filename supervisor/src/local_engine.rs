@@ -13,7 +13,7 @@ use gptossd_shared::VOCAB_EDGE;
 use gptossd_stage::backend::BackendError;
 use gptossd_stage::kv::KvConfig;
 use gptossd_stage::model::{Logits, SeqStep, StageInput, StepBatch, StepError};
-use gptossd_stage::sampler::{is_stop_token, LogitsError, SampleScratch, Sampled, Sampler};
+use gptossd_stage::sampler::{LogitsError, SampleScratch, Sampled, Sampler};
 use gptossd_stage::stage::{Device, Stage};
 
 use crate::scheduler::Finish;
@@ -62,6 +62,8 @@ pub struct GenerateOptions {
     pub sampler: Sampler,
     /// Largest prefill chunk.
     pub prefill_chunk: usize,
+    /// Sampling one of these ends the generation (the chat format's: `chat::STOP_TOKENS`).
+    pub stop_tokens: Vec<u32>,
 }
 
 /// The whole model in this process.
@@ -150,7 +152,7 @@ impl LocalEngine {
             on_token(&sampled);
             let token = sampled.token;
             tokens.push(sampled);
-            if is_stop_token(token) {
+            if opts.stop_tokens.contains(&token) {
                 finish = Finish::Stop;
                 break;
             }

@@ -18,7 +18,6 @@ use gptossd::local_engine::{GenerateOptions, LocalEngine};
 use gptossd::pipeline::{self, GenEvent, GenRequest};
 use gptossd::{bench, civil_date};
 use gptossd_shared::testmodel::{write_test_model, Preset};
-use gptossd_stage::sampler::STOP_TOKENS;
 use gptossd_stage::sampler::{Sampler, SamplingParams};
 
 #[derive(Parser)]
@@ -268,6 +267,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         max_new_tokens: args.max_tokens,
         sampler,
         prefill_chunk: 512,
+        stop_tokens: gptossd::chat::STOP_TOKENS.to_vec(),
     };
     let stream_text = !args.json && !is_chat;
     let mut utf8 = gptossd::chat::tokenizer::Utf8Stream::new();
@@ -434,7 +434,7 @@ fn generate_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
             max_new_tokens: line.max_tokens,
             sampler,
             priority: line.priority,
-            stop_tokens: STOP_TOKENS.to_vec(),
+            stop_tokens: gptossd::chat::STOP_TOKENS.to_vec(),
         };
         let (_, rx) = handle
             .submit_blocking(req)

@@ -175,6 +175,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn stop_tokens_are_return_call_endoftext_not_end() {
+        let tok = Tokenizer::get();
+        let names: Vec<String> = STOP_TOKENS
+            .iter()
+            .map(|&id| String::from_utf8_lossy(&tok.token_bytes(id).expect("special")).into_owned())
+            .collect();
+        assert_eq!(names, ["<|return|>", "<|call|>", "<|endoftext|>"]);
+        assert!(
+            !STOP_TOKENS.contains(&END),
+            "<|end|> separates messages, it does not stop"
+        );
+    }
+
+    #[test]
     fn special_ids_spell_their_tokens() {
         let tok = Tokenizer::get();
         for (id, text) in [

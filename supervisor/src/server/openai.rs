@@ -29,7 +29,9 @@ use crate::config::ProfileName;
 use crate::metrics::{Labels, Rejection, UNKNOWN};
 use crate::pipeline::GenRequest;
 use crate::response_cache::CacheKey;
-use gptossd_stage::sampler::{Sampler, SamplingParams, STOP_TOKENS};
+use gptossd_stage::sampler::{Sampler, SamplingParams};
+
+use crate::chat::STOP_TOKENS;
 
 use super::generation::{AccessRecord, RequestInfo, Run, Submission};
 use super::http::{error, read_body, require_json, HttpResponse};
