@@ -34,7 +34,8 @@ use super::lifecycle::{Decision, Lifecycle, RecoveredBy, StageEvent, StageState,
 use super::process::{StageProcess, StageSpec, Wiring};
 use super::registry::{Delivery, Registry};
 use super::{
-    Event, Finish, GenRequest, GenSender, PipelineConfig, PipelineStatus, StageStatus, SubmitError,
+    Event, Finish, GenFailure, GenRequest, GenSender, PipelineConfig, PipelineStatus, StageStatus,
+    SubmitError,
 };
 use crate::scheduler::{ConfigError, NewSequence, Scheduler, SeqEvent, SeqId, StepId};
 
@@ -294,11 +295,11 @@ impl Engine {
         }
     }
 
-    /// Fails every open request with `message`.
-    fn fail_all(&mut self, message: &str) {
+    /// Fails every open request.
+    fn fail_all(&mut self, failure: GenFailure) {
         for id in self.requests.ids() {
             self.scheduler.cancel(id);
-            self.requests.fail(id, message.to_string());
+            self.requests.fail(id, failure.clone());
         }
     }
 
@@ -403,7 +404,7 @@ impl Engine {
                 }
                 Decision::MarkUnhealthy { reason, recovery } => {
                     tracing::error!(%reason, ?recovery, "model unhealthy");
-                    self.fail_all(&reason);
+                    self.fail_all(GenFailure::Unhealthy(reason));
                     Vec::new()
                 }
                 Decision::Recovered { by } => {
@@ -547,7 +548,8 @@ impl Engine {
                 tracing::error!(step = result.step, %message, "step failed");
                 for id in members {
                     self.scheduler.cancel(id);
-                    self.requests.fail(id, format!("internal error: {message}"));
+                    self.requests
+                        .fail(id, GenFailure::StepFailed(message.clone()));
                 }
                 let _ = self.scheduler.complete_step(step, &[]);
             }
@@ -629,7 +631,7 @@ impl Engine {
 
     /// Stops every stage: a polite shutdown, then SIGKILL for whoever is still there.
     fn stop_all(&mut self) {
-        self.fail_all("the server is shutting down");
+        self.fail_all(GenFailure::ShuttingDown);
         self.data.shut_down();
         let deadline = Instant::now() + STOP_GRACE;
         for stage in &mut self.stages {

@@ -125,7 +125,21 @@ pub enum GenEvent {
         top: Vec<(u32, f32)>,
     },
     Finished(Finish),
-    Failed(String),
+    Failed(GenFailure),
+}
+
+/// Why the pipeline failed a request (the HTTP side maps each to its status in one place).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GenFailure {
+    /// A stage could not compute a step with this request in it.
+    #[error("a step failed: {0}")]
+    StepFailed(String),
+    /// The model became unhealthy; the reason says why and how it recovers.
+    #[error("the model is unhealthy: {0}")]
+    Unhealthy(String),
+    /// The pipeline stopped (the daemon is shutting down) before the request finished.
+    #[error("the server is shutting down")]
+    ShuttingDown,
 }
 
 /// A request the pipeline did not take.

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use gptossd_stage::sampler::{Sampler, SamplingParams};
 
-use super::{Finish, GenEvent, GenSender};
+use super::{Finish, GenEvent, GenFailure, GenSender};
 use crate::scheduler::{SeqId, StepId, StepPlan};
 
 /// One open request.
@@ -118,9 +118,9 @@ impl Registry {
         self.close(id, GenEvent::Finished(finish))
     }
 
-    /// Fails a request with `message`; false if it was not open.
-    pub fn fail(&mut self, id: SeqId, message: String) -> bool {
-        self.close(id, GenEvent::Failed(message))
+    /// Fails a request; false if it was not open.
+    pub fn fail(&mut self, id: SeqId, failure: GenFailure) -> bool {
+        self.close(id, GenEvent::Failed(failure))
     }
 
     fn close(&mut self, id: SeqId, last: GenEvent) -> bool {
@@ -178,7 +178,7 @@ mod tests {
         reg.step_launched(&plan(11, &[1]));
         assert_eq!(reg.token(1, 0, 77, -0.5, vec![(77, -0.5)]), Delivery::Sent);
         assert!(reg.finish(1, Finish::Stop));
-        assert!(!reg.fail(1, "late".into()));
+        assert!(!reg.fail(1, GenFailure::ShuttingDown));
         assert_eq!(reg.token(1, 1, 78, 0.0, Vec::new()), Delivery::Unknown);
         let mut seen = Vec::new();
         while let Ok(ev) = rx.try_recv() {

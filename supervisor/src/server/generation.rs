@@ -41,7 +41,7 @@ use crate::api::{
 };
 use crate::config::ProfileName;
 use crate::metrics::{Labels, Outcome, RequestRecord};
-use crate::pipeline::{Finish, GenEvent, GenReceiver, GenRequest, SubmitError};
+use crate::pipeline::{Finish, GenEvent, GenFailure, GenReceiver, GenRequest, SubmitError};
 use crate::response_cache::{CacheKey, CachedAnswer};
 use crate::scheduler::{Rejected, SeqId};
 
@@ -62,19 +62,18 @@ pub enum RunEvent {
     Failed(RunFailure),
 }
 
-/// Why a submitted generation failed before it finished.
-///
-/// The pipeline reports a failure as text today (`GenEvent::Failed(String)`), so the only
-/// typed fact at hand is whether the daemon is draining: a request the pipeline drops then was
-/// cut by the end of the drain's grace. Every other failure (a step failed on a stage, the
-/// model went unhealthy) is [`RunFailure::Pipeline`], a 500 whose text goes to the log only.
+/// Why a submitted generation failed before it finished: the pipeline's typed failure
+/// ([`GenFailure`]) or what happened on this side (a deadline, a pipeline gone).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RunFailure {
     /// The daemon is shutting down and the pipeline gave up on the request.
-    #[error("the server is shutting down ({0})")]
-    ShuttingDown(String),
-    /// The pipeline failed the request.
-    #[error("the pipeline failed the request: {0}")]
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// The model became unhealthy while the request ran (503, no Retry-After).
+    #[error("the model is unhealthy: {0}")]
+    Unhealthy(String),
+    /// A stage failed a step the request was in (500; the reason goes to the log only).
+    #[error("a step failed: {0}")]
     Pipeline(String),
     /// The pipeline dropped the request without a last event.
     #[error("the pipeline stopped")]
@@ -89,7 +88,8 @@ impl RunFailure {
     pub fn reason(&self) -> &'static str {
         match self {
             RunFailure::Timeout { .. } => "timeout",
-            RunFailure::ShuttingDown(_) | RunFailure::Pipeline(_) | RunFailure::PipelineStopped => {
+            RunFailure::Unhealthy(_) => "model_unhealthy",
+            RunFailure::ShuttingDown | RunFailure::Pipeline(_) | RunFailure::PipelineStopped => {
                 "internal"
             }
         }
@@ -99,9 +99,13 @@ impl RunFailure {
 impl From<RunFailure> for ApiError {
     fn from(failure: RunFailure) -> Self {
         match failure {
-            RunFailure::ShuttingDown(_) => {
+            RunFailure::ShuttingDown => {
                 ApiError::new(ErrorCase::Unavailable, "the server is shutting down")
             }
+            RunFailure::Unhealthy(reason) => ApiError::new(
+                ErrorCase::Unhealthy,
+                format!("the model is unhealthy: {reason}"),
+            ),
             RunFailure::Pipeline(_) | RunFailure::PipelineStopped => ApiError::internal(),
             RunFailure::Timeout { after } => ApiError::new(
                 ErrorCase::Timeout,
@@ -610,13 +614,16 @@ async fn pipeline_event(
                     Finish::Cancelled => EndedBy::Cancel,
                 })
             }
-            GenEvent::Failed(message) => {
-                let failure = if draining.load(Ordering::SeqCst) {
-                    RunFailure::ShuttingDown(message)
-                } else {
-                    RunFailure::Pipeline(message)
-                };
-                return RunEvent::Failed(failure);
+            GenEvent::Failed(failure) => {
+                return RunEvent::Failed(match failure {
+                    GenFailure::ShuttingDown => RunFailure::ShuttingDown,
+                    GenFailure::Unhealthy(reason) => RunFailure::Unhealthy(reason),
+                    // A drain's end cuts what still runs: that is the shutdown, not a fault.
+                    GenFailure::StepFailed(_) if draining.load(Ordering::SeqCst) => {
+                        RunFailure::ShuttingDown
+                    }
+                    GenFailure::StepFailed(message) => RunFailure::Pipeline(message),
+                });
             }
         }
     }
@@ -650,7 +657,7 @@ mod tests {
 
     #[test]
     fn a_failed_run_takes_its_status_from_the_error_table_and_keeps_its_text_in_the_log() {
-        let (status, code, message) = row(RunFailure::ShuttingDown("grace over".into()).into());
+        let (status, code, message) = row(RunFailure::ShuttingDown.into());
         assert_eq!(
             (status, code.as_deref(), message.as_str()),
             (
@@ -659,6 +666,9 @@ mod tests {
                 "the server is shutting down"
             )
         );
+        let (status, code, _) =
+            row(RunFailure::Unhealthy("stage 1 crashed 6 times within 60s".into()).into());
+        assert_eq!((status, code.as_deref()), (503, Some("model_unhealthy")));
         for failure in [
             RunFailure::Pipeline("internal error: stage 1 step 7: NaN in logits".into()),
             RunFailure::PipelineStopped,
