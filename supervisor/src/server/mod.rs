@@ -526,16 +526,17 @@ async fn route(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse {
     }
 }
 
-/// The size the default profile's model reports (for the log).
+/// Every model in one line, for the start-up log: "gpt-oss-20b (20b, 1 stage)".
 pub fn describe(models: &[ModelEntry]) -> String {
     models
         .iter()
         .map(|m| {
             format!(
-                "{} ({}, {} stages{})",
+                "{} ({}, {} stage{}{})",
                 m.name,
                 m.size.as_str(),
                 m.stages,
+                if m.stages == 1 { "" } else { "s" },
                 if m.test_model { ", test model" } else { "" }
             )
         })
