@@ -392,6 +392,22 @@ fn health_goes_degraded_through_a_stage_crash_and_back_to_healthy() {
     let h = d.wait_health(200, Duration::from_secs(10));
     assert_eq!(h["status"], "healthy");
     assert_eq!(h["score"], 1.0);
+    // The stages report their backend when they load; the KV pool is what they hold.
+    assert_eq!(h["models"][0]["backend"], "cpu", "{h}");
+    for st in 0..2 {
+        let loaded = &h["stages"][st]["loaded"];
+        assert_eq!(loaded["backend"], "cpu", "{h}");
+        assert!(
+            loaded["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains(" kernels, ")),
+            "{h}"
+        );
+        assert_eq!(
+            loaded["kv_blocks"], h["models"][0]["scheduler"]["kv_blocks_total"],
+            "{h}"
+        );
+    }
     let workers = wait_for_workers(&d.model, 2, Duration::from_secs(10));
     let (pid, _) = workers.iter().find(|(_, s)| *s == 1).expect("stage 1");
     signal(*pid, libc::SIGKILL);

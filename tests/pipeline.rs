@@ -131,7 +131,7 @@ fn every_cpu_instruction_set_gives_the_same_tokens() {
         if isa == "portable" {
             // The variable reached the workers (they report their kernels when loaded).
             assert!(
-                stderr(&out).contains("kernels=Portable"),
+                stderr(&out).contains("detail=Portable kernels, 2 threads"),
                 "{}",
                 stderr(&out)
             );

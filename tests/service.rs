@@ -137,6 +137,24 @@ fn a_checkpoint_that_cannot_load_ends_start_up_with_the_reason_and_exit_64() {
 }
 
 #[test]
+fn a_cuda_stage_without_the_cuda_backend_ends_start_up_saying_so() {
+    // The worker parses `cuda:0` with the supervisor's grammar and refuses it while loading.
+    let view = private_model();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let devices = "devices = [\"cpu:0\", \"cuda:0\"]";
+    let config = config_file(dir.path(), view.path(), 2, "", devices);
+    let (status, err, took) = serve_until_exit(&config, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("stage 1 cannot load")
+            && err.contains("device cuda:0: the CUDA backend is not built in yet"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert_nothing_left(view.path());
+}
+
+#[test]
 fn a_missing_shard_is_reported_in_a_second_before_any_worker_starts() {
     let view = private_model();
     let index: serde_json::Value = serde_json::from_str(

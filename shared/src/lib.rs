@@ -2,10 +2,13 @@
 //!
 //! This crate knows the GPT-OSS checkpoint on disk (config, safetensors, MXFP4) and how to make
 //! a random one for tests, and the shared-memory ring that carries activations between processes.
-//! It depends on neither tokio nor CUDA: both processes link it.
+//! It also owns what both sides of the process boundary parse or speak: the device grammar
+//! (`device.rs`) and the wire protocol (`protocol.rs`). It depends on neither tokio nor CUDA:
+//! both processes link it.
 
 pub mod checkpoint;
 pub mod config;
+pub mod device;
 pub mod files;
 pub mod mxfp4;
 pub mod preflight;

@@ -18,10 +18,11 @@ use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
+use crate::device::BackendKind;
 use crate::wire::{self, WireError};
 
 /// Bumped on any incompatible change of these types.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest control message accepted (a guard against a corrupt length prefix).
 pub const MAX_CONTROL_MESSAGE: usize = 16 << 20;
@@ -32,14 +33,7 @@ pub enum WorkerMsg {
     /// First message after connecting.
     Hello { version: u32, stage: u32, pid: u32 },
     /// Weights mapped and checked, KV pool allocated: ready for steps.
-    Loaded {
-        weight_bytes: u64,
-        kv_bytes: u64,
-        /// The CPU kernels' instruction set (`Portable`, `Avx2Fma`, `Avx512`, `Avx512Vbmi`).
-        kernels: String,
-        /// Compute threads.
-        threads: u32,
-    },
+    Loaded(LoadReport),
     /// Loading failed; the worker exits after sending this. Not worth restarting.
     LoadFailed { reason: String },
     /// Sent every heartbeat interval by a thread apart from the compute loop.
@@ -49,6 +43,29 @@ pub enum WorkerMsg {
         /// The step being computed and for how long (ms), if any.
         busy: Option<(u64, u64)>,
     },
+}
+
+/// What a stage reports once it has loaded: the backend it computes on and what it holds.
+/// The supervisor sizes its KV pool from `kv_blocks` (the minimum over the stages).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub backend: BackendKind,
+    /// For people: the CPU kernels' instruction set and threads (`Avx512Vbmi kernels, 8
+    /// threads`); a GPU's name, compute capability and driver.
+    pub detail: String,
+    /// Host threads that compute (CPU) or assist (a GPU).
+    pub threads: u32,
+    /// Bytes of checkpoint weights the stage holds.
+    pub weight_bytes: u64,
+    /// Bytes of its KV memory.
+    pub kv_bytes: u64,
+    /// Bytes of memory the backend holds for the stage: its KV memory and whatever it
+    /// allocated besides (copies of the weights, fixed buffers; not the checkpoint's mapping,
+    /// which the CPU backend computes on).
+    pub memory_bytes: u64,
+    /// KV blocks the stage holds (block ids `0..kv_blocks` are valid in its steps): what the
+    /// supervisor asked for (`--kv-blocks`), or fewer where the device cannot hold that many.
+    pub kv_blocks: u64,
 }
 
 /// Supervisor → worker.
@@ -228,6 +245,15 @@ mod tests {
             WorkerMsg::LoadFailed {
                 reason: "no file".into(),
             },
+            WorkerMsg::Loaded(LoadReport {
+                backend: BackendKind::Cuda,
+                detail: "NVIDIA H200, sm_90, driver 13.0".into(),
+                threads: 2,
+                weight_bytes: 1 << 33,
+                kv_bytes: 1 << 30,
+                memory_bytes: (1 << 33) + (1 << 30),
+                kv_blocks: 4096,
+            }),
         ];
         for m in &msgs {
             write_message(&mut buf, m).expect("write");

@@ -15,10 +15,11 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use gptossd_shared::checkpoint::Checkpoint;
 use gptossd_shared::config::ModelConfig;
+use gptossd_shared::device::Device;
 use gptossd_shared::protocol::{WorkerMsg, PROTOCOL_VERSION};
 use gptossd_shared::weights::{StageSpan, StageWeights};
 use gptossd_stage::kv::KvConfig;
-use gptossd_stage::stage::{Device, Stage};
+use gptossd_stage::stage::Stage;
 use gptossd_stage::worker::{self, Hops, Shared};
 use interprocess::local_socket::traits::Stream as _;
 use interprocess::local_socket::{GenericNamespaced, ToNsName};
@@ -49,12 +50,9 @@ struct Args {
     /// This stage holds the final norm and LM head (and samples).
     #[arg(long)]
     head: bool,
-    /// `cpu` or `cuda:N`.
+    /// `cpu`, `cpu:CORES` (pinned to those cores, e.g. `cpu:0-3`) or `cuda:N`.
     #[arg(long, default_value = "cpu")]
-    device: String,
-    /// CPU cores to pin to (comma-separated); empty: no pinning.
-    #[arg(long, value_delimiter = ',')]
-    cpus: Vec<usize>,
+    device: Device,
     #[arg(long, default_value_t = 1)]
     threads: usize,
     /// Name of the supervisor's control socket (abstract namespace).
@@ -109,16 +107,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     };
     let (mut stage, hops) = model;
-    let info = stage.info();
-    worker::send(
-        &stream,
-        &WorkerMsg::Loaded {
-            weight_bytes: stage.weight_bytes() as u64,
-            kv_bytes: stage.kv_bytes() as u64,
-            kernels: info.kernels,
-            threads: info.threads as u32,
-        },
-    );
+    worker::send(&stream, &WorkerMsg::Loaded(stage.report()));
     if std::env::var(FAULT_ENV).as_deref() == Ok("crash-after-load") {
         eprintln!("gptossd-stage: {FAULT_ENV}=crash-after-load: aborting (test fault injection)");
         std::process::abort();
@@ -140,15 +129,14 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 fn load(args: &Args) -> anyhow::Result<(Stage, Hops)> {
-    let device: Device = args.device.parse()?;
-    if !args.cpus.is_empty() {
+    if let Device::Cpu { cores: Some(cores) } = &args.device {
         let mut set = nix::sched::CpuSet::new();
-        for &c in &args.cpus {
+        for &c in cores {
             set.set(c)
                 .with_context(|| format!("cpu {c} is not a valid core index"))?;
         }
         nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
-            .with_context(|| format!("pinning to cores {:?}", args.cpus))?;
+            .with_context(|| format!("pinning to {}", args.device))?;
     }
     // SAFETY: the supervisor passes these descriptors open (not close-on-exec) for this process
     // alone, and nothing else in this process owns them.
@@ -182,7 +170,7 @@ fn load(args: &Args) -> anyhow::Result<(Stage, Hops)> {
         num_blocks: args.kv_blocks,
         block_size: args.block_size,
     };
-    let stage = Stage::load(device, args.threads, cfg, &weights, kv)
-        .with_context(|| format!("loading the stage on {device}"))?;
+    let stage = Stage::load(&args.device, args.threads, cfg, &weights, kv)
+        .with_context(|| format!("loading the stage on {}", args.device))?;
     Ok((stage, hops))
 }

@@ -125,6 +125,11 @@ impl<B: Backend> StageModel<B> {
             None => None,
         };
         let kv_memory = backend.new_kv(kv, blocks.len(), cfg.kv_dim())?;
+        // Steps are checked against the blocks the backend holds, which may be fewer than asked.
+        let kv = KvConfig {
+            num_blocks: backend.kv_blocks(&kv_memory),
+            ..kv
+        };
         let rope = Rope::new(&cfg);
         Ok(Self {
             cfg,

@@ -1,16 +1,16 @@
-//! The process edge: which backend a stage computes on, chosen once from `--device` when the
-//! worker starts, and dispatched once per step.
+//! The process edge: which backend a stage computes on, chosen once from its [`Device`] (the
+//! worker's `--device`, in the grammar of `gptossd_shared::device`) when the worker starts, and
+//! dispatched once per step.
 //!
-//! [`Device`] is the parsed device name; [`Stage`] is an enum of concrete stages, one variant
-//! per backend built in, each a monomorphic `StageModel<B>`. A step pays one `match` here and
-//! then runs the backend's operations with static calls; `model.rs` sees neither `dyn` nor
-//! `cfg`. Adding a backend is adding its folder under `backend/`, a [`Device`] variant and a
-//! [`Stage`] variant (with its arm in `on_stage!` and in [`Stage::load`]).
-
-use std::fmt;
-use std::str::FromStr;
+//! [`Stage`] is an enum of concrete stages, one variant per backend built in, each a
+//! monomorphic `StageModel<B>`. A step pays one `match` here and then runs the backend's
+//! operations with static calls; `model.rs` sees neither `dyn` nor `cfg`. Adding a backend is
+//! adding its folder under `backend/` and a [`Stage`] variant (with its arm in `on_stage!` and
+//! its device's arm in [`Stage::load`]).
 
 use gptossd_shared::config::ModelConfig;
+use gptossd_shared::device::Device;
+use gptossd_shared::protocol::LoadReport;
 use gptossd_shared::weights::StageWeights;
 
 use crate::backend::cpu::CpuBackend;
@@ -20,41 +20,9 @@ use crate::model::StageModel;
 use crate::sampler::{LogitsError, Sampled};
 use crate::step::{StageInput, StepBatch, StepError};
 
-/// A device a stage can compute on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Device {
-    /// The CPU backend (`cpu`).
-    Cpu,
-}
-
-/// A `--device` value this build cannot run.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DeviceError {
-    #[error("device {0:?}: the CUDA backend is not built in yet (devices: cpu)")]
-    NotBuiltIn(String),
-    #[error("device {0:?} is not a device name (devices: cpu)")]
-    Unknown(String),
-}
-
-impl FromStr for Device {
-    type Err = DeviceError;
-
-    fn from_str(s: &str) -> Result<Self, DeviceError> {
-        match s {
-            "cpu" => Ok(Device::Cpu),
-            _ if s.starts_with("cuda") => Err(DeviceError::NotBuiltIn(s.to_string())),
-            _ => Err(DeviceError::Unknown(s.to_string())),
-        }
-    }
-}
-
-impl fmt::Display for Device {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Device::Cpu => f.write_str("cpu"),
-        }
-    }
-}
+/// What [`Stage::load`] answers for a `cuda:N` device until the CUDA backend is built in.
+const NO_CUDA: &str = "the CUDA backend is not built in yet (this build computes on the CPU only: \
+    use \"cpu\" or \"cpu:CORES\")";
 
 /// One pipeline stage on the backend of its device.
 pub enum Stage {
@@ -73,20 +41,27 @@ macro_rules! on_stage {
 
 impl Stage {
     /// Loads the stage on `device`; `threads` host threads compute (CPU) or assist (a GPU).
+    /// The KV memory holds `kv.num_blocks` blocks, or fewer where the device cannot hold them
+    /// ([`Stage::kv_config`] says how many). A CPU device's core set is not applied here: the
+    /// process pins itself before loading.
     pub fn load(
-        device: Device,
+        device: &Device,
         threads: usize,
         cfg: ModelConfig,
         weights: &StageWeights,
         kv: KvConfig,
     ) -> Result<Self, BackendError> {
         match device {
-            Device::Cpu => Ok(Stage::Cpu(StageModel::new(
+            Device::Cpu { .. } => Ok(Stage::Cpu(StageModel::new(
                 CpuBackend::new(threads),
                 cfg,
                 weights,
                 kv,
             )?)),
+            Device::Cuda { .. } => Err(BackendError::Unavailable {
+                device: device.clone(),
+                reason: NO_CUDA.to_string(),
+            }),
         }
     }
 
@@ -116,6 +91,22 @@ impl Stage {
 
     pub fn info(&self) -> BackendInfo {
         on_stage!(self, m => m.info())
+    }
+
+    /// What the worker tells the supervisor once loaded: the backend, what it holds, and how
+    /// many KV blocks (the supervisor's pool is the minimum over the stages).
+    pub fn report(&self) -> LoadReport {
+        let info = self.info();
+        let kv_bytes = self.kv_bytes() as u64;
+        LoadReport {
+            backend: info.kind,
+            detail: info.detail,
+            threads: info.threads as u32,
+            weight_bytes: self.weight_bytes() as u64,
+            kv_bytes,
+            memory_bytes: kv_bytes + info.memory_bytes as u64,
+            kv_blocks: self.kv_config().num_blocks as u64,
+        }
     }
 
     /// See [`StageModel::release_scratch`].
@@ -151,24 +142,5 @@ impl Stage {
         rows: &[SampleRow],
     ) -> Result<Vec<Result<Sampled, LogitsError>>, StepError> {
         on_stage!(self, m => m.forward_sample(batch, input, rows))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{Device, DeviceError};
-
-    #[test]
-    fn device_names() {
-        assert_eq!("cpu".parse::<Device>(), Ok(Device::Cpu));
-        assert_eq!(Device::Cpu.to_string(), "cpu");
-        assert_eq!(
-            "cuda:0".parse::<Device>(),
-            Err(DeviceError::NotBuiltIn("cuda:0".into()))
-        );
-        assert_eq!(
-            "gpu".parse::<Device>(),
-            Err(DeviceError::Unknown("gpu".into()))
-        );
     }
 }

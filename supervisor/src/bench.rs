@@ -22,10 +22,11 @@ use anyhow::{bail, Context};
 use clap::Args;
 use gptossd_shared::checkpoint::Checkpoint;
 use gptossd_shared::config::ModelConfig;
+use gptossd_shared::device::Device;
 use gptossd_shared::weights::{StageSpan, StageWeights};
 use gptossd_stage::kv::KvConfig;
 use gptossd_stage::model::{Logits, SeqStep, StageInput, StepBatch};
-use gptossd_stage::stage::{Device, Stage};
+use gptossd_stage::stage::Stage;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -74,7 +75,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         num_blocks: per_seq_blocks * (max_batch + 1),
         block_size: BLOCK,
     };
-    let mut model = Stage::load(Device::Cpu, args.threads, cfg.clone(), &weights, kv)?;
+    let mut model = Stage::load(
+        &Device::Cpu { cores: None },
+        args.threads,
+        cfg.clone(),
+        &weights,
+        kv,
+    )?;
     drop(weights);
     // For the read passes between decode steps: larger than any cache here, small beside the
     // model (it is part of the peak RSS reported).

@@ -89,13 +89,13 @@ pub fn pipeline_config(
         .iter()
         .enumerate()
         .map(|(k, range)| {
-            let (device, cpus) = match model.devices.get(k) {
-                Some(Device::Cpu { cores }) => {
-                    ("cpu".to_string(), cores.clone().unwrap_or_default())
-                }
-                Some(Device::Cuda { ordinal }) => (format!("cuda:{ordinal}"), Vec::new()),
-                None => ("cpu".to_string(), Vec::new()),
-            };
+            // A resolved configuration has one device per stage; `cpu` is the safe reading of
+            // a missing one.
+            let device = model
+                .devices
+                .get(k)
+                .cloned()
+                .unwrap_or(Device::Cpu { cores: None });
             StageSpec {
                 binary: binary.clone(),
                 model: model.path.clone(),
@@ -104,7 +104,6 @@ pub fn pipeline_config(
                 embedding: k == 0,
                 head: k == s - 1,
                 device,
-                cpus,
                 threads: model.threads_per_stage,
                 kv_blocks: model.kv_blocks,
                 block_size: model.block_size,

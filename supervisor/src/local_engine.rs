@@ -8,13 +8,14 @@ use std::path::Path;
 
 use gptossd_shared::checkpoint::{Checkpoint, CheckpointError};
 use gptossd_shared::config::{ConfigError, ModelConfig};
+use gptossd_shared::device::Device;
 use gptossd_shared::weights::{StageSpan, StageWeights};
 use gptossd_shared::VOCAB_EDGE;
 use gptossd_stage::backend::BackendError;
 use gptossd_stage::kv::KvConfig;
 use gptossd_stage::model::{Logits, SeqStep, StageInput, StepBatch, StepError};
 use gptossd_stage::sampler::{LogitsError, SampleScratch, Sampled, Sampler};
-use gptossd_stage::stage::{Device, Stage};
+use gptossd_stage::stage::Stage;
 
 use crate::scheduler::Finish;
 
@@ -84,7 +85,7 @@ impl LocalEngine {
             block_size: BLOCK_SIZE,
         };
         Ok(Self {
-            model: Stage::load(Device::Cpu, threads, cfg, &weights, kv)?,
+            model: Stage::load(&Device::Cpu { cores: None }, threads, cfg, &weights, kv)?,
             scratch: SampleScratch::default(),
         })
     }

@@ -9,6 +9,7 @@
 
 use gptossd_shared::checkpoint::Mapped;
 use gptossd_shared::config::ModelConfig;
+use gptossd_shared::device::{BackendKind, Device};
 use gptossd_shared::mxfp4::Mxfp4Experts;
 
 use crate::kv::KvConfig;
@@ -18,21 +19,32 @@ use crate::step::StepBatch;
 
 pub mod cpu;
 
-/// An operation the device could not carry out (a launch, a copy, an allocation). The CPU
-/// backend never returns one; a GPU backend does, and the step fails with it.
+/// A device that cannot be used, or an operation it could not carry out (a launch, a copy, an
+/// allocation). The CPU backend never returns one; a GPU backend does, and the load or the
+/// step fails with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BackendError {
+    /// The stage cannot compute on `device` at all (its backend is not built in; no driver).
+    #[error("device {device}: {reason}")]
+    Unavailable { device: Device, reason: String },
     #[error("{op} failed on the device: {reason}")]
     Device { op: &'static str, reason: String },
 }
 
-/// What a loaded backend reports to the supervisor.
+/// What a backend says of itself (the stage adds its weights and KV and reports the whole to
+/// the supervisor: `gptossd_shared::protocol::LoadReport`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendInfo {
+    pub kind: BackendKind,
     /// The kernels it runs, e.g. the CPU instruction set (`Avx512Vbmi`).
     pub kernels: String,
+    /// For people: the kernels and threads; a GPU's name, compute capability and driver.
+    pub detail: String,
     /// Host threads it computes (or samples) with.
     pub threads: usize,
+    /// Bytes of memory it allocated for the stage besides the KV memory (copies of weights,
+    /// fixed buffers); 0 for a backend that computes on the checkpoint's mapping.
+    pub memory_bytes: usize,
 }
 
 /// A bf16 matrix `[rows × cols]` as the checkpoint holds it (raw bits, row-major), with an
@@ -179,14 +191,16 @@ pub trait Backend: Sized {
 
     // ---- Set-up ----
 
-    /// The kernels and threads this backend runs with.
+    /// What this backend is and runs with.
     fn info(&self) -> BackendInfo;
     fn load_vector(&mut self, v: &Mapped<u16>) -> Result<Self::Vector, BackendError>;
     /// A matrix made of `parts` stacked by rows in order (all with the same `cols`, all with
     /// a bias or none).
     fn load_dense(&mut self, parts: &[DenseSource<'_>]) -> Result<Self::Dense, BackendError>;
     fn load_experts(&mut self, e: ExpertsSource<'_>) -> Result<Self::Experts, BackendError>;
-    /// KV memory for `layers` layers of `kv_dim`-wide keys and values.
+    /// KV memory for `layers` layers of `kv_dim`-wide keys and values: `cfg.num_blocks`
+    /// blocks, or fewer (at least one) where the device cannot hold that many — a GPU sizes
+    /// it by its free memory; [`Backend::kv_blocks`] says how many.
     fn new_kv(
         &mut self,
         cfg: KvConfig,
@@ -195,6 +209,8 @@ pub trait Backend: Sized {
     ) -> Result<Self::Kv, BackendError>;
     /// Bytes of device memory `kv` holds.
     fn kv_bytes(&self, kv: &Self::Kv) -> usize;
+    /// Blocks `kv` holds (block ids `0..kv_blocks` are valid).
+    fn kv_blocks(&self, kv: &Self::Kv) -> usize;
     /// Drops the backend's own step buffers (an idle stage gives its high-water mark back).
     fn release_scratch(&mut self);
 

@@ -17,7 +17,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use super::device::{parse_core_set, Device};
+use gptossd_shared::device::{parse_core_set, Device};
 
 /// Set by systemd for a unit with `RuntimeDirectory=` (the packaged unit has
 /// `RuntimeDirectory=gptossd`): the directory it made, or several separated by colons.

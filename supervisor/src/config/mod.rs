@@ -36,7 +36,6 @@
 //! ([`Config::resolve_on`], [`Config::parse_on`]), so tests can describe any machine.
 
 mod check;
-mod device;
 mod host;
 mod location;
 mod overrides;
@@ -55,7 +54,6 @@ use std::time::Duration;
 
 use gptossd_shared::config::ModelConfig;
 
-pub use self::device::{Device, DeviceParseError};
 pub use self::host::{
     default_control_socket, default_layout, ControlSocketSource, DefaultLayout, Host,
     RUNTIME_DIRECTORY_ENV, XDG_RUNTIME_DIR_ENV,
@@ -66,6 +64,7 @@ pub use self::routing::{
 };
 pub use crate::chat::ReasoningEffort;
 use crate::split::{split_layers, CostModel};
+pub use gptossd_shared::device::{Device, DeviceParseError};
 
 /// The environment variable naming the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "GPTOSSD_CONFIG";

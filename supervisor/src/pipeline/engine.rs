@@ -12,7 +12,9 @@
 //! 2. Handle that event and every other already queued: API calls, stage connections and
 //!    messages, a stage's stderr closing, step results.
 //! 3. Let time act on the stages ([`Lifecycle::poll`]) and carry out the decisions: spawn,
-//!    take down (kill, new epoch, new rings, requeue), give up, fail requests, recover.
+//!    take down (kill, new epoch, new rings, requeue), give up, fail requests, recover, size
+//!    the KV pool (once, when the model is first ready). Then answer the submissions held
+//!    until the pool was sized (or until the model turned unhealthy or began to drain).
 //! 4. If the model is ready, launch every step the scheduler plans into ring 0.
 //! 5. Publish the status (the `watch` every handle reads) if it changed.
 //! 6. When draining and no sequence runs or waits, or the grace has passed: stop the stages,
@@ -20,13 +22,16 @@
 //!
 //! Invariants: every log record is inside the pipeline's span (the model's name), with the
 //! stage and pid where one is concerned; a result of an older epoch is dropped; a request
-//! refused or ended is answered exactly once (see `registry.rs`).
+//! refused or ended is answered exactly once (see `registry.rs`); the scheduler gets no
+//! sequence before its KV pool is sized to what the stages hold.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-use gptossd_shared::protocol::{SeqToken, StepOutcome, StepResult, WorkerMsg, PROTOCOL_VERSION};
+use gptossd_shared::protocol::{
+    LoadReport, SeqToken, StepOutcome, StepResult, WorkerMsg, PROTOCOL_VERSION,
+};
 use tokio::sync::watch;
 
 use super::dataplane::{DataPlane, DataPlaneError, RingSizes};
@@ -34,8 +39,8 @@ use super::lifecycle::{Decision, Lifecycle, RecoveredBy, StageEvent, StageState,
 use super::process::{StageProcess, StageSpec, Wiring};
 use super::registry::{Delivery, Registry};
 use super::{
-    Event, Finish, GenFailure, GenRequest, GenSender, PipelineConfig, PipelineStatus, StageStatus,
-    SubmitError,
+    Ack, Event, Finish, GenFailure, GenRequest, GenSender, PipelineConfig, PipelineStatus,
+    StageStatus, SubmitError,
 };
 use crate::scheduler::{ConfigError, NewSequence, Scheduler, SeqEvent, SeqId, StepId};
 
@@ -59,6 +64,16 @@ struct Stage {
     /// Taken when the stage is taken down; kept (killed) after a load failure, so that its pid
     /// still shows.
     process: Option<StageProcess>,
+    /// What it reported when it last loaded.
+    loaded: Option<LoadReport>,
+}
+
+/// A submission that came before the KV pool was sized (the model had never been ready).
+struct HeldSubmit {
+    id: SeqId,
+    req: GenRequest,
+    tx: GenSender,
+    ack: Ack,
 }
 
 /// A drain in progress.
@@ -80,6 +95,8 @@ pub struct Engine {
     events: Sender<Event>,
     status: watch::Sender<PipelineStatus>,
     draining: Option<Drain>,
+    /// Submissions waiting for the KV pool to be sized, in arrival order.
+    held: Vec<HeldSubmit>,
 }
 
 impl Engine {
@@ -106,6 +123,7 @@ impl Engine {
             .map(|spec| Stage {
                 spec,
                 process: None,
+                loaded: None,
             })
             .collect();
         Ok(Self {
@@ -120,6 +138,7 @@ impl Engine {
             events,
             status,
             draining: None,
+            held: Vec::new(),
         })
     }
 
@@ -150,6 +169,7 @@ impl Engine {
             // 3. Let time act on the stages.
             let decisions = self.lifecycle.poll(Instant::now());
             self.carry_out(decisions);
+            self.answer_held_submits();
             // 4. Launch steps.
             self.launch_steps();
             // 5. Publish the status.
@@ -191,6 +211,9 @@ impl Engine {
     fn handle(&mut self, event: Event) {
         let now = Instant::now();
         match event {
+            Event::Submit { id, req, tx, ack } if self.lifecycle.kv_pool().is_none() => {
+                self.held.push(HeldSubmit { id, req, tx, ack });
+            }
             Event::Submit { id, req, tx, ack } => {
                 let _ = ack.send(self.submit(id, req, tx, now));
             }
@@ -289,6 +312,21 @@ impl Engine {
         Ok(())
     }
 
+    /// Answers the held submissions once the pool is sized, or once they would be refused
+    /// anyway (the model unhealthy, the pipeline draining).
+    fn answer_held_submits(&mut self) {
+        let answerable = self.lifecycle.kv_pool().is_some()
+            || self.lifecycle.unhealthy().is_some()
+            || self.draining.is_some();
+        if self.held.is_empty() || !answerable {
+            return;
+        }
+        let now = Instant::now();
+        for HeldSubmit { id, req, tx, ack } in std::mem::take(&mut self.held) {
+            let _ = ack.send(self.submit(id, req, tx, now));
+        }
+    }
+
     fn cancel(&mut self, id: SeqId) {
         if self.scheduler.cancel(id) {
             self.requests.finish(id, Finish::Cancelled);
@@ -316,29 +354,30 @@ impl Engine {
                 }
             }
             WorkerMsg::Hello { .. } => StageEvent::Hello,
-            WorkerMsg::Loaded {
-                weight_bytes,
-                kernels,
-                threads,
-                ..
-            } => {
+            WorkerMsg::Loaded(report) => {
                 tracing::info!(
                     stage = st,
                     pid = self.pid(st),
-                    weight_mb = format_args!("{:.1}", weight_bytes as f64 / 1e6),
-                    threads,
-                    kernels = %kernels,
+                    backend = %report.backend,
+                    detail = %report.detail,
+                    weight_mb = format_args!("{:.1}", report.weight_bytes as f64 / 1e6),
+                    memory_mb = format_args!("{:.1}", report.memory_bytes as f64 / 1e6),
+                    kv_blocks = report.kv_blocks,
                     "stage loaded"
                 );
-                StageEvent::Loaded
+                // A stage holding more than it was asked for serves only what was asked.
+                let asked = self.stages[st].spec.kv_blocks;
+                let kv_blocks = usize::try_from(report.kv_blocks).map_or(asked, |b| b.min(asked));
+                self.stages[st].loaded = Some(report);
+                StageEvent::Loaded { kv_blocks }
             }
             WorkerMsg::LoadFailed { reason } => StageEvent::LoadFailed { reason },
             WorkerMsg::Heartbeat { steps_done, busy } => StageEvent::Heartbeat { steps_done, busy },
         };
-        let loaded = event == StageEvent::Loaded;
+        let loaded = matches!(event, StageEvent::Loaded { .. });
         let decisions = self.lifecycle.on(st, event, now);
         self.carry_out(decisions);
-        if loaded {
+        if loaded && self.lifecycle.state(st) == Some(StageState::Ready) {
             self.data.tell_epoch(st);
         }
     }
@@ -407,6 +446,7 @@ impl Engine {
                     self.fail_all(GenFailure::Unhealthy(reason));
                     Vec::new()
                 }
+                Decision::SizeKvPool { blocks } => self.size_kv_pool(blocks),
                 Decision::Recovered { by } => {
                     match by {
                         RecoveredBy::CoolDown => tracing::info!(
@@ -453,6 +493,26 @@ impl Engine {
             },
         };
         self.lifecycle.on(st, event, Instant::now())
+    }
+
+    /// The model is ready for the first time: the scheduler's pool becomes what every stage
+    /// holds (never more than the stages were asked for).
+    fn size_kv_pool(&mut self, stage_blocks: usize) -> Vec<Decision> {
+        let asked = self.scheduler.config().num_blocks;
+        match self.scheduler.fit_pool(stage_blocks) {
+            Ok(blocks) => {
+                tracing::info!(
+                    blocks,
+                    asked,
+                    fewest_held = stage_blocks,
+                    "KV pool sized to what the stages hold"
+                );
+                Vec::new()
+            }
+            Err(e) => self
+                .lifecycle
+                .data_plane_failed(format!("cannot size the KV pool: {e}")),
+        }
     }
 
     /// Stops stage `st`'s process (if any) and makes everything in flight replay: the epoch
@@ -589,7 +649,7 @@ impl Engine {
     // ---------------------------------------------------------------------------------------
     // Status and stop.
 
-    fn publish_status(&self) {
+    pub(super) fn publish_status(&self) {
         let stages = self
             .stages
             .iter()
@@ -599,6 +659,7 @@ impl Engine {
                 index: i,
                 layers: [stage.spec.layers.start, stage.spec.layers.end],
                 device: stage.spec.device.clone(),
+                loaded: stage.loaded.clone(),
                 pid: stage.process.as_ref().map(|p| p.pid),
                 state: life.state,
                 restarts: life.restarts,

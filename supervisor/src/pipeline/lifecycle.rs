@@ -33,12 +33,22 @@
 //!   restarts at once with a clean crash record and the model is healthy again.
 //! - While draining nothing is spawned and nothing recovers.
 //!
+//! # The KV pool
+//!
+//! Each stage reports how many KV blocks it holds when it loads (a GPU holds what fits in its
+//! free memory). When the model first becomes ready the pool is sized once, to the fewest any
+//! stage holds: [`Decision::SizeKvPool`] (vLLM sizes its cache from the memory its workers
+//! measure the same way). A stage that later loads with fewer blocks than that pool cannot
+//! hold the sequences being replayed into it: it cannot load ([`Decision::GiveUp`]), and so
+//! is a stage that holds no block at all.
+//!
 //! # Invariants
 //!
 //! - The model is unhealthy exactly when a [`Recovery`] is recorded; it is ready exactly when
 //!   it is healthy and every stage is `Ready` or `Busy`.
 //! - A stage has a restart time only in `Dead` or `Restarting`; a `Failed` stage has none.
-//! - `started` never goes back to false: it records that the model has been ready once.
+//! - `started` never goes back to false: it records that the model has been ready once. The KV
+//!   pool is sized exactly when it turns true, and never again.
 //!
 //! It does not know processes, sockets, rings, requests or clocks.
 
@@ -106,8 +116,8 @@ pub enum StageEvent {
     Spawned,
     /// It connected and said hello in this supervisor's protocol version.
     Hello,
-    /// It mapped its weights and is ready for steps.
-    Loaded,
+    /// It mapped its weights and is ready for steps; it holds `kv_blocks` KV blocks.
+    Loaded { kv_blocks: usize },
     /// It cannot load, could not be started, or speaks another protocol.
     LoadFailed { reason: String },
     /// It is alive; `busy` is the step it computes and for how many ms.
@@ -154,6 +164,9 @@ pub enum Decision {
     MarkUnhealthy { reason: String, recovery: Recovery },
     /// The model is healthy again (the stages it needs are restarting).
     Recovered { by: RecoveredBy },
+    /// The model is ready for the first time: the KV pool has `blocks` blocks, the fewest any
+    /// stage holds. Comes before any step can launch, and only once.
+    SizeKvPool { blocks: usize },
 }
 
 /// One stage's record.
@@ -165,6 +178,8 @@ pub struct StageLife {
     pub last_error: Option<String>,
     /// Steps completed, as its last heartbeat said.
     pub steps_done: u64,
+    /// KV blocks it held when it last loaded.
+    pub kv_blocks: Option<usize>,
     /// Crashes within the crash-loop window, oldest first.
     crashes: VecDeque<Instant>,
     spawned_at: Instant,
@@ -184,6 +199,8 @@ pub struct Lifecycle {
     unhealthy: Option<(String, Recovery)>,
     draining: bool,
     started: bool,
+    /// Blocks of the KV pool, sized when the model was first ready.
+    kv_pool: Option<usize>,
 }
 
 impl Lifecycle {
@@ -194,6 +211,7 @@ impl Lifecycle {
             restarts: 0,
             last_error: None,
             steps_done: 0,
+            kv_blocks: None,
             crashes: VecDeque::new(),
             spawned_at: now,
             last_heartbeat: now,
@@ -206,6 +224,7 @@ impl Lifecycle {
             unhealthy: None,
             draining: false,
             started: false,
+            kv_pool: None,
         }
     }
 
@@ -236,9 +255,15 @@ impl Lifecycle {
         self.started
     }
 
+    /// Blocks of the KV pool; `None` until the model has been ready.
+    pub fn kv_pool(&self) -> Option<usize> {
+        self.kv_pool
+    }
+
     /// Feeds one observation about `stage`; returns what to do.
     pub fn on(&mut self, stage: usize, event: StageEvent, now: Instant) -> Vec<Decision> {
         let mut out = Vec::new();
+        let pool = self.kv_pool;
         let Some(life) = self.stages.get_mut(stage) else {
             return out;
         };
@@ -255,10 +280,16 @@ impl Lifecycle {
                     life.last_heartbeat = now;
                 }
             }
-            StageEvent::Loaded => {
+            StageEvent::Loaded { kv_blocks } => {
                 if matches!(life.state, StageState::Spawning | StageState::Loading) {
-                    life.state = StageState::Ready;
-                    life.last_heartbeat = now;
+                    life.kv_blocks = Some(kv_blocks);
+                    match too_few_blocks(stage, kv_blocks, pool) {
+                        Some(reason) => self.give_up(stage, reason, &mut out),
+                        None => {
+                            life.state = StageState::Ready;
+                            life.last_heartbeat = now;
+                        }
+                    }
                 }
             }
             StageEvent::Heartbeat { steps_done, busy } => {
@@ -288,7 +319,7 @@ impl Lifecycle {
                 }
             }
         }
-        self.note_readiness();
+        self.note_readiness(&mut out);
         out
     }
 
@@ -319,7 +350,7 @@ impl Lifecycle {
                 out.push(Decision::Spawn { stage });
             }
         }
-        self.note_readiness();
+        self.note_readiness(&mut out);
         out
     }
 
@@ -348,8 +379,8 @@ impl Lifecycle {
         self.draining = true;
     }
 
-    /// The data plane broke (a ring could not be replaced): the model is unhealthy until an
-    /// administrator restarts a stage.
+    /// The data plane broke (a ring could not be replaced), or the engine could not size the
+    /// KV pool: the model is unhealthy until an administrator restarts a stage.
     pub fn data_plane_failed(&mut self, reason: String) -> Vec<Decision> {
         self.unhealthy = Some((reason.clone(), Recovery::AdministratorRestart));
         vec![Decision::MarkUnhealthy {
@@ -496,9 +527,41 @@ impl Lifecycle {
         out.push(Decision::MarkUnhealthy { reason, recovery });
     }
 
-    fn note_readiness(&mut self) {
-        self.started |= self.ready();
+    /// Records the first readiness, and sizes the KV pool then.
+    fn note_readiness(&mut self, out: &mut Vec<Decision>) {
+        if self.started || !self.ready() {
+            return;
+        }
+        self.started = true;
+        // Every stage is ready, so every stage has reported its blocks.
+        let blocks = self
+            .stages
+            .iter()
+            .filter_map(|s| s.kv_blocks)
+            .min()
+            .unwrap_or(0);
+        self.kv_pool = Some(blocks);
+        out.push(Decision::SizeKvPool { blocks });
     }
+}
+
+/// Why a stage holding `kv_blocks` blocks cannot serve a pool of `pool` blocks (`None`: not
+/// sized yet); `None` when it can.
+fn too_few_blocks(stage: usize, kv_blocks: usize, pool: Option<usize>) -> Option<String> {
+    if kv_blocks == 0 {
+        return Some(format!(
+            "stage {stage} holds no KV blocks (its device has no memory left for them)"
+        ));
+    }
+    let pool = pool?;
+    (kv_blocks < pool).then(|| {
+        format!(
+            "stage {stage} holds {kv_blocks} KV blocks, fewer than the {pool} of the pool in use \
+             (sized when the model started): it cannot hold the sequences being replayed; free \
+             memory on its device and restart the stage, or restart the daemon to size the pool \
+             again"
+        )
+    })
 }
 
 #[cfg(test)]

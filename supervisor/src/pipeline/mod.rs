@@ -51,7 +51,8 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gptossd_shared::protocol::{StepResult, WorkerMsg};
+use gptossd_shared::device::{pipeline_backend, Device};
+use gptossd_shared::protocol::{LoadReport, StepResult, WorkerMsg};
 use gptossd_stage::sampler::Sampler;
 use interprocess::os::unix::uds_local_socket::Stream;
 use tokio::sync::{oneshot, watch};
@@ -175,7 +176,10 @@ pub enum StartError {
 pub struct StageStatus {
     pub index: usize,
     pub layers: [usize; 2],
-    pub device: String,
+    pub device: Device,
+    /// What it reported when it last loaded (its backend, memory and KV blocks); `None`
+    /// before its first load.
+    pub loaded: Option<LoadReport>,
     pub pid: Option<u32>,
     pub state: StageState,
     pub restarts: u32,
@@ -196,6 +200,17 @@ pub struct PipelineStatus {
     pub draining: bool,
     pub epoch: u64,
     pub scheduler: SchedulerStats,
+}
+
+impl PipelineStatus {
+    /// The pipeline's backends as one name — `cpu`, `cuda` or `cuda+cpu` — from what each
+    /// stage reported when it last loaded, or, before that, from its configured device.
+    pub fn backend(&self) -> &'static str {
+        pipeline_backend(self.stages.iter().map(|st| match &st.loaded {
+            Some(report) => report.backend,
+            None => st.device.kind(),
+        }))
+    }
 }
 
 /// The receiving end of a request's events (usable from async code with `recv().await`, and
@@ -406,6 +421,8 @@ pub fn start(cfg: PipelineConfig) -> std::io::Result<PipelineHandle> {
     let span = tracing::info_span!("pipeline", model = %cfg.name);
     let mut engine =
         Engine::new(cfg, control_name, events.clone(), status_tx).map_err(std::io::Error::other)?;
+    // The stages and their devices show from the start, before the engine's first turn.
+    engine.publish_status();
     std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || span.in_scope(|| engine.run(inbox)))?;
@@ -418,6 +435,8 @@ pub fn start(cfg: PipelineConfig) -> std::io::Result<PipelineHandle> {
 
 #[cfg(test)]
 mod tests {
+    use gptossd_shared::device::BackendKind;
+
     use super::*;
 
     fn status(started: bool, unhealthy: Option<Recovery>) -> PipelineStatus {
@@ -440,6 +459,49 @@ mod tests {
             next_id: Arc::new(AtomicU64::new(1)),
         };
         (handle, tx)
+    }
+
+    fn stage(device: &str, loaded: Option<BackendKind>) -> StageStatus {
+        StageStatus {
+            index: 0,
+            layers: [0, 1],
+            device: device.parse().expect("device"),
+            loaded: loaded.map(|backend| LoadReport {
+                backend,
+                detail: String::new(),
+                threads: 1,
+                weight_bytes: 0,
+                kv_bytes: 0,
+                memory_bytes: 0,
+                kv_blocks: 1,
+            }),
+            pid: None,
+            state: StageState::Ready,
+            restarts: 0,
+            last_error: None,
+            steps_done: 0,
+        }
+    }
+
+    #[test]
+    fn the_backend_is_what_the_stages_report_or_else_their_devices() {
+        use BackendKind::{Cpu, Cuda};
+        let backend = |stages| PipelineStatus {
+            stages,
+            ..PipelineStatus::default()
+        };
+        assert_eq!(backend(vec![stage("cpu:0-3", None)]).backend(), "cpu");
+        assert_eq!(backend(vec![stage("cuda:0", None)]).backend(), "cuda");
+        assert_eq!(
+            backend(vec![stage("cuda:0", Some(Cuda)), stage("cpu", Some(Cpu))]).backend(),
+            "cuda+cpu"
+        );
+        assert_eq!(
+            backend(vec![stage("cuda:0", Some(Cuda)), stage("cuda:1", None)]).backend(),
+            "cuda"
+        );
+        // What a stage reported wins over the configured device.
+        assert_eq!(backend(vec![stage("cuda:0", Some(Cpu))]).backend(), "cpu");
     }
 
     #[test]

@@ -21,6 +21,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use gptossd_shared::device::Device;
+
 /// What is needed to start one stage's process.
 #[derive(Debug, Clone)]
 pub struct StageSpec {
@@ -30,8 +32,8 @@ pub struct StageSpec {
     pub layers: std::ops::Range<usize>,
     pub embedding: bool,
     pub head: bool,
-    pub device: String,
-    pub cpus: Vec<usize>,
+    /// Where it computes (`--device`; a CPU core set pins the process).
+    pub device: Device,
     pub threads: usize,
     pub kv_blocks: usize,
     pub block_size: usize,
@@ -99,7 +101,7 @@ impl StageProcess {
             .args(["--stage", &spec.stage.to_string()])
             .args(["--first-layer", &spec.layers.start.to_string()])
             .args(["--end-layer", &spec.layers.end.to_string()])
-            .args(["--device", &spec.device])
+            .args(["--device", &spec.device.to_string()])
             .args(["--threads", &spec.threads.to_string()])
             .args(["--control", wiring.control])
             .args(["--ring-in", &fd_in.to_string()])
@@ -108,10 +110,6 @@ impl StageProcess {
             .args(["--block-size", &spec.block_size.to_string()])
             .args(["--epoch", &wiring.epoch.to_string()])
             .args(["--heartbeat-ms", &spec.heartbeat_ms.to_string()]);
-        if !spec.cpus.is_empty() {
-            let cpus: Vec<String> = spec.cpus.iter().map(|c| c.to_string()).collect();
-            cmd.args(["--cpus", &cpus.join(",")]);
-        }
         if spec.embedding {
             cmd.arg("--embedding");
         }

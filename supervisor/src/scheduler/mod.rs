@@ -122,7 +122,8 @@ pub struct SchedulerConfig {
     pub max_in_flight: usize,
     /// Positions per KV block.
     pub block_size: usize,
-    /// Blocks in the KV pool (every stage has this many).
+    /// Blocks in the KV pool: what every stage is asked to hold; [`Scheduler::fit_pool`]
+    /// lowers it to what the stages report they hold.
     pub num_blocks: usize,
     /// Most tokens (prompt plus generated) in one sequence.
     pub max_context: usize,
@@ -163,6 +164,15 @@ pub enum ConfigError {
     Zero { field: &'static str },
     #[error("scheduler: num_blocks {value} is beyond the block id range (at most {max})")]
     TooManyBlocks { value: usize, max: usize },
+}
+
+/// Why [`Scheduler::fit_pool`] refused to resize the pool.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PoolError {
+    #[error("the stages hold no KV blocks")]
+    Empty,
+    #[error("the KV pool is resized only before any sequence is submitted ({seqs} are)")]
+    InUse { seqs: usize },
 }
 
 /// A validated request, as the scheduler takes it.
@@ -457,6 +467,24 @@ impl Scheduler {
 
     pub fn config(&self) -> &SchedulerConfig {
         &self.cfg
+    }
+
+    /// Sizes the KV pool to the `stage_blocks` every stage holds (the fewest any stage
+    /// reported), never above the configured `num_blocks` that the stages were asked for.
+    /// Only before the first submission, when no block is used. Returns the pool's blocks.
+    pub fn fit_pool(&mut self, stage_blocks: usize) -> Result<usize, PoolError> {
+        if !self.seqs.is_empty() {
+            return Err(PoolError::InUse {
+                seqs: self.seqs.len(),
+            });
+        }
+        let blocks = stage_blocks.min(self.cfg.num_blocks);
+        if blocks == 0 {
+            return Err(PoolError::Empty);
+        }
+        self.cfg.num_blocks = blocks;
+        self.pool = BlockPool::new(blocks, self.cfg.block_size);
+        Ok(blocks)
     }
 
     /// Changes the batching limits of the active profile (a runtime switch of the default

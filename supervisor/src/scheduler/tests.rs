@@ -648,6 +648,48 @@ fn equal_arrival_instants_keep_submission_order() {
 }
 
 #[test]
+fn the_pool_fits_what_the_stages_hold_before_the_first_submission_only() {
+    let mut s = Scheduler::new(SchedulerConfig {
+        num_blocks: 8,
+        ..cfg()
+    })
+    .unwrap();
+    assert_eq!(s.fit_pool(0), Err(PoolError::Empty));
+    assert_eq!(
+        s.fit_pool(100),
+        Ok(8),
+        "never above what the stages were asked for"
+    );
+    assert_eq!(s.fit_pool(5), Ok(5));
+    assert_eq!((s.config().num_blocks, s.stats().blocks_total), (5, 5));
+    let now = Instant::now();
+    let seq = |id, len| NewSequence {
+        id,
+        prompt: prompt(id as u32, len),
+        max_new_tokens: 3,
+        stop_tokens: Vec::new(),
+        priority: 0,
+        arrival: now,
+    };
+    // 22 tokens need 6 blocks of 4 (the pool of 8 had room); 21 need 5.
+    assert_eq!(
+        s.submit(seq(1, 19)),
+        Err(Rejected::ExceedsKvPool {
+            tokens: 22,
+            blocks: 6,
+            pool_blocks: 5
+        })
+    );
+    s.submit(seq(1, 18)).unwrap();
+    assert_eq!(s.fit_pool(4), Err(PoolError::InUse { seqs: 1 }));
+    let plan = s.next_step(now + T_WINDOW).expect("a step");
+    let blocks = &plan.seqs[0].blocks;
+    assert_eq!(blocks.len(), 5);
+    assert!(blocks.iter().all(|&b| b < 5), "{blocks:?}");
+    s.check_invariants().unwrap();
+}
+
+#[test]
 fn submit_rejections_are_typed_and_name_the_limit() {
     let mut sim = Sim::new(SchedulerConfig {
         max_waiting: 2,

@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | GET | `/profile` | the default profile |
 //! | PUT or POST | `/profile` with `{"profile": "latency_first"}` | switch the default profile |
-//! | GET | `/stages` | every model's stages (index, layers, device, pid, state, restarts, last error) |
+//! | GET | `/stages` | every model's stages (index, layers, device, what it reported when it loaded, pid, state, restarts, last error) |
 //! | POST | `/stages/{k}/restart` (default model) or `/models/{name}/stages/{k}/restart` | restart a stage |
 //! | POST | `/drain` | stop taking requests, finish running ones, exit |
 //! | POST | `/reload` | re-read the config file (as SIGHUP): 200 with the keys changed, 409 naming a key that needs a restart, 400 for a config error |

@@ -32,9 +32,11 @@
 //!     page's tokens/s is their rise between two polls);
 //!   - `preemptions`, `replayed`: cumulative sequences preempted / requeued after a stage
 //!     failure;
-//!   - `stages[]`: `index`, `layers` (`[first, end)`), `device`, `pid` (or `null`), `state`
-//!     (`spawning`, `loading`, `ready`, `busy`, `draining`, `dead`, `restarting`, `failed`),
-//!     `restarts`, `last_error` (the last crash or load failure, or `null`), `steps_done`.
+//!   - `stages[]`: `index`, `layers` (`[first, end)`), `device`, `detail` (the backend it
+//!     reported when it last loaded, e.g. `Avx512Vbmi kernels, 8 threads`, or `null`), `pid`
+//!     (or `null`), `state` (`spawning`, `loading`, `ready`, `busy`, `draining`, `dead`,
+//!     `restarting`, `failed`), `restarts`, `last_error` (the last crash or load failure, or
+//!     `null`), `steps_done`.
 //! - `profiles[]`, one per profile (`latency_first`, `balanced`, `quality_first`):
 //!   - `name`, `default`: its name; whether it is the default;
 //!   - `model`, `fallback`: the model it routes to now (or `null`); whether that is its
@@ -187,7 +189,7 @@ fn model_json(m: &ModelEntry, s: &PipelineStatus) -> Value {
     json!({
         "name": m.name,
         "size": m.size.as_str(),
-        "backend": m.backend,
+        "backend": s.backend(),
         "gpu_mode": m.gpu_mode(),
         "test_model": m.test_model,
         "ready": s.ready,
@@ -232,6 +234,7 @@ fn stage_json(st: &StageStatus) -> Value {
         "index": st.index,
         "layers": st.layers,
         "device": st.device,
+        "detail": st.loaded.as_ref().map(|l| &l.detail),
         "pid": st.pid,
         "state": st.state,
         "restarts": st.restarts,
@@ -301,6 +304,9 @@ fn rejected(stats: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    use gptossd_shared::device::{BackendKind, Device};
+    use gptossd_shared::protocol::LoadReport;
 
     use super::*;
     use crate::metrics::{Labels, Metrics, Outcome, RequestRecord};
@@ -412,7 +418,18 @@ mod tests {
         let st = StageStatus {
             index: 1,
             layers: [2, 4],
-            device: "cpu".into(),
+            device: Device::Cpu {
+                cores: Some(vec![0, 1]),
+            },
+            loaded: Some(LoadReport {
+                backend: BackendKind::Cpu,
+                detail: "Avx2Fma kernels, 2 threads".into(),
+                threads: 2,
+                weight_bytes: 1000,
+                kv_bytes: 500,
+                memory_bytes: 500,
+                kv_blocks: 64,
+            }),
             pid: Some(4242),
             state: StageState::Restarting,
             restarts: 1,
@@ -422,7 +439,8 @@ mod tests {
         let v = stage_json(&st);
         assert_eq!(
             v,
-            json!({"index": 1, "layers": [2, 4], "device": "cpu", "pid": 4242,
+            json!({"index": 1, "layers": [2, 4], "device": "cpu:0-1",
+                   "detail": "Avx2Fma kernels, 2 threads", "pid": 4242,
                    "state": "restarting", "restarts": 1,
                    "last_error": "killed by signal 9", "steps_done": 7})
         );

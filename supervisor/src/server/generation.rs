@@ -329,7 +329,7 @@ impl Run {
             model_size: route.model.size,
             gpu_mode: route.model.gpu_mode(),
             engine: ENGINE,
-            backend: route.model.backend.clone(),
+            backend: route.model.backend().to_string(),
             fallback: route.fallback,
             queue_time_ms: None,
             time_to_first_token_ms: None,

@@ -210,11 +210,6 @@ pub fn start_models(config: &Config, test_model: bool) -> Result<Vec<ModelEntry>
             })?;
         let context = pcfg.scheduler.max_context;
         let stages = pcfg.stages.len();
-        let backend = if pcfg.stages.iter().any(|s| s.device.starts_with("cuda")) {
-            "cuda"
-        } else {
-            "cpu"
-        };
         let handle = pipeline::start(pcfg).map_err(|error| ServeError::Pipeline {
             model: m.name.clone(),
             error,
@@ -223,6 +218,7 @@ pub fn start_models(config: &Config, test_model: bool) -> Result<Vec<ModelEntry>
             model = %m.name,
             path = %m.path.display(),
             stages,
+            backend = handle.status().backend(),
             reason = m.stages_reason(),
             "model pipeline starting"
         );
@@ -233,7 +229,6 @@ pub fn start_models(config: &Config, test_model: bool) -> Result<Vec<ModelEntry>
             context,
             vocab: mcfg.vocab_size,
             stages,
-            backend: backend.to_string(),
             test_model,
         });
     }
@@ -387,6 +382,15 @@ async fn wait_until_ready(state: &AppState) -> Result<(), ServeError> {
             },
         });
     }
+    for m in &state.models {
+        let s = m.pipeline.status();
+        tracing::info!(
+            model = %m.name,
+            backend = s.backend(),
+            kv_blocks = s.scheduler.blocks_total,
+            "model loaded"
+        );
+    }
     tracing::info!("every stage of every model is loaded: ready");
     systemd::ready();
     Ok(())
@@ -526,17 +530,18 @@ async fn route(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse {
     }
 }
 
-/// Every model in one line, for the start-up log: "gpt-oss-20b (20b, 1 stage)".
+/// Every model in one line, for the start-up log: "gpt-oss-20b (20b, 1 stage on cpu)".
 pub fn describe(models: &[ModelEntry]) -> String {
     models
         .iter()
         .map(|m| {
             format!(
-                "{} ({}, {} stage{}{})",
+                "{} ({}, {} stage{} on {}{})",
                 m.name,
                 m.size.as_str(),
                 m.stages,
                 if m.stages == 1 { "" } else { "s" },
+                m.backend(),
                 if m.test_model { ", test model" } else { "" }
             )
         })

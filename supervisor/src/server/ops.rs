@@ -140,7 +140,7 @@ pub fn health_response(state: &AppState) -> HttpResponse {
                 "name": m.name,
                 "size": m.size.as_str(),
                 "gpu_mode": m.gpu_mode(),
-                "backend": m.backend,
+                "backend": s.backend(),
                 "test_model": m.test_model,
                 "ready": s.ready,
                 "unhealthy": s.unhealthy,

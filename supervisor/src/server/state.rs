@@ -33,7 +33,6 @@ pub struct ModelEntry {
     pub context: usize,
     pub vocab: usize,
     pub stages: usize,
-    pub backend: String,
     /// The tiny random test model made because none was configured.
     pub test_model: bool,
 }
@@ -46,6 +45,12 @@ impl ModelEntry {
         } else {
             "single"
         }
+    }
+
+    /// `cpu`, `cuda` or `cuda+cpu`: what its stages compute on (as they reported when they
+    /// loaded; before that, as configured).
+    pub fn backend(&self) -> &'static str {
+        self.pipeline.status().backend()
     }
 
     /// Ready to serve (loaded, not unhealthy, not draining).

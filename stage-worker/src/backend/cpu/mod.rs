@@ -37,6 +37,7 @@ pub mod vector;
 mod x86;
 
 use gptossd_shared::checkpoint::Mapped;
+use gptossd_shared::device::BackendKind;
 
 pub use isa::{Isa, ISA_ENV};
 pub use kernels::{matmul_bf16, matmul_mxfp4, Bf16Rows, Mxfp4Rows};
@@ -180,9 +181,14 @@ impl Backend for CpuBackend {
     type Routes = CpuRoutes;
 
     fn info(&self) -> BackendInfo {
+        let (isa, threads) = (self.pool.isa(), self.pool.threads());
         BackendInfo {
-            kernels: format!("{:?}", self.pool.isa()),
-            threads: self.pool.threads(),
+            kind: BackendKind::Cpu,
+            kernels: format!("{isa:?}"),
+            detail: format!("{isa:?} kernels, {threads} threads"),
+            threads,
+            // Weights are views of the checkpoint's mapping; only the KV pool is allocated.
+            memory_bytes: 0,
         }
     }
 
@@ -223,6 +229,10 @@ impl Backend for CpuBackend {
 
     fn kv_bytes(&self, kv: &KvPool) -> usize {
         kv.bytes()
+    }
+
+    fn kv_blocks(&self, kv: &KvPool) -> usize {
+        kv.config().num_blocks
     }
 
     fn release_scratch(&mut self) {

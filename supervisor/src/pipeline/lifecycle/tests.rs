@@ -6,6 +6,12 @@ use super::*;
 
 const MS: Duration = Duration::from_millis(1);
 const SEC: Duration = Duration::from_secs(1);
+/// KV blocks every stage of these tests holds unless a test says otherwise.
+const BLOCKS: usize = 64;
+
+fn loaded_with(kv_blocks: usize) -> StageEvent {
+    StageEvent::Loaded { kv_blocks }
+}
 
 fn config() -> LifecycleConfig {
     LifecycleConfig {
@@ -53,10 +59,18 @@ fn loaded(cfg: LifecycleConfig, stages: usize, t0: Instant) -> Lifecycle {
     life
 }
 
-/// Answers a spawn of `stage` and loads it at `t`.
+/// Answers a spawn of `stage` and loads it at `t` with [`BLOCKS`] KV blocks. Nothing is
+/// decided, except the pool's size when this load made the model ready for the first time.
 fn load(life: &mut Lifecycle, stage: usize, t: Instant) {
-    for event in [StageEvent::Spawned, StageEvent::Hello, StageEvent::Loaded] {
+    let started = life.started();
+    for event in [StageEvent::Spawned, StageEvent::Hello] {
         assert_eq!(life.on(stage, event, t), vec![]);
+    }
+    let out = life.on(stage, loaded_with(BLOCKS), t);
+    if !started && life.started() {
+        assert_eq!(out, vec![Decision::SizeKvPool { blocks: BLOCKS }]);
+    } else {
+        assert_eq!(out, vec![]);
     }
     assert_eq!(life.state(stage), Some(StageState::Ready));
 }
@@ -79,13 +93,106 @@ fn every_stage_starts_at_once_and_the_model_is_ready_once_all_have_loaded() {
     }
     life.on(0, StageEvent::Hello, t0);
     assert_eq!(life.state(0), Some(StageState::Loading));
-    life.on(0, StageEvent::Loaded, t0);
-    life.on(1, StageEvent::Loaded, t0);
+    assert_eq!(life.on(0, loaded_with(BLOCKS), t0), vec![]);
+    assert_eq!(life.on(1, loaded_with(BLOCKS), t0), vec![]);
     assert!(!life.ready() && !life.started());
+    assert_eq!(life.kv_pool(), None);
     life.on(2, StageEvent::Hello, t0);
-    life.on(2, StageEvent::Loaded, t0 + SEC);
+    assert_eq!(
+        life.on(2, loaded_with(BLOCKS), t0 + SEC),
+        vec![Decision::SizeKvPool { blocks: BLOCKS }]
+    );
     assert!(life.ready() && life.started());
     assert!(life.unhealthy().is_none());
+}
+
+#[test]
+fn the_kv_pool_is_sized_once_to_the_fewest_blocks_any_stage_holds() {
+    let t0 = Instant::now();
+    let mut life = Lifecycle::new(config(), 3, t0);
+    life.poll(t0);
+    for st in 0..3 {
+        life.on(st, StageEvent::Spawned, t0);
+        life.on(st, StageEvent::Hello, t0);
+    }
+    assert_eq!(life.on(0, loaded_with(900), t0), vec![]);
+    assert_eq!(life.on(1, loaded_with(700), t0), vec![]);
+    assert_eq!(
+        life.on(2, loaded_with(800), t0),
+        vec![Decision::SizeKvPool { blocks: 700 }]
+    );
+    assert_eq!(life.kv_pool(), Some(700));
+    assert_eq!(life.stages()[2].kv_blocks, Some(800));
+
+    // A restart holding at least the pool's blocks is fine, and the pool stays as it was.
+    let t = t0 + 500 * MS;
+    life.on(0, exited(0), t0);
+    assert_eq!(life.poll(t), vec![spawn(0)]);
+    life.on(0, StageEvent::Spawned, t);
+    life.on(0, StageEvent::Hello, t);
+    assert_eq!(life.on(0, loaded_with(700), t), vec![]);
+    assert!(life.ready());
+    assert_eq!(life.kv_pool(), Some(700));
+}
+
+#[test]
+fn a_restarted_stage_holding_fewer_blocks_than_the_pool_cannot_load() {
+    let t0 = Instant::now();
+    let mut life = loaded(config(), 2, t0);
+    assert_eq!(life.kv_pool(), Some(BLOCKS));
+    let t = t0 + 500 * MS;
+    life.on(1, exited(1), t0);
+    assert_eq!(life.poll(t), vec![spawn(1)]);
+    life.on(1, StageEvent::Spawned, t);
+    life.on(1, StageEvent::Hello, t);
+    let out = life.on(1, loaded_with(BLOCKS - 1), t);
+    let why = "stage 1 holds 63 KV blocks, fewer than the 64 of the pool in use (sized when the \
+               model started): it cannot hold the sequences being replayed";
+    let [Decision::GiveUp { stage: 1, reason }, Decision::MarkUnhealthy {
+        reason: unhealthy,
+        recovery,
+    }] = out.as_slice()
+    else {
+        panic!("{out:?}");
+    };
+    assert!(reason.starts_with(why), "{reason}");
+    assert_eq!(unhealthy, &format!("stage 1 cannot load: {reason}"));
+    assert_eq!(*recovery, Recovery::AdministratorRestart);
+    assert_eq!(life.state(1), Some(StageState::Failed));
+    assert!(!life.ready());
+    assert_eq!(
+        life.kv_pool(),
+        Some(BLOCKS),
+        "the pool is never sized again"
+    );
+
+    // An administrator's restart tries again; with enough blocks the model is healthy.
+    let t = t0 + SEC;
+    let out = life.on(1, StageEvent::AdministratorRestart, t);
+    assert!(
+        matches!(out.last(), Some(Decision::Recovered { .. })),
+        "{out:?}"
+    );
+    assert_eq!(life.poll(t), vec![spawn(1)]);
+    load(&mut life, 1, t);
+    assert!(life.ready() && life.unhealthy().is_none());
+}
+
+#[test]
+fn a_stage_holding_no_blocks_cannot_load() {
+    let t0 = Instant::now();
+    let mut life = Lifecycle::new(config(), 1, t0);
+    life.poll(t0);
+    life.on(0, StageEvent::Spawned, t0);
+    life.on(0, StageEvent::Hello, t0);
+    let out = life.on(0, loaded_with(0), t0);
+    assert!(
+        matches!(&out[..], [Decision::GiveUp { stage: 0, reason }, Decision::MarkUnhealthy { .. }]
+            if reason.contains("holds no KV blocks")),
+        "{out:?}"
+    );
+    assert!(!life.started());
+    assert_eq!(life.kv_pool(), None);
 }
 
 #[test]
@@ -441,7 +548,7 @@ fn events_for_a_stage_without_a_process_change_nothing() {
     let before = life.stages()[1].clone();
     assert_eq!(life.on(1, exited(1), t0), vec![]);
     assert_eq!(life.on(1, StageEvent::Hello, t0), vec![]);
-    assert_eq!(life.on(1, StageEvent::Loaded, t0), vec![]);
+    assert_eq!(life.on(1, loaded_with(BLOCKS), t0), vec![]);
     assert_eq!(life.state(1), Some(StageState::Restarting));
     assert_eq!(life.stages()[1].restarts, before.restarts);
     assert_eq!(life.on(7, exited(7), t0), vec![]);
@@ -505,6 +612,18 @@ impl Lifecycle {
         if started_before && !self.started {
             return Err("started went back to false".into());
         }
+        if self.started != self.kv_pool.is_some() {
+            return Err("the KV pool is sized but the model never started, or the reverse".into());
+        }
+        if let Some(pool) = self.kv_pool {
+            let short = self.stages.iter().position(|s| {
+                matches!(s.state, StageState::Ready | StageState::Busy)
+                    && s.kv_blocks.is_none_or(|b| b < pool)
+            });
+            if let Some(st) = short {
+                return Err(format!("stage {st} serves with fewer blocks than the pool"));
+            }
+        }
         Ok(())
     }
 }
@@ -530,7 +649,7 @@ fn random_operations_keep_the_invariants_and_never_leave_the_engine_spinning() {
             let st = rng.below(stages as u64 + 1) as usize;
             let event = match rng.below(10) {
                 0 => StageEvent::Hello,
-                1 | 2 => StageEvent::Loaded,
+                1 | 2 => loaded_with(rng.below(4) as usize),
                 3 | 4 => StageEvent::Heartbeat {
                     steps_done: step,
                     busy: (rng.below(2) == 0).then(|| (step, rng.below(40_000))),
@@ -548,6 +667,15 @@ fn random_operations_keep_the_invariants_and_never_leave_the_engine_spinning() {
             let started = life.started();
             let mut decisions = life.on(st, event, now);
             decisions.extend(life.poll(now));
+            let sized = decisions
+                .iter()
+                .filter(|d| matches!(d, Decision::SizeKvPool { .. }))
+                .count();
+            assert_eq!(
+                sized,
+                usize::from(!started && life.started()),
+                "seed {seed} step {step}: the pool is sized exactly when the model first starts"
+            );
             // The engine's answer to a spawn: started, or (rarely) not.
             while let Some(d) = decisions.pop() {
                 if let Decision::Spawn { stage } = d {

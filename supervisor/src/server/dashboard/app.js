@@ -345,7 +345,7 @@
     return h('tr', { 'data-model': m.name, 'data-stage': st.index, class: st.restarts > 0 ? 'restarted' : null },
       h('td', { class: 'num' }, st.index),
       h('td', { class: 'opt', title: `layers [${(st.layers || []).join(', ')})` }, layers(st)),
-      h('td', { class: 'mono opt' }, st.device || '—'),
+      h('td', { class: 'mono opt', title: st.detail || null }, st.device || '—'),
       h('td', { class: 'mono pid' }, st.pid === null || st.pid === undefined ? '—' : st.pid),
       h('td', { class: 'state' }, h('span', { class: 'pill', 'data-status': st.state }, st.state)),
       h('td', { class: 'num restarts' }, st.restarts),

@@ -1,11 +1,16 @@
-//! Where a stage runs: `cpu`, `cpu:0-3` (a core set) or `cuda:N`.
+//! Where a stage runs — `cpu`, `cpu:0-3` (a core set) or `cuda:N` — and which kind of backend
+//! computes there. One grammar for both sides of the process boundary: the supervisor parses
+//! its configuration with it, the stage worker its `--device` argument.
 //!
 //! A core set is a comma-separated list of cores and inclusive ranges (`0,2,4-7`); it parses
 //! into sorted, distinct core numbers and prints back in the shortest range form, so
-//! `Device::from_str(&d.to_string()) == Ok(d)`.
+//! `Device::from_str(&d.to_string()) == Ok(d)`. Serde reads and writes a [`Device`] as that
+//! string, so the wire, JSON and the command line all carry the same text.
 
 use std::fmt;
 use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The device a stage worker is pinned to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +54,7 @@ impl FromStr for Device {
 }
 
 /// `0,2,4-7` → `[0, 2, 4, 5, 6, 7]` (also the form of Linux's `cpulist` files).
-pub(super) fn parse_core_set(set: &str) -> Result<Vec<usize>, DeviceParseError> {
+pub fn parse_core_set(set: &str) -> Result<Vec<usize>, DeviceParseError> {
     let fail = |why: String| DeviceParseError(why);
     let core = |t: &str| -> Result<usize, DeviceParseError> {
         let n = t
@@ -117,6 +122,67 @@ impl Device {
     pub fn is_cuda(&self) -> bool {
         matches!(self, Device::Cuda { .. })
     }
+
+    /// The kind of backend that computes on this device.
+    pub fn kind(&self) -> BackendKind {
+        match self {
+            Device::Cpu { .. } => BackendKind::Cpu,
+            Device::Cuda { .. } => BackendKind::Cuda,
+        }
+    }
+}
+
+impl Serialize for Device {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Device {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The kind of backend a stage computes with. Serialized as `"cpu"` or `"cuda"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Cpu,
+    Cuda,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Cpu => "cpu",
+            BackendKind::Cuda => "cuda",
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The backends of a pipeline's stages as one name: `cpu`, `cuda`, or `cuda+cpu` when its
+/// stages mix both. No stage at all reads as `cpu`.
+pub fn pipeline_backend(kinds: impl IntoIterator<Item = BackendKind>) -> &'static str {
+    let (mut cpu, mut cuda) = (false, false);
+    for kind in kinds {
+        match kind {
+            BackendKind::Cpu => cpu = true,
+            BackendKind::Cuda => cuda = true,
+        }
+    }
+    match (cuda, cpu) {
+        (true, true) => "cuda+cpu",
+        (true, false) => "cuda",
+        (false, _) => "cpu",
+    }
 }
 
 #[cfg(test)]
@@ -180,5 +246,36 @@ mod tests {
             let e = s.parse::<Device>().expect_err(s).to_string();
             assert!(e.contains(why), "{s:?}: {e}");
         }
+    }
+
+    #[test]
+    fn serde_carries_the_string_form() {
+        for d in [
+            Device::Cpu { cores: None },
+            cpu(&[0, 2, 4, 5, 6, 7]),
+            Device::Cuda { ordinal: 3 },
+        ] {
+            let json = serde_json::to_string(&d).expect("json");
+            assert_eq!(json, format!("\"{d}\""));
+            assert_eq!(serde_json::from_str::<Device>(&json).expect("back"), d);
+            let wire = crate::wire::encode(&d).expect("encode");
+            assert_eq!(crate::wire::decode::<Device>(&wire).expect("decode"), d);
+        }
+        let bad = serde_json::from_str::<Device>("\"cuda:x\"").expect_err("not a device");
+        assert!(bad.to_string().contains("not a number"), "{bad}");
+    }
+
+    #[test]
+    fn backend_kinds_and_the_pipeline_name() {
+        use BackendKind::{Cpu, Cuda};
+        assert_eq!(Device::Cpu { cores: None }.kind(), Cpu);
+        assert_eq!(Device::Cuda { ordinal: 1 }.kind(), Cuda);
+        assert_eq!(serde_json::to_string(&Cuda).expect("json"), "\"cuda\"");
+        assert_eq!(Cpu.to_string(), "cpu");
+        assert_eq!(pipeline_backend([Cpu, Cpu]), "cpu");
+        assert_eq!(pipeline_backend([Cuda, Cuda, Cuda]), "cuda");
+        assert_eq!(pipeline_backend([Cuda, Cpu]), "cuda+cpu");
+        assert_eq!(pipeline_backend([Cpu, Cuda, Cpu]), "cuda+cpu");
+        assert_eq!(pipeline_backend([]), "cpu");
     }
 }
