@@ -5,7 +5,9 @@
 //! A stage process is spawned with an explicit environment, in its own process group, with a
 //! parent-death signal (it dies with the supervisor, even after a `kill -9` of the
 //! supervisor), and with exactly two inherited descriptors besides stdio: its input and output
-//! rings. When its stderr closes (it exited, or is about to), the `on_stderr_closed` callback
+//! rings. The environment is the supervisor's [`PASS_ENV`] variables, `CUDA_DEVICE_ORDER`
+//! (`PCI_BUS_ID` unless the supervisor's environment sets it, so that `cuda:N` is the GPU
+//! `nvidia-smi` calls N) and the spec's extras. When its stderr closes (it exited, or is about to), the `on_stderr_closed` callback
 //! given to [`StageProcess::spawn`] runs once with its pid: that is how the engine learns of a
 //! process that dies before it ever connected.
 //!
@@ -74,6 +76,23 @@ const PASS_ENV: [&str; 5] = [
     "GPTOSSD_CPU_ISA",
 ];
 
+/// How CUDA numbers the GPUs a worker sees: passed to every worker, `PCI_BUS_ID` by default so
+/// that `cuda:N` is `nvidia-smi`'s GPU N (CUDA's own default puts the fastest GPU first).
+const CUDA_DEVICE_ORDER: &str = "CUDA_DEVICE_ORDER";
+const CUDA_DEVICE_ORDER_DEFAULT: &str = "PCI_BUS_ID";
+
+/// A worker's environment, given the supervisor's variables (`lookup`): every [`PASS_ENV`]
+/// variable that is set, and [`CUDA_DEVICE_ORDER`], set or defaulted.
+fn worker_env(lookup: impl Fn(&str) -> Option<String>) -> Vec<(&'static str, String)> {
+    let mut env: Vec<(&'static str, String)> = PASS_ENV
+        .iter()
+        .filter_map(|&key| lookup(key).map(|v| (key, v)))
+        .collect();
+    let order = lookup(CUDA_DEVICE_ORDER).unwrap_or_else(|| CUDA_DEVICE_ORDER_DEFAULT.into());
+    env.push((CUDA_DEVICE_ORDER, order));
+    env
+}
+
 impl StageProcess {
     /// Starts the stage's process, keeping the last `tail_lines` lines of its stderr.
     /// `on_stderr_closed` runs (on the stderr reader thread, with the pid) once its stderr
@@ -88,10 +107,8 @@ impl StageProcess {
             (wiring.ring_in.as_raw_fd(), wiring.ring_out.as_raw_fd());
         let mut cmd = Command::new(&spec.binary);
         cmd.env_clear();
-        for key in PASS_ENV {
-            if let Ok(v) = std::env::var(key) {
-                cmd.env(key, v);
-            }
+        for (key, value) in worker_env(|key| std::env::var(key).ok()) {
+            cmd.env(key, value);
         }
         for (k, v) in &spec.extra_env {
             cmd.env(k, v);
@@ -217,5 +234,40 @@ impl StageProcess {
             }
             std::thread::sleep(EXIT_POLL.min(deadline - now));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(vars: &[(&str, &str)]) -> Vec<(&'static str, String)> {
+        worker_env(|key| {
+            vars.iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn workers_get_the_passed_variables_and_a_cuda_device_order() {
+        let env = env_of(&[
+            ("PATH", "/bin"),
+            ("HOME", "/root"),
+            ("GPTOSSD_CPU_ISA", "avx2"),
+        ]);
+        assert_eq!(
+            env,
+            vec![
+                ("PATH", "/bin".to_string()),
+                ("GPTOSSD_CPU_ISA", "avx2".to_string()),
+                ("CUDA_DEVICE_ORDER", "PCI_BUS_ID".to_string()),
+            ]
+        );
+        let env = env_of(&[("CUDA_DEVICE_ORDER", "FASTEST_FIRST")]);
+        assert_eq!(
+            env,
+            vec![("CUDA_DEVICE_ORDER", "FASTEST_FIRST".to_string())]
+        );
     }
 }
