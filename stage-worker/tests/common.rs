@@ -12,6 +12,7 @@ use gptossd_shared::config::ModelConfig;
 use gptossd_shared::testmodel::{write_test_model, Preset};
 use gptossd_shared::weights::{StageSpan, StageWeights};
 use gptossd_stage::backend::cpu::CpuBackend;
+use gptossd_stage::backend::opencl::{OpenClBackend, OpenClError, Runtime};
 use gptossd_stage::backend::Backend;
 use gptossd_stage::kv::KvConfig;
 use gptossd_stage::model::{Logits, SeqStep, StageModel};
@@ -40,8 +41,35 @@ impl TestBackend for CpuBackend {
     const GOLDEN_TOLERANCE: f32 = 1e-3;
 }
 
+/// The OpenCL test backend: the CUDA backend's kernels as OpenCL C (on PoCL in CI). Its
+/// products take bf16-rounded activations (the GPU contract), so it is held to tolerances, and
+/// to its own bits in the invariance suite.
+impl TestBackend for OpenClBackend {
+    fn for_tests(_threads: usize) -> Self {
+        OpenClBackend::new().expect("the OpenCL backend (checked by opencl_ready)")
+    }
+    const CPU_BITS: bool = false;
+    const OP_TOLERANCE: f64 = 5e-3;
+    const GOLDEN_TOLERANCE: f32 = 1.0;
+}
+
+/// Whether the OpenCL suites can run here. Without an OpenCL platform a test fails when
+/// `CI=true` (CI installs PoCL: a missing one must not pass silently) and otherwise prints a
+/// skip line and does not run.
+pub fn opencl_ready(test: &str) -> bool {
+    match Runtime::get() {
+        Ok(_) => true,
+        Err(OpenClError::NoPlatform(why)) if std::env::var("CI").as_deref() != Ok("true") => {
+            println!("skipped opencl::{test}: {why}");
+            false
+        }
+        Err(e) => panic!("opencl::{test}: {e}"),
+    }
+}
+
 /// Instantiates each named generic test `fn name<B: TestBackend>()` once per backend compiled
-/// in, as `cpu::name` (and, with a GPU backend, `cuda::name`).
+/// in, as `cpu::name` and `opencl::name` (the latter skipped, or failed under `CI=true`, when
+/// no OpenCL platform is installed).
 #[macro_export]
 macro_rules! backend_tests {
     ($($name:ident),* $(,)?) => {
@@ -50,6 +78,16 @@ macro_rules! backend_tests {
                 #[test]
                 fn $name() {
                     super::$name::<gptossd_stage::backend::cpu::CpuBackend>();
+                }
+            )*
+        }
+        mod opencl {
+            $(
+                #[test]
+                fn $name() {
+                    if $crate::common::opencl_ready(stringify!($name)) {
+                        super::$name::<gptossd_stage::backend::opencl::OpenClBackend>();
+                    }
                 }
             )*
         }

@@ -17,6 +17,8 @@ use crate::sampler::{LogitsError, Sampled, Sampler};
 use crate::step::StepBatch;
 
 pub mod cpu;
+pub mod cuda;
+pub mod opencl;
 
 /// An operation the device could not carry out (a launch, a copy, an allocation). The CPU
 /// backend never returns one; a GPU backend does, and the step fails with it.
