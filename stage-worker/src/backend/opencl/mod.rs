@@ -231,14 +231,14 @@ impl OpenClBackend {
         let bias = w.bias.as_ref().map_or(self.dummy.mem(), DevBuf::mem);
         let args = [
             Arg::Mem(p.x),
-            int(p.n),
-            int(w.cols),
+            int(p.n)?,
+            int(w.cols)?,
             Arg::Mem(w.w.mem()),
-            int(w.rows),
+            int(w.rows)?,
             Arg::Mem(bias),
-            int(usize::from(w.bias.is_some())),
-            int(usize::from(p.round_x)),
-            int(usize::from(p.accumulate)),
+            int(usize::from(w.bias.is_some()))?,
+            int(usize::from(p.round_x))?,
+            int(usize::from(p.accumulate))?,
             Arg::Mem(p.out),
         ];
         let tiles = w.rows.div_ceil(MM_ROWS);
@@ -444,8 +444,8 @@ impl Backend for OpenClBackend {
         let args = [
             Arg::Mem(table.w.mem()),
             Arg::Mem(ids_buf.mem()),
-            int(h),
-            int(total),
+            int(h)?,
+            int(total)?,
             x.arg(),
         ];
         let groups = [total.div_ceil(FLAT_GROUP), 1];
@@ -471,7 +471,7 @@ impl Backend for OpenClBackend {
             x.arg(),
             Arg::Mem(w.v.mem()),
             Arg::Float(eps),
-            int(x.width),
+            int(x.width)?,
             out.arg(),
         ];
         launch(
@@ -545,9 +545,9 @@ impl Backend for OpenClBackend {
         a.q.shape(self.rt, n, qd, op)?;
         let args = [
             Arg::Mem(qkv),
-            int(qd),
-            int(kvd),
-            int(d),
+            int(qd)?,
+            int(kvd)?,
+            int(d)?,
             Arg::Mem(mem_of(&s.cos)),
             Arg::Mem(mem_of(&s.sin)),
             Arg::Mem(mem_of(&s.kv_rows)),
@@ -594,14 +594,14 @@ impl Backend for OpenClBackend {
             Arg::Mem(a.kv.k.mem()),
             Arg::Mem(a.kv.v.mem()),
             Arg::Mem(a.sinks.v.mem()),
-            int(hd.q_heads),
-            int(hd.kv_heads),
-            int(d),
-            int(a.window.unwrap_or(0)),
+            int(hd.q_heads)?,
+            int(hd.kv_heads)?,
+            int(d)?,
+            int(a.window.unwrap_or(0))?,
             Arg::Mem(mem_of(&s.tok_pos)),
             Arg::Mem(mem_of(&s.tok_table)),
             Arg::Mem(mem_of(&s.tables)),
-            int(a.kv.cfg.block_size),
+            int(a.kv.cfg.block_size)?,
             Arg::Long(layer_rows),
             a.out.arg(),
         ];
@@ -669,9 +669,9 @@ impl Backend for OpenClBackend {
         routes.top_k = top_k;
         let args = [
             Arg::Mem(logits),
-            int(n),
-            int(experts),
-            int(top_k),
+            int(n)?,
+            int(experts)?,
+            int(top_k)?,
             Arg::Mem(ids),
             Arg::Mem(weights),
         ];
@@ -706,13 +706,13 @@ impl Backend for OpenClBackend {
         let ids = Arg::Mem(mem_of(&routes.ids));
         let args = [
             x.arg(),
-            int(h),
+            int(h)?,
             ids,
-            int(k),
+            int(k)?,
             Arg::Mem(experts.gate_up_blocks.mem()),
             Arg::Mem(experts.gate_up_scales.mem()),
             Arg::Mem(experts.gate_up_bias.mem()),
-            int(inter),
+            int(inter)?,
             Arg::Float(swiglu_limit),
             Arg::Mem(act),
         ];
@@ -727,12 +727,12 @@ impl Backend for OpenClBackend {
         )?;
         let args = [
             Arg::Mem(act),
-            int(inter),
+            int(inter)?,
             ids,
             Arg::Mem(experts.down_blocks.mem()),
             Arg::Mem(experts.down_scales.mem()),
             Arg::Mem(experts.down_bias.mem()),
-            int(h),
+            int(h)?,
             Arg::Mem(routed),
         ];
         let groups = [h.div_ceil(MOE_ROWS), slots];
@@ -741,9 +741,9 @@ impl Backend for OpenClBackend {
         let args = [
             Arg::Mem(routed),
             Arg::Mem(mem_of(&routes.weights)),
-            int(k),
-            int(h),
-            int(total),
+            int(k)?,
+            int(h)?,
+            int(total)?,
             residual.arg(),
         ];
         let groups = [total.div_ceil(FLAT_GROUP), 1];
@@ -787,7 +787,7 @@ impl Backend for OpenClBackend {
             Arg::Mem(idx),
             Arg::Mem(norm.v.mem()),
             Arg::Float(eps),
-            int(h),
+            int(h)?,
             Arg::Mem(normed),
         ];
         launch(

@@ -253,9 +253,14 @@ pub(super) enum Arg {
     Float(f32),
 }
 
-/// `usize` as an `int` argument (shapes the host checked fit).
-pub(super) fn int(v: usize) -> Arg {
-    Arg::Int(cl_int::try_from(v).unwrap_or(cl_int::MAX))
+/// `usize` as an `int` argument; a shape too large for the kernels' `int` is an error.
+pub(super) fn int(v: usize) -> Result<Arg, BackendError> {
+    cl_int::try_from(v)
+        .map(Arg::Int)
+        .map_err(|_| BackendError::Device {
+            op: "kernel argument",
+            reason: format!("{v} does not fit the kernels' int"),
+        })
 }
 
 /// Launches `kernel` with `args` over `groups` work-groups (x, y) of `lanes` work-items each.
