@@ -8,7 +8,8 @@
 //! 2. the CPU backend on the portable instruction set with one thread, the reference every
 //!    backend is held to: bit for bit for the CPU backend itself (so its instruction set and
 //!    thread count change no bit of any single operation), within `OP_TOLERANCE` for a backend
-//!    that computes differently (a GPU).
+//!    that computes differently (a GPU); and, for the products, within 1e-5 of the CPU when
+//!    every input is bf16-representable (only the accumulation order may differ then).
 //!
 //! The step mixes a 5-token prefill from position 0, a decode at position 11 and a 4-token
 //! chunk at positions 6..10, over non-contiguous blocks of 4 positions, after an earlier step
@@ -584,6 +585,53 @@ fn out_proj_residual_matches<B: TestBackend>() {
     );
 }
 
+/// Relative L2 error allowed against the CPU backend when every input of a product is
+/// bf16-representable: rounding the activations to bf16 then changes nothing, and only the
+/// order of the f32 accumulation differs (the CPU's 8 lanes against a GPU's lanes and tree), so
+/// an indexing or decoding bug shows sharply.
+const BF16_INPUT_TOLERANCE: f64 = 1e-5;
+
+/// `len` values of `scale · [-1, 1)`, each truncated to a bf16 value.
+fn bf16_values(rng: &mut Rng, len: usize, scale: f32) -> Vec<f32> {
+    rng.values(len, scale)
+        .into_iter()
+        .map(|v| f32::from_bits(v.to_bits() & 0xFFFF_0000))
+        .collect()
+}
+
+fn products_of_bf16_inputs_differ_only_by_accumulation_order<B: TestBackend>() {
+    let fx = Fixture::new();
+    let (mut on, mut cpu) = pair::<B>(&fx);
+    let (h, qd, n) = (fx.cfg.hidden_size, fx.cfg.q_dim(), 9);
+    let mut rng = Rng(13);
+    // The output projection onto a zero residual: the product alone.
+    let attn = bf16_values(&mut rng, n * qd, 1.0);
+    fn out_proj<B: Backend>(l: &mut Loaded<B>, attn: &[f32], n: usize, h: usize) -> Vec<f32> {
+        let attn = l.upload(attn, attn.len() / n);
+        let mut x = l.upload(&vec![0.0; n * h], h);
+        l.b.out_proj_residual(&attn, &l.layers[0].o_proj, &mut x)
+            .expect("out_proj_residual");
+        l.download(&x, n * h)
+    }
+    let got = out_proj(&mut on, &attn, n, h);
+    let want = out_proj(&mut cpu, &attn, n, h);
+    let err = rel_l2(wide(&got).into_iter(), wide(&want).into_iter());
+    assert!(
+        err <= BF16_INPUT_TOLERANCE,
+        "out_proj of bf16 inputs: relative error {err:.3e} against the CPU"
+    );
+    // The queries of the q/k/v projection (RoPE rotates both alike).
+    let x = bf16_values(&mut rng, fx.step.total_tokens() * h, 1.0);
+    let got = on.qkv(&fx, 1, &fx.step, &x);
+    let want = cpu.qkv(&fx, 1, &fx.step, &x);
+    assert_eq!(got.len(), fx.step.total_tokens() * qd);
+    let err = rel_l2(wide(&got).into_iter(), wide(&want).into_iter());
+    assert!(
+        err <= BF16_INPUT_TOLERANCE,
+        "q of bf16 inputs: relative error {err:.3e} against the CPU"
+    );
+}
+
 /// The router's choice for `x` on a backend: `top_k` (expert, weight) per token.
 fn routes_of<B: Backend>(
     l: &mut Loaded<B>,
@@ -831,6 +879,7 @@ backend_tests!(
     qkv_rope_store_matches,
     attention_matches,
     out_proj_residual_matches,
+    products_of_bf16_inputs_differ_only_by_accumulation_order,
     router_top_k_matches,
     moe_matches,
     lm_head_matches,

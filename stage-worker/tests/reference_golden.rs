@@ -3,9 +3,13 @@
 //! `tests/reference/golden_tiny_seed0.json` was written by `tests/reference/make_golden.py`
 //! from the `tiny` preset with seed 0. This test regenerates that checkpoint from its seed,
 //! checks it is byte-identical to the one the golden file was made from (else the golden file
-//! is stale, not the model wrong), and compares, on every backend compiled in: identical argmax
-//! at every position, max |Δlogit| over the reference's top-20 within the backend's
-//! `GOLDEN_TOLERANCE` (1e-3 for the CPU), and the same 16 greedy tokens.
+//! is stale, not the model wrong), and compares, on every backend compiled in:
+//! - max |Δlogit| over the reference's top-20 at every prompt position, within the backend's
+//!   `GOLDEN_TOLERANCE` (1e-3 for the CPU);
+//! - teacher-forced top-1: at every prompt position and at each of the 16 greedy decode steps
+//!   (fed the reference's greedy tokens through the KV cache), the argmax is the reference's
+//!   next token, at a rate of at least the backend's `GOLDEN_TOP1` (1.0 for the CPU: every
+//!   position, which is the same as generating the reference's 16 greedy tokens).
 
 #[macro_use]
 mod common;
@@ -64,6 +68,8 @@ fn regenerated_checkpoint_is_the_golden_one() {
 fn logits_and_greedy_tokens_match_transformers<B: TestBackend>() {
     let g = golden();
     let mut worst = 0f32;
+    // (positions whose argmax is the reference's next token, positions), over all prompts.
+    let (mut agree, mut total) = (0usize, 0usize);
     for (pi, p) in g["prompts"].as_array().expect("prompts").iter().enumerate() {
         let tokens = ids(&p["tokens"]);
         let mut m = stage::<B>(None, 2);
@@ -80,11 +86,13 @@ fn logits_and_greedy_tokens_match_transformers<B: TestBackend>() {
             let row = &logits[pos * VOCAB..(pos + 1) * VOCAB];
             let reference = reference.as_array().expect("pairs");
             let ref_top = reference[0][0].as_u64().expect("id") as u32;
-            assert_eq!(
-                argmax(row),
-                ref_top,
-                "prompt {pi} position {pos}: argmax differs"
-            );
+            let top = argmax(row);
+            total += 1;
+            if top == ref_top {
+                agree += 1;
+            } else {
+                println!("prompt {pi} position {pos}: argmax {top}, reference {ref_top}");
+            }
             for pair in reference {
                 let id = pair[0].as_u64().expect("id") as usize;
                 let want = pair[1].as_f64().expect("logit") as f32;
@@ -98,25 +106,36 @@ fn logits_and_greedy_tokens_match_transformers<B: TestBackend>() {
             }
         }
 
-        // Greedy decoding, continuing from the prefill through the KV cache.
+        // Decoding through the KV cache, fed the reference's greedy tokens (teacher-forced):
+        // each step's argmax must be the reference's next greedy token.
         let want = ids(&p["greedy"]);
-        let mut got = Vec::new();
-        let mut next = argmax(&logits[(tokens.len() - 1) * VOCAB..]);
-        for pos in tokens.len()..tokens.len() + want.len() {
-            got.push(next);
+        let mut top = argmax(&logits[(tokens.len() - 1) * VOCAB..]);
+        for (i, &next) in want.iter().enumerate() {
+            total += 1;
+            if top == next {
+                agree += 1;
+            } else {
+                println!("prompt {pi} greedy step {i}: argmax {top}, reference {next}");
+            }
             let batch = StepBatch {
-                seqs: vec![chunk(pos, 1, &table, Logits::Last)],
+                seqs: vec![chunk(tokens.len() + i, 1, &table, Logits::Last)],
             };
             m.forward(&batch, StageInput::Tokens(&[next]), &mut logits)
                 .expect("decode");
-            next = argmax(&logits);
+            top = argmax(&logits);
         }
-        assert_eq!(
-            got, want,
-            "prompt {pi}: greedy tokens differ from transformers"
-        );
     }
-    println!("max |Δlogit| against transformers over the reference top-20: {worst:.3e}");
+    let rate = agree as f64 / total as f64;
+    println!(
+        "teacher-forced top-1 agreement with transformers: {agree}/{total} ({:.1} %); \
+         max |Δlogit| over the reference top-20: {worst:.3e}",
+        100.0 * rate
+    );
+    assert!(
+        rate >= B::GOLDEN_TOP1,
+        "teacher-forced top-1 agreement {agree}/{total} is under {}",
+        B::GOLDEN_TOP1
+    );
 }
 
 backend_tests!(logits_and_greedy_tokens_match_transformers);

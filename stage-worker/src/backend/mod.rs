@@ -18,6 +18,8 @@ use crate::sampler::{LogitsError, Sampled, Sampler};
 use crate::step::StepBatch;
 
 pub mod cpu;
+pub mod cuda;
+pub mod opencl;
 
 /// A device that cannot be used, or an operation it could not carry out (a launch, a copy, an
 /// allocation). The CPU backend never returns one; a GPU backend does, and the load or the
