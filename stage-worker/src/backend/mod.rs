@@ -17,6 +17,7 @@ use crate::sampler::{LogitsError, Sampled, Sampler};
 use crate::step::StepBatch;
 
 pub mod cpu;
+pub mod cuda;
 
 /// An operation the device could not carry out (a launch, a copy, an allocation). The CPU
 /// backend never returns one; a GPU backend does, and the step fails with it.
