@@ -79,9 +79,7 @@ pub fn version() -> Result<CudaVersion, CompileError> {
     // pointers to locals that outlive the call.
     unsafe { sys::nvrtcVersion(&mut major, &mut minor) }
         .result()
-        .map_err(|e| CompileError::Nvrtc {
-            program: String::new(),
-            call: "nvrtcVersion",
+        .map_err(|e| CompileError::Version {
             reason: e.to_string(),
         })?;
     Ok(CudaVersion {
@@ -162,6 +160,23 @@ pub struct KernelResources {
     pub shared_bytes: u32,
 }
 
+/// `axpy: 10 registers, 0 B smem, 0 B spilled (stores 0, loads 0), 0 B stack`.
+impl fmt::Display for KernelResources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} registers, {} B smem, {} B spilled (stores {}, loads {}), {} B stack",
+            self.name,
+            self.registers,
+            self.shared_bytes,
+            self.spill_store_bytes + self.spill_load_bytes,
+            self.spill_store_bytes,
+            self.spill_load_bytes,
+            self.stack_bytes
+        )
+    }
+}
+
 /// A compiled kernel source: the cubin, the whole program log, and each kernel's resources.
 #[derive(Debug, Clone)]
 pub struct Compiled {
@@ -182,6 +197,17 @@ pub enum CompileError {
         arch: Arch,
         log: String,
     },
+    #[error(
+        "NVRTC could not compile {program} for {arch}: libnvrtc-builtins.so.13.0 must be on \
+         LD_LIBRARY_PATH beside libnvrtc.so.13 (NVRTC's log: {log})"
+    )]
+    NoBuiltins {
+        program: String,
+        arch: Arch,
+        log: String,
+    },
+    #[error("NVRTC's nvrtcVersion failed: {reason}")]
+    Version { reason: String },
     #[error("NVRTC's {call} failed for {program}: {reason}")]
     Nvrtc {
         program: String,
@@ -237,6 +263,13 @@ pub fn compile(program: &str, source: &str, arch: Arch) -> Result<Compiled, Comp
         Ok(()) => {}
         Err(result::NvrtcError(sys::nvrtcResult::NVRTC_ERROR_COMPILATION)) => {
             return Err(CompileError::Compile {
+                program: program.to_string(),
+                arch,
+                log,
+            });
+        }
+        Err(result::NvrtcError(sys::nvrtcResult::NVRTC_ERROR_BUILTIN_OPERATION_FAILURE)) => {
+            return Err(CompileError::NoBuiltins {
                 program: program.to_string(),
                 arch,
                 log,
@@ -364,20 +397,22 @@ mod tests {
         assert_eq!(CudaVersion::from_driver_code(11040).to_string(), "11.4");
     }
 
-    /// A log in the shape NVRTC 13.0 writes with `--ptxas-options=-v` (two entry functions,
-    /// one with shared memory and spills, and a non-inlined device function in between).
+    /// A log as NVRTC 13.0.88 writes it with `--ptxas-options=-v` (copied from a real run),
+    /// with spills, stack and a non-inlined device function added to the first kernel.
     const LOG: &str = "\
 ptxas info    : 0 bytes gmem
 ptxas info    : Compiling entry function 'tile_sum' for 'sm_90'
 ptxas info    : Function properties for tile_sum
-    16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
+ptxas         .     16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
 ptxas info    : Used 40 registers, used 1 barriers, 16 bytes stack frame, 4096 bytes smem, 368 bytes cmem[0]
 ptxas info    : Function properties for helper
-    32 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas         .     32 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Compile time = 10.073 ms
 ptxas info    : Compiling entry function 'axpy' for 'sm_90'
 ptxas info    : Function properties for axpy
-    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
-ptxas info    : Used 10 registers, used 0 barriers, 380 bytes cmem[0]
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 10 registers, used 0 barriers
+ptxas info    : Compile time = 1.469 ms
 ";
 
     #[test]
