@@ -1,14 +1,17 @@
 //! Every embedded CUDA kernel compiles with NVRTC, with the project's options, for each GPU
 //! architecture the daemon supports, within its committed resource budget
 //! (`tests/kernel_budgets.toml`): no compile error, no register spill, no stack frame, registers
-//! and static shared memory at most the table's. No GPU is needed, only `libnvrtc.so.13` (and
-//! its `libnvrtc-builtins`) on the library path: `.ci/run` installs the PyPI wheel. Without
-//! NVRTC the test fails under `CI=true` and prints a skip line elsewhere.
+//! and static shared memory at most the table's; and their machine code passes the SASS lint
+//! (`backend::cuda::sass`: no local memory, no float atomics). No GPU is needed, only
+//! `libnvrtc.so.13` (and its `libnvrtc-builtins`) on the library path and `cuobjdump` (with
+//! `nvdisasm`) on `PATH` or named by `$CUOBJDUMP`: `.ci/run` installs the PyPI wheels. Without
+//! them the tests fail under `CI=true` and print a skip line elsewhere.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use gptossd_stage::backend::cuda::nvrtc::{self, Arch, KernelResources, NO_NVRTC_HELP};
+use gptossd_stage::backend::cuda::nvrtc::{self, Arch, Compiled, KernelResources, NO_NVRTC_HELP};
+use gptossd_stage::backend::cuda::sass;
 
 /// The architectures every kernel must compile for: Ampere (A100, RTX 30), Ada (RTX 40, L40),
 /// Hopper (H100, H200), Blackwell workstation (RTX 50, RTX PRO 6000).
@@ -91,15 +94,66 @@ fn violations(reports: &[Report], table: &BudgetTable) -> Vec<String> {
     found
 }
 
+/// Under `CI=true` a missing tool fails the test; elsewhere the test prints why it skips.
+fn missing(what: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true and {what}");
+    }
+    eprintln!("SKIPPED: {what}");
+}
+
+/// `$CUOBJDUMP`, else `cuobjdump` on `PATH`.
+fn cuobjdump() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("CUOBJDUMP") {
+        return Some(path.into());
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join("cuobjdump"))
+        .find(|p| p.is_file())
+}
+
+const NO_CUOBJDUMP: &str = "no cuobjdump for the SASS lint: `pip install \
+    nvidia-cuda-cuobjdump==13.2.51 nvidia-cuda-nvdisasm==13.2.51` and put their bin folder on \
+    PATH (cuobjdump runs nvdisasm), or set CUOBJDUMP";
+
+/// The SASS lint's findings for one compiled source, plus a line if the listing is not the
+/// kernels ptxas reported (the lint would then be looking at nothing).
+fn lint(tool: &Path, dir: &Path, name: &str, arch: Arch, compiled: &Compiled) -> Vec<String> {
+    let path = dir.join(format!("{name}.{arch}.cubin"));
+    std::fs::write(&path, &compiled.cubin).expect("the temporary cubin is written");
+    let listing = match sass::dump(tool, &path) {
+        Ok(listing) => listing,
+        Err(e) => return vec![e.to_string()],
+    };
+    let mut found: Vec<String> = sass::lint(&listing)
+        .iter()
+        .map(|f| format!("{arch} {f}"))
+        .collect();
+    let mut listed: Vec<String> = sass::kernels(&listing)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let mut reported: Vec<String> = compiled.kernels.iter().map(|k| k.name.clone()).collect();
+    listed.sort();
+    reported.sort();
+    if listed != reported {
+        found.push(format!(
+            "{arch} {name}: cuobjdump lists {listed:?}, ptxas {reported:?}"
+        ));
+    }
+    found
+}
+
 #[test]
 fn every_kernel_compiles_for_every_architecture_within_its_budget() {
     if !nvrtc::library_present() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("CI=true and {NO_NVRTC_HELP}");
-        }
-        eprintln!("SKIPPED kernels_compile: {NO_NVRTC_HELP}");
-        return;
+        return missing(NO_NVRTC_HELP);
     }
+    let tool = cuobjdump();
+    if tool.is_none() {
+        missing(NO_CUOBJDUMP);
+    }
+    let cubins = tempfile::tempdir().expect("a temporary directory");
     let version = nvrtc::version().expect("NVRTC reports its version");
     let table = budgets();
     let sources = sources();
@@ -117,7 +171,7 @@ fn every_kernel_compiles_for_every_architecture_within_its_budget() {
                 s.spawn(move || {
                     sources
                         .iter()
-                        .map(|(name, source)| (arch, nvrtc::compile(name, source, arch)))
+                        .map(|(name, source)| (arch, (name, nvrtc::compile(name, source, arch))))
                         .collect::<Vec<_>>()
                 })
             })
@@ -130,7 +184,12 @@ fn every_kernel_compiles_for_every_architecture_within_its_budget() {
 
     let mut failures = Vec::new();
     let mut reports = Vec::new();
-    for (arch, result) in results.into_iter().flatten() {
+    let mut linted = 0;
+    for (arch, (name, result)) in results.into_iter().flatten() {
+        if let (Some(tool), Ok(compiled)) = (&tool, &result) {
+            failures.extend(lint(tool, cubins.path(), name, arch, compiled));
+            linted += 1;
+        }
         match result {
             Ok(compiled) if compiled.kernels.is_empty() => failures.push(format!(
                 "{arch}: ptxas reported no entry function:\n{}",
@@ -151,8 +210,9 @@ fn every_kernel_compiles_for_every_architecture_within_its_budget() {
         archs.len()
     );
     for r in &reports {
-        println!("  {:<7} {}", r.arch.to_string(), r.kernel);
+        println!("  {:<7} {}", r.arch, r.kernel);
     }
+    println!("SASS lint: {linted} cubins");
     // The budgets are judged only on a complete compile (else every entry looks stale).
     if failures.is_empty() {
         failures.extend(violations(&reports, &table));
@@ -227,4 +287,59 @@ fn the_budget_check_reports_every_kind_of_breach() {
         }
     )
     .is_empty());
+}
+
+/// The lint on real compiler output: a float atomic on global memory, a float add on shared
+/// memory (a compare-and-swap loop) and a dynamically indexed local array are caught; an
+/// integer atomic is not.
+#[test]
+fn the_sass_lint_catches_float_atomics_and_local_memory_in_real_cubins() {
+    if !nvrtc::library_present() {
+        return missing(NO_NVRTC_HELP);
+    }
+    let Some(tool) = cuobjdump() else {
+        return missing(NO_CUOBJDUMP);
+    };
+    const SOURCE: &str = r#"
+extern "C" __global__ void global_float_add(float* p, float v) { atomicAdd(p, v); }
+extern "C" __global__ void shared_float_add(float* p, float v) {
+    __shared__ float s[32];
+    s[threadIdx.x % 32] = 0.0f;
+    __syncthreads();
+    atomicAdd(&s[threadIdx.x % 7], v);
+    __syncthreads();
+    p[threadIdx.x] = s[threadIdx.x % 32];
+}
+extern "C" __global__ void int_add(int* p, int v) { atomicAdd(p, v); }
+extern "C" __global__ void local_array(float* p, int i) {
+    float a[64];
+    for (int k = 0; k < 64; k++) a[k] = p[k + threadIdx.x];
+    a[i & 63] += 1.0f;
+    p[threadIdx.x] = a[(i >> 3) & 63];
+}
+"#;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    for arch in ["sm_80", "sm_90", "sm_120"] {
+        let arch: Arch = arch.parse().expect("a valid arch");
+        let compiled = nvrtc::compile("lint_probe", SOURCE, arch).expect("the probe compiles");
+        let found = lint(&tool, dir.path(), "lint_probe", arch, &compiled);
+        let flagged = |kernel: &str, rule: &str| {
+            found
+                .iter()
+                .any(|f| f.contains(&format!("{kernel}: {rule}")))
+        };
+        assert!(
+            flagged("global_float_add", "float atomic"),
+            "{arch}: {found:#?}"
+        );
+        assert!(
+            flagged("shared_float_add", "float atomic"),
+            "{arch}: {found:#?}"
+        );
+        assert!(flagged("local_array", "local memory"), "{arch}: {found:#?}");
+        assert!(
+            !found.iter().any(|f| f.contains("int_add")),
+            "{arch}: {found:#?}"
+        );
+    }
 }

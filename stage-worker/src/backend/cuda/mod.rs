@@ -11,3 +11,4 @@
 pub mod cache;
 pub mod nvrtc;
 pub mod probe;
+pub mod sass;

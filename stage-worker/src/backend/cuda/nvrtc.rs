@@ -116,7 +116,8 @@ impl Arch {
 impl fmt::Display for Arch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let suffix = if self.specific { "a" } else { "" };
-        write!(f, "sm_{}{}{suffix}", self.major, self.minor)
+        // `pad` so that widths in format strings (`{arch:<7}`) apply.
+        f.pad(&format!("sm_{}{}{suffix}", self.major, self.minor))
     }
 }
 
