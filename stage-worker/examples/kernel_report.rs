@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use cudarc::nvrtc::Ptx;
-use gptossd_stage::backend::cuda::cache::{CacheKey, Fetched, KernelCache};
+use gptossd_stage::backend::cuda::cache::{Fetched, KernelCache};
 use gptossd_stage::backend::cuda::nvrtc::{self, Arch};
 use gptossd_stage::backend::cuda::{probe, sass};
 
@@ -155,9 +155,8 @@ fn time_cache(
     for pass in ["cold", "cached"] {
         let began = Instant::now();
         for (name, source) in sources {
-            let key = CacheKey::for_kernel(source, arch, version);
             let (_, fetched) = cache
-                .get_or_compile(&key, || nvrtc::compile(name, source, arch).map(|c| c.cubin))
+                .cubin(name, source, arch, version)
                 .map_err(|e| e.to_string())?;
             match (pass, fetched) {
                 ("cached", Fetched::Compiled { .. }) => {

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 
-use super::nvrtc::{Arch, CudaVersion, OPTIONS};
+use super::nvrtc::{self, Arch, CompileError, CudaVersion, OPTIONS};
 
 /// The environment variable naming the cache directory.
 pub const CACHE_ENV: &str = "GPTOSSD_KERNEL_CACHE";
@@ -153,6 +153,21 @@ impl KernelCache {
         let cubin = compile()?;
         let stored = self.store(key, &cubin);
         Ok((cubin, Fetched::Compiled { stored }))
+    }
+
+    /// The cubin of kernel source `source` (`program` names it) for `arch`: from the cache, or
+    /// compiled by NVRTC (version `nvrtc`, the library's own) with the project's options.
+    pub fn cubin(
+        &self,
+        program: &str,
+        source: &str,
+        arch: Arch,
+        nvrtc: CudaVersion,
+    ) -> Result<(Vec<u8>, Fetched), CompileError> {
+        let key = CacheKey::for_kernel(source, arch, nvrtc);
+        self.get_or_compile(&key, || {
+            nvrtc::compile(program, source, arch).map(|c| c.cubin)
+        })
     }
 }
 
@@ -351,6 +366,25 @@ mod tests {
         }
         let err = cache.get_or_compile(&key, || Err::<Vec<u8>, _>("nvrtc failed"));
         assert_eq!(err.unwrap_err(), "nvrtc failed");
+    }
+
+    /// With NVRTC on the library path (CI installs it): a cold fetch compiles an ELF cubin and
+    /// stores it, the next one reads the same bytes back.
+    #[test]
+    fn a_kernel_is_compiled_once_then_read_from_the_cache() {
+        let Ok(version) = nvrtc::version() else {
+            eprintln!("skipped: no NVRTC library");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let cache = KernelCache::new(dir.path());
+        let source = r#"extern "C" __global__ void k(float* p) { p[threadIdx.x] = 1.0f; }"#;
+        let (cold, fetched) = cache.cubin("k", source, SM90, version).unwrap();
+        assert!(matches!(fetched, Fetched::Compiled { stored: Ok(()) }));
+        assert_eq!(&cold[..4], b"\x7fELF");
+        let (warm, fetched) = cache.cubin("k", source, SM90, version).unwrap();
+        assert!(matches!(fetched, Fetched::Cache));
+        assert_eq!(warm, cold);
     }
 
     #[test]

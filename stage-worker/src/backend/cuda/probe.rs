@@ -130,6 +130,8 @@ pub fn check_fits(ordinal: u32, need: u64, free: u64) -> Result<(), ProbeError> 
 }
 
 /// An opened GPU: its primary context (current on the calling thread) and its description.
+/// Nothing is allocated on it yet: the backend that owns the context decides its streams (one
+/// per worker) and disables cudarc's event tracking before its first allocation.
 pub struct Gpu {
     pub context: Arc<CudaContext>,
     pub info: DeviceInfo,
