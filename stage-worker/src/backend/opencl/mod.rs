@@ -24,6 +24,7 @@ mod runtime;
 mod tests;
 
 use gptossd_shared::checkpoint::Mapped;
+use gptossd_shared::device::BackendKind;
 use opencl3::command_queue::CommandQueue;
 use opencl3::kernel::Kernel;
 use opencl3::types::cl_mem;
@@ -305,9 +306,16 @@ impl Backend for OpenClBackend {
     type Routes = OpenClRoutes;
 
     fn info(&self) -> BackendInfo {
+        let kernels = format!("OpenCL C on {}", self.rt.device_name());
         BackendInfo {
-            kernels: format!("OpenCL C on {}", self.rt.device_name()),
+            // A test backend: it runs the CUDA kernels' OpenCL form on the CPU (PoCL); no
+            // device string selects it, so no worker ever reports it.
+            kind: BackendKind::Cpu,
+            detail: kernels.clone(),
+            kernels,
             threads: 1,
+            // Not tracked: the weights' device copies live in OpenCL buffers it does not count.
+            memory_bytes: 0,
         }
     }
 
@@ -396,6 +404,10 @@ impl Backend for OpenClBackend {
 
     fn kv_bytes(&self, kv: &OpenClKv) -> usize {
         2 * kv.layers * kv.cfg.num_blocks * kv.cfg.block_size * kv.kv_dim * size_of::<u16>()
+    }
+
+    fn kv_blocks(&self, kv: &OpenClKv) -> usize {
+        kv.cfg.num_blocks
     }
 
     fn release_scratch(&mut self) {
