@@ -1,7 +1,8 @@
 //! Code shared by the gptossd supervisor and its stage workers.
 //!
 //! This crate knows the GPT-OSS checkpoint on disk (config, safetensors, MXFP4) and how to make
-//! a random one for tests, and the shared-memory ring that carries activations between processes.
+//! a random one for tests, the shared-memory ring that carries activations between processes, the
+//! wire protocol, and the validated sampling spec both sides keep with a sequence.
 //! It depends on neither tokio nor CUDA: both processes link it.
 
 pub mod checkpoint;
@@ -11,6 +12,7 @@ pub mod mxfp4;
 pub mod preflight;
 pub mod protocol;
 pub mod ring;
+pub mod sampling;
 pub mod testmodel;
 pub mod weights;
 pub mod wire;

@@ -11,10 +11,11 @@ use std::fmt;
 use std::str::FromStr;
 
 use gptossd_shared::config::ModelConfig;
+use gptossd_shared::sampling::SampleAt;
 use gptossd_shared::weights::StageWeights;
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{BackendError, BackendInfo, SampleRow};
+use crate::backend::{BackendError, BackendInfo};
 use crate::kv::KvConfig;
 use crate::model::StageModel;
 use crate::sampler::{LogitsError, Sampled};
@@ -148,7 +149,7 @@ impl Stage {
         &mut self,
         batch: &StepBatch,
         input: StageInput<'_>,
-        rows: &[SampleRow],
+        rows: &[SampleAt],
     ) -> Result<Vec<Result<Sampled, LogitsError>>, StepError> {
         on_stage!(self, m => m.forward_sample(batch, input, rows))
     }

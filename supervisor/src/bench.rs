@@ -314,7 +314,7 @@ pub fn peak_rss_bytes() -> u64 {
 fn run_pipeline(args: &BenchArgs, stages: usize) -> anyhow::Result<()> {
     use crate::launch::tool_pipeline;
     use crate::pipeline::{self, GenEvent, GenRequest};
-    use gptossd_stage::sampler::{Sampler, SamplingParams};
+    use gptossd_shared::sampling::{SamplingParams, SamplingSpec};
 
     let max_batch = args.batch.iter().copied().max().unwrap_or(1).max(1);
     let overrides = crate::config::Overrides {
@@ -344,7 +344,7 @@ fn run_pipeline(args: &BenchArgs, stages: usize) -> anyhow::Result<()> {
             let req = GenRequest {
                 prompt,
                 max_new_tokens: args.gen,
-                sampler: Sampler::new(greedy, 0)?,
+                sampling: SamplingSpec::new(greedy, 0)?,
                 priority: 0,
                 stop_tokens: Vec::new(),
             };

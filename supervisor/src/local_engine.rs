@@ -8,12 +8,13 @@ use std::path::Path;
 
 use gptossd_shared::checkpoint::{Checkpoint, CheckpointError};
 use gptossd_shared::config::{ConfigError, ModelConfig};
+use gptossd_shared::sampling::SamplingSpec;
 use gptossd_shared::weights::{StageSpan, StageWeights};
 use gptossd_shared::VOCAB_EDGE;
 use gptossd_stage::backend::BackendError;
 use gptossd_stage::kv::KvConfig;
 use gptossd_stage::model::{Logits, SeqStep, StageInput, StepBatch, StepError};
-use gptossd_stage::sampler::{LogitsError, SampleScratch, Sampled, Sampler};
+use gptossd_stage::sampler::{sample, LogitsError, SampleScratch, Sampled};
 use gptossd_stage::stage::{Device, Stage};
 
 use crate::scheduler::Finish;
@@ -59,7 +60,7 @@ pub struct Generation {
 /// Options of one generation.
 pub struct GenerateOptions {
     pub max_new_tokens: usize,
-    pub sampler: Sampler,
+    pub sampling: SamplingSpec,
     /// Largest prefill chunk.
     pub prefill_chunk: usize,
     /// Sampling one of these ends the generation (the chat format's: `chat::STOP_TOKENS`).
@@ -146,9 +147,12 @@ impl LocalEngine {
         let mut tokens = Vec::with_capacity(opts.max_new_tokens);
         let mut finish = Finish::Length;
         while tokens.len() < opts.max_new_tokens {
-            let sampled =
-                opts.sampler
-                    .sample_with(&logits, tokens.len() as u64, &mut self.scratch)?;
+            let sampled = sample(
+                &opts.sampling,
+                &logits,
+                tokens.len() as u64,
+                &mut self.scratch,
+            )?;
             on_token(&sampled);
             let token = sampled.token;
             tokens.push(sampled);

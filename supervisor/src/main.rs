@@ -17,8 +17,8 @@ use gptossd::launch::tool_pipeline;
 use gptossd::local_engine::{GenerateOptions, LocalEngine};
 use gptossd::pipeline::{self, GenEvent, GenRequest};
 use gptossd::{bench, civil_date};
+use gptossd_shared::sampling::SamplingParams;
 use gptossd_shared::testmodel::{write_test_model, Preset};
-use gptossd_stage::sampler::{Sampler, SamplingParams};
 
 #[derive(Parser)]
 #[command(
@@ -257,7 +257,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         seed: args.seed,
         logprobs: None,
     };
-    let sampler = Sampler::new(params, params.resolved_seed()).context("bad sampling flag")?;
+    let sampling = params.spec().context("bad sampling flag")?;
     let dir = resolve_model(args.model)?;
     let threads = args.threads.unwrap_or_else(default_threads);
     let context = prompt.len() + args.max_tokens;
@@ -265,7 +265,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         .with_context(|| format!("loading the model in {}", dir.display()))?;
     let opts = GenerateOptions {
         max_new_tokens: args.max_tokens,
-        sampler,
+        sampling,
         prefill_chunk: 512,
         stop_tokens: gptossd::chat::STOP_TOKENS.to_vec(),
     };
@@ -427,12 +427,13 @@ fn generate_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
             seed: line.seed,
             logprobs: None,
         };
-        let sampler = Sampler::new(params, params.resolved_seed())
+        let sampling = params
+            .spec()
             .with_context(|| format!("request {}", i + 1))?;
         let req = GenRequest {
             prompt: line.prompt_tokens.clone(),
             max_new_tokens: line.max_tokens,
-            sampler,
+            sampling,
             priority: line.priority,
             stop_tokens: gptossd::chat::STOP_TOKENS.to_vec(),
         };

@@ -53,8 +53,8 @@ impl CacheKey {
     /// The key of `request` on the served model `model` with the stop strings `stop`, or
     /// `None` when its output is not fully determined (it samples without an explicit seed).
     pub fn new(model: &str, request: &GenRequest, stop: &[String]) -> Option<Self> {
-        let p = request.sampler.params();
-        let greedy = p.temperature == 0.0 || p.top_k == Some(1);
+        let p = request.sampling.params();
+        let greedy = request.sampling.is_greedy();
         if !greedy && p.seed.is_none() {
             return None;
         }
@@ -257,7 +257,7 @@ impl ResponseCache {
 
 #[cfg(test)]
 mod tests {
-    use gptossd_stage::sampler::{Sampler, SamplingParams};
+    use gptossd_shared::sampling::{SamplingParams, SamplingSpec};
 
     use super::*;
 
@@ -265,7 +265,7 @@ mod tests {
         GenRequest {
             prompt: vec![1, 2, 3],
             max_new_tokens: 8,
-            sampler: Sampler::new(params, params.resolved_seed()).expect("valid"),
+            sampling: params.spec().expect("valid"),
             priority: 0,
             stop_tokens: vec![200_002],
         }
@@ -344,7 +344,7 @@ mod tests {
             let mut r = request(seeded);
             let mut p = seeded;
             f(&mut r, &mut p);
-            r.sampler = Sampler::new(p, 1).expect("valid");
+            r.sampling = SamplingSpec::new(p, 1).expect("valid");
             CacheKey::new("m", &r, &["END".into()]).expect("seeded")
         };
         let variants = [

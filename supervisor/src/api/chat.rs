@@ -36,7 +36,7 @@
 
 use std::collections::HashMap;
 
-use gptossd_stage::sampler::SamplingParams;
+use gptossd_shared::sampling::SamplingParams;
 use serde_json::Value;
 
 use super::common::{

@@ -52,7 +52,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gptossd_shared::protocol::{StepResult, WorkerMsg};
-use gptossd_stage::sampler::Sampler;
+use gptossd_shared::sampling::SamplingSpec;
 use interprocess::os::unix::uds_local_socket::Stream;
 use tokio::sync::{oneshot, watch};
 
@@ -105,7 +105,7 @@ pub struct GenRequest {
     pub prompt: Vec<u32>,
     pub max_new_tokens: usize,
     /// Validated parameters with the sequence's seed bound.
-    pub sampler: Sampler,
+    pub sampling: SamplingSpec,
     pub priority: i32,
     pub stop_tokens: Vec<u32>,
 }
@@ -493,11 +493,10 @@ mod tests {
     #[test]
     fn a_submit_to_a_stopped_engine_is_refused() {
         let (handle, _tx) = handle();
-        let params = gptossd_stage::sampler::SamplingParams::default();
         let req = GenRequest {
             prompt: vec![1],
             max_new_tokens: 1,
-            sampler: Sampler::new(params, 0).expect("sampler"),
+            sampling: SamplingSpec::default(),
             priority: 0,
             stop_tokens: Vec::new(),
         };
