@@ -8,6 +8,8 @@
 pub mod checkpoint;
 pub mod config;
 pub mod files;
+pub mod generation;
+pub mod measure;
 pub mod mxfp4;
 pub mod preflight;
 pub mod protocol;

@@ -8,13 +8,13 @@ pub mod config;
 pub mod deadline;
 pub mod launch;
 pub mod loadgen;
-pub mod local_engine;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;
 pub mod response_cache;
 pub mod scheduler;
 pub mod server;
+pub mod single_process;
 pub mod slo;
 pub mod split;
 

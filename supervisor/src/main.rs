@@ -14,9 +14,8 @@ use gptossd::chat::parser::parse_reply;
 use gptossd::chat::render::{Conversation, Message, SystemOptions};
 use gptossd::chat::tokenizer::Tokenizer;
 use gptossd::launch::tool_pipeline;
-use gptossd::local_engine::{GenerateOptions, LocalEngine};
 use gptossd::pipeline::{self, GenEvent, GenRequest};
-use gptossd::{bench, civil_date};
+use gptossd::{bench, civil_date, single_process};
 use gptossd_shared::sampling::SamplingParams;
 use gptossd_shared::testmodel::{write_test_model, Preset};
 
@@ -39,7 +38,7 @@ struct Cli {
 enum Command {
     /// Run the daemon: the OpenAI-compatible HTTP API on localhost and the control socket.
     Serve(ServeArgs),
-    /// Generate text with a model, in this process.
+    /// Generate text with a model, in one process (or through the pipeline with --stages).
     Generate(GenerateArgs),
     /// Write a random checkpoint in the Hugging Face format of openai/gpt-oss-20b.
     MakeTestModel {
@@ -259,31 +258,26 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let sampling = params.spec().context("bad sampling flag")?;
     let dir = resolve_model(args.model)?;
-    let threads = args.threads.unwrap_or_else(default_threads);
-    let context = prompt.len() + args.max_tokens;
-    let mut engine = LocalEngine::load(&dir, threads, context.max(1))
-        .with_context(|| format!("loading the model in {}", dir.display()))?;
-    let opts = GenerateOptions {
-        max_new_tokens: args.max_tokens,
+    let request = single_process::Generate {
+        model: &dir,
+        prompt: &prompt,
+        max_tokens: args.max_tokens,
         sampling,
-        prefill_chunk: 512,
-        stop_tokens: gptossd::chat::STOP_TOKENS.to_vec(),
+        stop_tokens: &gptossd::chat::STOP_TOKENS,
+        threads: args.threads.unwrap_or_else(default_threads),
     };
     let stream_text = !args.json && !is_chat;
     let mut utf8 = gptossd::chat::tokenizer::Utf8Stream::new();
     let mut stdout = std::io::stdout().lock();
-    let generation = engine
-        .generate(&prompt, &opts, |s| {
-            if stream_text && !Tokenizer::is_special(s.token) {
-                if let Ok(bytes) = tokenizer.token_bytes(s.token) {
-                    let _ = write!(stdout, "{}", utf8.push(&bytes));
-                    let _ = stdout.flush();
-                }
+    let (ids, finish) = single_process::generate(&request, |token| {
+        if stream_text && !Tokenizer::is_special(token) {
+            if let Ok(bytes) = tokenizer.token_bytes(token) {
+                let _ = write!(stdout, "{}", utf8.push(&bytes));
+                let _ = stdout.flush();
             }
-        })
-        .context("generation failed")?;
-    let ids: Vec<u32> = generation.tokens.iter().map(|s| s.token).collect();
-    let finish = generation.finish.as_str();
+        }
+    })?;
+    let finish = finish.as_str();
     if is_chat {
         let (reply, _) = parse_reply(tokenizer, &ids);
         if args.json {

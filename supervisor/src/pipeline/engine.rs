@@ -59,6 +59,8 @@ struct Stage {
     /// Taken when the stage is taken down; kept (killed) after a load failure, so that its pid
     /// still shows.
     process: Option<StageProcess>,
+    /// The kernels its last load reported.
+    kernels: Option<String>,
 }
 
 /// A drain in progress.
@@ -106,6 +108,7 @@ impl Engine {
             .map(|spec| Stage {
                 spec,
                 process: None,
+                kernels: None,
             })
             .collect();
         Ok(Self {
@@ -330,6 +333,9 @@ impl Engine {
                     kernels = %kernels,
                     "stage loaded"
                 );
+                if let Some(stage) = self.stages.get_mut(st) {
+                    stage.kernels = Some(kernels);
+                }
                 StageEvent::Loaded
             }
             WorkerMsg::LoadFailed { reason } => StageEvent::LoadFailed { reason },
@@ -604,6 +610,7 @@ impl Engine {
                 restarts: life.restarts,
                 last_error: life.last_error.clone(),
                 steps_done: life.steps_done,
+                kernels: stage.kernels.clone(),
             })
             .collect();
         let (unhealthy, recovery) = match self.lifecycle.unhealthy() {

@@ -181,6 +181,8 @@ pub struct StageStatus {
     pub restarts: u32,
     pub last_error: Option<String>,
     pub steps_done: u64,
+    /// The kernels the stage reported when it last loaded (the CPU's instruction set).
+    pub kernels: Option<String>,
 }
 
 /// The whole pipeline's state, published by the engine whenever it changes.

@@ -418,6 +418,7 @@ mod tests {
             restarts: 1,
             last_error: Some("killed by signal 9".into()),
             steps_done: 7,
+            kernels: Some("Avx2Fma".into()),
         };
         let v = stage_json(&st);
         assert_eq!(
