@@ -24,7 +24,7 @@ pub struct BenchArgs {
     /// Batch sizes, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     pub batch: Vec<usize>,
-    /// Run through S stage worker processes (the pipeline) instead of in this process. Each
+    /// Run through S stage worker processes (the pipeline) instead of in one process. Each
     /// stage gets `--threads` threads (the daemon's default: stages take turns on a sequence).
     #[arg(long)]
     pub stages: Option<usize>,

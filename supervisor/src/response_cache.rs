@@ -72,11 +72,6 @@ impl CacheKey {
         })
     }
 
-    /// The served model it is for.
-    pub fn model(&self) -> &str {
-        &self.model
-    }
-
     /// An estimate of the bytes it holds.
     pub fn bytes(&self) -> usize {
         size_of::<Self>()
@@ -174,20 +169,24 @@ impl ResponseCache {
     }
 
     /// The bound, in bytes.
+    #[cfg(test)]
     pub fn capacity(&self) -> usize {
         self.capacity
     }
 
     /// The bytes held now (at most the capacity).
+    #[cfg(test)]
     pub fn bytes(&self) -> usize {
         self.bytes
     }
 
     /// The entries held now.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

@@ -112,13 +112,6 @@ impl fmt::Display for Device {
     }
 }
 
-impl Device {
-    /// Whether this is a CUDA device.
-    pub fn is_cuda(&self) -> bool {
-        matches!(self, Device::Cuda { .. })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

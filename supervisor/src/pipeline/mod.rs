@@ -45,7 +45,6 @@ mod process;
 mod registry;
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
@@ -68,10 +67,8 @@ pub use process::StageSpec;
 pub struct PipelineConfig {
     /// The model's served name (the `model` field of every log record of this pipeline).
     pub name: String,
-    pub model: PathBuf,
     pub hidden_size: usize,
     pub vocab_size: usize,
-    pub stage_binary: PathBuf,
     /// One spec per stage, in order (layers contiguous, first has the embedding, last the head).
     pub stages: Vec<StageSpec>,
     pub scheduler: SchedulerConfig,

@@ -235,6 +235,7 @@ pub struct StepPlan {
 
 impl StepPlan {
     /// Tokens the step computes (all chunks).
+    #[cfg(test)]
     pub fn total_tokens(&self) -> usize {
         self.seqs.iter().map(|s| s.tokens.len()).sum()
     }
@@ -431,10 +432,6 @@ impl Scheduler {
             wakeup: None,
             counters: Counters::default(),
         })
-    }
-
-    pub fn config(&self) -> &SchedulerConfig {
-        &self.cfg
     }
 
     /// Changes the batching limits of the active profile (a runtime switch of the default

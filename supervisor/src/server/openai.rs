@@ -38,8 +38,6 @@ use super::generation::{AccessRecord, RequestInfo, Run, Submission};
 use super::http::{error, read_body, require_json, HttpResponse};
 use super::state::{AppState, Route, RouteError, ENGINE};
 
-pub use answer::KEEPALIVE;
-
 /// The request header that names a profile (the body's `profile` field wins).
 pub const PROFILE_HEADER: &str = "x-gptossd-profile";
 
