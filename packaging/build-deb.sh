@@ -75,17 +75,22 @@ man_page() { # NAME SUMMARY, then the text on stdin
 }
 man=$root/usr/share/man/man1
 mkdir -p "$man"
-commands=$("$release/gptossd" --help | awk '/^Commands:/ { on = 1; next } /^$/ { on = 0 }
-    on && $1 != "help" { print $1 }')
-{
-    "$release/gptossd" --help
+# A binary's help, then each of its subcommands' in a subsection.
+help_pages() { # BINARY
+    local commands
+    commands=$("$release/$1" --help | awk '/^Commands:/ { on = 1; next } /^$/ { on = 0 }
+        on && $1 != "help" { print $1 }')
+    "$release/$1" --help
     for c in $commands; do
-        printf '@@SS gptossd %s\n' "$c"
-        "$release/gptossd" "$c" --help
+        printf '@@SS %s %s\n' "$1" "$c"
+        "$release/$1" "$c" --help
     done
-} | man_page gptossd "local inference daemon for OpenAI's GPT-OSS models" | gzip -9n >"$man/gptossd.1.gz"
-"$release/gptossd-stage" --help |
-    man_page gptossd-stage "pipeline stage worker of gptossd (started by it)" | gzip -9n >"$man/gptossd-stage.1.gz"
+}
+help_pages gptossd |
+    man_page gptossd "local inference daemon for OpenAI's GPT-OSS models" | gzip -9n >"$man/gptossd.1.gz"
+help_pages gptossd-stage |
+    man_page gptossd-stage "model computation of gptossd: stage worker, in-process generator and bench (started by gptossd)" |
+    gzip -9n >"$man/gptossd-stage.1.gz"
 chmod 0644 "$man"/*.gz
 
 # copyright: the project's license, and the crates linked into the binaries with theirs.

@@ -10,8 +10,9 @@
 #      video/render groups that exist), /var/lib/gptossd and its models/ owned by it, the
 #      service neither enabled nor started, the first-install message printed;
 #   4. runs gptossd --version, then as the gptossd user makes the tiny test model in
-#      /var/lib/gptossd/models/tiny and generates 4 greedy tokens with it, in process and through
-#      the packaged stage worker (gptossd generate --stages 1): the same tokens both ways;
+#      /var/lib/gptossd/models/tiny and generates 4 greedy tokens with it, in one process (the
+#      packaged gptossd-stage generate) and through the pipeline (gptossd generate --stages 1):
+#      the same tokens both ways;
 #   5. edits the conffile, reinstalls the package, and checks the edit survived (no .dpkg-new,
 #      no prompt) and the install is still sound;
 #   6. purges it (dpkg --purge) and checks that nothing of it is left: files, /etc/gptossd,

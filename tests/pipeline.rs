@@ -375,6 +375,33 @@ fn kill_9_of_the_supervisor_leaves_no_worker_behind() {
 }
 
 #[test]
+fn the_single_process_tools_name_the_file_at_fault() {
+    // `generate` and `bench` without --stages run in the stage worker binary; its error (here:
+    // a model folder without config.json) still reaches the user, naming the file, exit 1.
+    let empty = tempfile::tempdir().expect("tempdir");
+    let config = empty.path().join("config.json");
+    let tools: [&[&str]; 2] = [
+        &["generate", "--prompt-tokens", "1,2", "--max-tokens", "2"],
+        &["bench", "--prompt-len", "4", "--gen", "1", "--batch", "1"],
+    ];
+    for args in tools {
+        let mut cmd = command();
+        cmd.arg(args[0])
+            .arg("--model")
+            .arg(empty.path())
+            .args(&args[1..]);
+        let out = run(&mut cmd, Duration::from_secs(60));
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{}: {err}", args[0]);
+        assert!(
+            err.contains(&config.display().to_string()),
+            "{}: {err}",
+            args[0]
+        );
+    }
+}
+
+#[test]
 fn bench_reports_speed_bandwidth_and_memory_for_each_batch() {
     // `gptossd bench` on the tiny model, in process: one JSON line per batch size with the
     // figures the speed issue asks for, consistent with each other.

@@ -118,11 +118,6 @@ impl fmt::Display for Device {
 }
 
 impl Device {
-    /// Whether this is a CUDA device.
-    pub fn is_cuda(&self) -> bool {
-        matches!(self, Device::Cuda { .. })
-    }
-
     /// The kind of backend that computes on this device.
     pub fn kind(&self) -> BackendKind {
         match self {

@@ -19,6 +19,7 @@ use std::io::{Read, Write};
 use serde::{Deserialize, Serialize};
 
 use crate::device::BackendKind;
+use crate::sampling::SampleAt;
 use crate::wire::{self, WireError};
 
 /// Bumped on any incompatible change of these types.
@@ -50,6 +51,8 @@ pub enum WorkerMsg {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoadReport {
     pub backend: BackendKind,
+    /// The kernels it runs: the CPU's instruction set (`Avx512Vbmi`), or the GPU's.
+    pub kernels: String,
     /// For people: the CPU kernels' instruction set and threads (`Avx512Vbmi kernels, 8
     /// threads`); a GPU's name, compute capability and driver.
     pub detail: String,
@@ -80,20 +83,6 @@ pub enum SupervisorMsg {
     ReplaceRing { input: bool },
 }
 
-/// How the last stage samples a sequence's next token.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct SampleSpec {
-    pub temperature: f32,
-    pub top_p: f32,
-    /// 0 = off.
-    pub top_k: u32,
-    pub seed: u64,
-    /// Index of the generated token this sample produces (0 = first).
-    pub index: u64,
-    /// Top-N logprobs to return (0 = none).
-    pub logprobs: u8,
-}
-
 /// One sequence's part of a step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepSeq {
@@ -101,8 +90,9 @@ pub struct StepSeq {
     pub start_pos: u32,
     pub tokens: u32,
     pub blocks: Vec<u32>,
-    /// Set when the chunk's last token must be sampled.
-    pub sample: Option<SampleSpec>,
+    /// Set when the chunk's last token must be sampled: the sequence's validated spec and the
+    /// index of the token it draws.
+    pub sample: Option<SampleAt>,
 }
 
 /// The header of a step slot.
@@ -228,6 +218,7 @@ pub fn read_slot_header<T: serde::de::DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sampling::SamplingSpec;
 
     #[test]
     fn control_messages_round_trip() {
@@ -247,6 +238,7 @@ mod tests {
             },
             WorkerMsg::Loaded(LoadReport {
                 backend: BackendKind::Cuda,
+                kernels: "sm_90".into(),
                 detail: "NVIDIA H200, sm_90, driver 13.0".into(),
                 threads: 2,
                 weight_bytes: 1 << 33,
@@ -274,13 +266,25 @@ mod tests {
         let h = StepHeader {
             epoch: 1,
             step: 5,
-            seqs: vec![StepSeq {
-                seq: 3,
-                start_pos: 10,
-                tokens: 1,
-                blocks: vec![1, 2],
-                sample: None,
-            }],
+            seqs: vec![
+                StepSeq {
+                    seq: 3,
+                    start_pos: 10,
+                    tokens: 1,
+                    blocks: vec![1, 2],
+                    sample: None,
+                },
+                StepSeq {
+                    seq: 4,
+                    start_pos: 0,
+                    tokens: 2,
+                    blocks: vec![3],
+                    sample: Some(SampleAt {
+                        spec: SamplingSpec::default(),
+                        index: 7,
+                    }),
+                },
+            ],
         };
         let mut slot = vec![0u8; 256];
         let off = write_slot_header(&mut slot, &h).expect("write");

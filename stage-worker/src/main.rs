@@ -1,9 +1,18 @@
-//! `gptossd-stage`: one pipeline stage worker. Started by the supervisor, never by hand: it
-//! connects to the control socket it is given, says hello, loads its layers, reports, then
-//! computes steps from its input ring into its output ring until told to stop.
+//! `gptossd-stage`: the binary that computes the model, started by the supervisor (`gptossd`),
+//! which links no kernels. Three commands:
 //!
-//! Exit status: 0 after a shutdown, 3 when loading failed (already reported as `LoadFailed`),
-//! 1 on any other error (logged on stderr, which the supervisor keeps a tail of).
+//! - `worker`: one pipeline stage. It connects to the control socket it is given, says hello,
+//!   loads its layers, reports, then computes steps from its input ring into its output ring
+//!   until told to stop. Exit status: 0 after a shutdown, 3 when loading failed (already
+//!   reported as `LoadFailed`), 1 on any other error (logged on stderr, which the supervisor
+//!   keeps a tail of).
+//! - `generate`: the whole model in this process, one sequence (`gptossd generate` without
+//!   `--stages`; `gptossd_stage::generate`).
+//! - `bench`: the single-process bench (`gptossd bench` without `--stages`;
+//!   `gptossd_stage::bench`).
+//!
+//! Any error ends the process with status 1 and one line on stderr, `gptossd-stage: error: …`,
+//! naming the file or flag at fault.
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
@@ -12,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use gptossd_shared::checkpoint::Checkpoint;
 use gptossd_shared::config::ModelConfig;
 use gptossd_shared::device::Device;
@@ -31,8 +40,26 @@ const FAULT_ENV: &str = "GPTOSSD_FAULT";
 #[derive(Parser, Debug)]
 #[command(
     name = "gptossd-stage",
-    about = "gptossd pipeline stage worker (started by gptossd)"
+    about = "gptossd's model computation: a pipeline stage worker, or the whole model in one process (started by gptossd)"
 )]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// One pipeline stage worker.
+    Worker(Args),
+    /// Generate from prompt token ids with the whole model in this process, printing one JSON
+    /// line per token and one with the finish reason.
+    Generate(gptossd_stage::generate::GenerateArgs),
+    /// Measure prefill and decode speed and memory with the whole model in this process.
+    Bench(gptossd_stage::bench::BenchArgs),
+}
+
+/// `gptossd-stage worker`: the flags the supervisor starts a stage with.
+#[derive(clap::Args, Debug)]
 struct Args {
     #[arg(long)]
     model: PathBuf,
@@ -75,8 +102,12 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    match run(args) {
+    let result = match Cli::parse().command {
+        Command::Worker(args) => run(args),
+        Command::Generate(args) => gptossd_stage::generate::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Bench(args) => gptossd_stage::bench::run(&args).map(|()| ExitCode::SUCCESS),
+    };
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("gptossd-stage: error: {e:#}");

@@ -16,11 +16,11 @@
 
 use gptossd_shared::checkpoint::Mapped;
 use gptossd_shared::config::{AttentionKind, ModelConfig};
+use gptossd_shared::sampling::SampleAt;
 use gptossd_shared::weights::{LayerWeights, StageWeights};
 
 use crate::backend::{
     AttentionArgs, Backend, BackendError, BackendInfo, DenseSource, ExpertsSource, Heads, QkvArgs,
-    SampleRow,
 };
 use crate::kv::KvConfig;
 use crate::rope::Rope;
@@ -236,7 +236,7 @@ impl<B: Backend> StageModel<B> {
         &mut self,
         batch: &StepBatch,
         input: StageInput<'_>,
-        rows: &[SampleRow],
+        rows: &[SampleAt],
     ) -> Result<Vec<Result<Sampled, LogitsError>>, StepError> {
         if rows.len() != batch.logit_rows() {
             return Err(StepError::SampleRows {

@@ -1,22 +1,19 @@
 //! Token sampling on the last pipeline stage: logits in, one token (and its logprobs) out.
 //!
-//! Owns the sampling parameters and their validation ([`SamplingParams`] → [`Sampler`]), the
-//! draw itself (temperature → top-k → top-p → one uniform number) and the logprob report.
-//! Which tokens end a turn is the chat format's business (the supervisor's `chat`), passed in
-//! as data. It knows nothing of batches, KV or the tokenizer: the
-//! caller hands it one sequence's logits and the index of the token being generated.
+//! Owns the draw (temperature → top-k → top-p → one uniform number) and the logprob report,
+//! for a sequence's validated [`SamplingSpec`] (`gptossd_shared::sampling`: the parameters,
+//! their validation, the seed and the uniform number behind each draw). Nothing is validated
+//! here: a spec cannot exist out of range. Which tokens end a turn is the chat format's
+//! business (the supervisor's `chat`), passed in as data. It knows nothing of batches, KV or
+//! the tokenizer: the caller hands it one sequence's logits and the index of the token being
+//! generated.
 //!
 //! # Invariants
 //!
 //! * **Replay determinism.** The uniform number behind the `i`-th generated token of a sequence
-//!   is a pure function of `(seed, i)` ([`uniform`]): a ChaCha8 generator seeded with the
-//!   sequence's seed, on stream `i`. Nothing else feeds it — not how many tokens this process
-//!   sampled before, not the other sequences in the batch, not the scratch buffers. A sequence
-//!   re-run from a checkpoint after a worker crash therefore samples the same tokens, provided
-//!   the caller keeps the seed with the sequence. A request without a seed gets one drawn once,
-//!   when the sequence is created ([`SamplingParams::resolved_seed`]); that seed is then part of
-//!   the sequence's state like any user-given one. `i` is the 0-based index of the token among
-//!   the sequence's *generated* tokens (0 for the first token after the prompt).
+//!   is `gptossd_shared::sampling::uniform(seed, i)`, a pure function of its arguments, and the
+//!   draw depends on nothing else (not the scratch buffers, not the other sequences): see
+//!   `gptossd_shared::sampling` for the rule and how seeds are bound.
 //! * **Exact and ordered arithmetic.** Probabilities are computed in f64 from the f32 logits;
 //!   every sum runs in a fixed order (ascending id for whole-vocabulary sums, the candidate
 //!   order below for the nucleus), and the draw scans in the same order as the sum it is
@@ -46,129 +43,21 @@
 //! selection until the nucleus mass is reached, so a typical nucleus costs O(vocab).
 
 use std::cmp::Ordering;
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 
+use gptossd_shared::sampling::{uniform, SamplingSpec};
 use gptossd_shared::VOCAB_EDGE;
-use rand_chacha::ChaCha8Rng;
-use rand_core::{Rng, SeedableRng};
 use thiserror::Error;
-
-/// Highest accepted temperature (OpenAI's range is 0..=2).
-pub const MAX_TEMPERATURE: f32 = 2.0;
-/// Most top alternatives a request may ask for (OpenAI's `top_logprobs` limit).
-pub const MAX_LOGPROBS: usize = 20;
 
 /// First chunk size of the progressive top-p ranking; each later chunk is 4× larger.
 const TOP_P_FIRST_CHUNK: usize = 256;
 
-/// A request's sampling parameters as received; [`Sampler::new`] is the only way to use them,
-/// and it validates them.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SamplingParams {
-    /// Logits are divided by this before the softmax; 0 means greedy (argmax). Finite, 0..=2.
-    pub temperature: f32,
-    /// Nucleus mass, in (0, 1]: keep the smallest prefix of the ranked candidates whose
-    /// probability reaches it (at least one token). 1 disables it.
-    pub top_p: f32,
-    /// Keep only the k highest logits (k ≥ 1); `None` disables it. Applied before top-p.
-    pub top_k: Option<usize>,
-    /// The sequence's seed; `None` draws one at creation ([`Self::resolved_seed`]).
-    pub seed: Option<u64>,
-    /// How many top alternatives to report with each token (0..=20); `None` reports none.
-    pub logprobs: Option<usize>,
-}
-
-impl Default for SamplingParams {
-    /// The model card's recommendation: temperature 1, top_p 1, no seed, no logprobs.
-    fn default() -> Self {
-        Self {
-            temperature: 1.0,
-            top_p: 1.0,
-            top_k: None,
-            seed: None,
-            logprobs: None,
-        }
-    }
-}
-
-/// A sampling parameter out of range; the message names the field, the limit and the value.
-#[derive(Debug, Clone, Copy, PartialEq, Error)]
-pub enum SamplingError {
-    #[error("temperature must be a finite number between 0 and {MAX_TEMPERATURE}, got {0}")]
-    Temperature(f32),
-    #[error("top_p must be greater than 0 and at most 1, got {0}")]
-    TopP(f32),
-    #[error("top_k must be at least 1 when set, got {0}")]
-    TopK(usize),
-    #[error("logprobs must be at most {MAX_LOGPROBS}, got {0}")]
-    Logprobs(usize),
-}
-
-/// The logits handed to [`Sampler::sample`] admit no token. An engine fault, not a client one.
+/// The logits handed to [`sample`] admit no token. An engine fault, not a client one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum LogitsError {
     #[error("no logits to sample from (empty slice)")]
     Empty,
     #[error("no candidate token: all {candidates} logits below id {VOCAB_EDGE} are NaN or -inf")]
     NoCandidate { candidates: usize },
-}
-
-impl SamplingParams {
-    /// Checks every field against its range, naming the first one out of range.
-    pub fn validate(&self) -> Result<(), SamplingError> {
-        let t = self.temperature;
-        if !t.is_finite() || !(0.0..=MAX_TEMPERATURE).contains(&t) {
-            return Err(SamplingError::Temperature(t));
-        }
-        // Written so that NaN fails too.
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(SamplingError::TopP(self.top_p));
-        }
-        if self.top_k == Some(0) {
-            return Err(SamplingError::TopK(0));
-        }
-        if let Some(n) = self.logprobs {
-            if n > MAX_LOGPROBS {
-                return Err(SamplingError::Logprobs(n));
-            }
-        }
-        Ok(())
-    }
-
-    /// The seed to store with a new sequence: the request's, or a fresh random one. Call it
-    /// once per sequence at creation and keep the result; calling it again without a request
-    /// seed gives a different value.
-    pub fn resolved_seed(&self) -> u64 {
-        self.seed.unwrap_or_else(fresh_seed)
-    }
-
-    /// Validates and builds the sequence's sampler with [`Self::resolved_seed`].
-    pub fn sampler(&self) -> Result<Sampler, SamplingError> {
-        Sampler::new(*self, self.resolved_seed())
-    }
-}
-
-/// A random seed for a sequence that came without one. Not cryptographic: SipHash keyed by
-/// std's per-thread random keys (which also differ on every call) over the current time.
-pub fn fresh_seed() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let mut h = RandomState::new().build_hasher();
-    h.write_u128(nanos);
-    h.finish()
-}
-
-/// The uniform number in [0, 1) behind the `index`-th generated token of a sequence seeded
-/// with `seed`: 53 bits of the first u64 of ChaCha8 (seeded by `seed_from_u64(seed)`) on
-/// stream `index`. A pure function of its arguments — the replay rule of this module.
-pub fn uniform(seed: u64, index: u64) -> f64 {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(index);
-    // 2^-53: exact in f64.
-    const SCALE: f64 = 1.0 / (1u64 << 53) as f64;
-    (rng.next_u64() >> 11) as f64 * SCALE
 }
 
 /// One sampled token.
@@ -183,7 +72,7 @@ pub struct Sampled {
     pub top: Vec<(u32, f32)>,
 }
 
-/// Reusable buffers for [`Sampler::sample_with`], one per thread; their contents never
+/// Reusable buffers for [`sample`], one per thread; their contents never
 /// influence the result.
 #[derive(Debug, Default)]
 pub struct SampleScratch {
@@ -191,14 +80,6 @@ pub struct SampleScratch {
     weights: Vec<f64>,
     /// `(logit, id)` candidates being ranked.
     ranked: Vec<(f32, u32)>,
-}
-
-/// A sequence's validated sampling parameters with its resolved seed. Cheap to copy; keep one
-/// per sequence (and checkpoint `seed()` with it).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Sampler {
-    params: SamplingParams,
-    seed: u64,
 }
 
 /// Candidate order: logit descending, then id ascending. Logits are sanitised (no NaN, no −0.0),
@@ -236,133 +117,111 @@ impl Effective<'_> {
     }
 }
 
-impl Sampler {
-    /// Validates `params` and binds the sequence's `seed` (normally `params.resolved_seed()`,
-    /// or the seed restored from a checkpoint).
-    pub fn new(params: SamplingParams, seed: u64) -> Result<Self, SamplingError> {
-        params.validate()?;
-        Ok(Self { params, seed })
+/// Samples the `index`-th generated token of a sequence with `spec` from `logits`, reusing
+/// `scratch`. Only the first [`VOCAB_EDGE`] logits are candidates.
+pub fn sample(
+    spec: &SamplingSpec,
+    logits: &[f32],
+    index: u64,
+    scratch: &mut SampleScratch,
+) -> Result<Sampled, LogitsError> {
+    if logits.is_empty() {
+        return Err(LogitsError::Empty);
     }
-
-    pub fn params(&self) -> &SamplingParams {
-        &self.params
+    let params = spec.params();
+    let raw = &logits[..logits.len().min(VOCAB_EDGE as usize)];
+    let eff = Effective {
+        raw,
+        has_pos_inf: raw.contains(&f32::INFINITY),
+    };
+    // Greedy argmax over the effective logits; also the max for the softmaxes.
+    let (best, max) = argmax(&eff);
+    if max == f32::NEG_INFINITY {
+        return Err(LogitsError::NoCandidate {
+            candidates: raw.len(),
+        });
     }
+    let max64 = f64::from(max);
+    let t = params.temperature;
+    let greedy = spec.is_greedy();
 
-    /// The seed that, with the token index, fixes every draw of this sequence.
-    pub fn seed(&self) -> u64 {
-        self.seed
+    // log Σ exp(l - max) over the raw (temperature-free) logits, ascending id. When T = 1
+    // the same pass fills the sampling weights.
+    let fill = !greedy && t == 1.0;
+    if fill {
+        scratch.weights.clear();
+        scratch.weights.reserve(eff.len());
     }
-
-    /// Samples the `index`-th generated token from `logits` (allocating scratch buffers).
-    pub fn sample(&self, logits: &[f32], index: u64) -> Result<Sampled, LogitsError> {
-        self.sample_with(logits, index, &mut SampleScratch::default())
-    }
-
-    /// Samples the `index`-th generated token from `logits`, reusing `scratch`. Only the first
-    /// [`VOCAB_EDGE`] logits are candidates.
-    pub fn sample_with(
-        &self,
-        logits: &[f32],
-        index: u64,
-        scratch: &mut SampleScratch,
-    ) -> Result<Sampled, LogitsError> {
-        if logits.is_empty() {
-            return Err(LogitsError::Empty);
-        }
-        let raw = &logits[..logits.len().min(VOCAB_EDGE as usize)];
-        let eff = Effective {
-            raw,
-            has_pos_inf: raw.contains(&f32::INFINITY),
-        };
-        // Greedy argmax over the effective logits; also the max for the softmaxes.
-        let (best, max) = argmax(&eff);
-        if max == f32::NEG_INFINITY {
-            return Err(LogitsError::NoCandidate {
-                candidates: raw.len(),
-            });
-        }
-        let max64 = f64::from(max);
-        let t = self.params.temperature;
-        let greedy = t == 0.0 || self.params.top_k == Some(1);
-
-        // log Σ exp(l - max) over the raw (temperature-free) logits, ascending id. When T = 1
-        // the same pass fills the sampling weights.
-        let fill = !greedy && t == 1.0;
+    let mut raw_sum = 0.0f64;
+    for id in 0..eff.len() {
+        let w = (f64::from(eff.get(id)) - max64).exp();
+        raw_sum += w;
         if fill {
+            scratch.weights.push(w);
+        }
+    }
+    let lse = max64 + raw_sum.ln();
+
+    let token = if greedy {
+        best
+    } else {
+        if !fill {
+            let t64 = f64::from(t);
             scratch.weights.clear();
-            scratch.weights.reserve(eff.len());
+            scratch
+                .weights
+                .extend((0..eff.len()).map(|id| ((f64::from(eff.get(id)) - max64) / t64).exp()));
         }
-        let mut raw_sum = 0.0f64;
-        for id in 0..eff.len() {
-            let w = (f64::from(eff.get(id)) - max64).exp();
-            raw_sum += w;
-            if fill {
-                scratch.weights.push(w);
-            }
+        let u = uniform(spec.seed(), index);
+        draw(spec, &eff, u, scratch)
+    };
+
+    let logprob = (f64::from(eff.get(token as usize)) - lse) as f32;
+    let top = match params.logprobs {
+        Some(n) if n > 0 => top_logprobs(&eff, n, lse, &mut scratch.ranked),
+        _ => Vec::new(),
+    };
+    Ok(Sampled {
+        token,
+        logprob,
+        top,
+    })
+}
+
+/// Draws with `u` from `scratch.weights` after top-k and top-p.
+fn draw(spec: &SamplingSpec, eff: &Effective<'_>, u: f64, scratch: &mut SampleScratch) -> u32 {
+    let weights = &scratch.weights;
+    let top_p = f64::from(spec.params().top_p);
+    // Candidates, in id order: tokens with non-zero weight (others can never be drawn).
+    let ranked = &mut scratch.ranked;
+    ranked.clear();
+    ranked.extend(
+        (0..weights.len())
+            .filter(|&id| weights[id] > 0.0)
+            .map(|id| (eff.get(id), id as u32)),
+    );
+    let w = |c: &(f32, u32)| weights[c.1 as usize];
+
+    let kept = match spec.params().top_k.filter(|&k| k < ranked.len()) {
+        Some(k) => {
+            // Top-k by partial selection; top-p then over the renormalised k.
+            ranked.select_nth_unstable_by(k - 1, rank);
+            ranked.truncate(k);
+            ranked.sort_unstable_by(rank);
+            let total: f64 = ranked.iter().map(w).sum();
+            nucleus_len(ranked, &w, top_p * total)
         }
-        let lse = max64 + raw_sum.ln();
-
-        let token = if greedy {
-            best
-        } else {
-            if !fill {
-                let t64 = f64::from(t);
-                scratch.weights.clear();
-                scratch.weights.extend(
-                    (0..eff.len()).map(|id| ((f64::from(eff.get(id)) - max64) / t64).exp()),
-                );
-            }
-            let u = uniform(self.seed, index);
-            self.draw(&eff, u, scratch)
-        };
-
-        let logprob = (f64::from(eff.get(token as usize)) - lse) as f32;
-        let top = match self.params.logprobs {
-            Some(n) if n > 0 => top_logprobs(&eff, n, lse, &mut scratch.ranked),
-            _ => Vec::new(),
-        };
-        Ok(Sampled {
-            token,
-            logprob,
-            top,
-        })
-    }
-
-    /// Draws with `u` from `scratch.weights` after top-k and top-p.
-    fn draw(&self, eff: &Effective<'_>, u: f64, scratch: &mut SampleScratch) -> u32 {
-        let weights = &scratch.weights;
-        let top_p = f64::from(self.params.top_p);
-        // Candidates, in id order: tokens with non-zero weight (others can never be drawn).
-        let ranked = &mut scratch.ranked;
-        ranked.clear();
-        ranked.extend(
-            (0..weights.len())
-                .filter(|&id| weights[id] > 0.0)
-                .map(|id| (eff.get(id), id as u32)),
-        );
-        let w = |c: &(f32, u32)| weights[c.1 as usize];
-
-        let kept = match self.params.top_k.filter(|&k| k < ranked.len()) {
-            Some(k) => {
-                // Top-k by partial selection; top-p then over the renormalised k.
-                ranked.select_nth_unstable_by(k - 1, rank);
-                ranked.truncate(k);
-                ranked.sort_unstable_by(rank);
-                let total: f64 = ranked.iter().map(w).sum();
-                nucleus_len(ranked, &w, top_p * total)
-            }
-            // The whole softmax: no ranking, the draw scans in id order.
-            None if top_p >= 1.0 => ranked.len(),
-            None => {
-                let total: f64 = ranked.iter().map(w).sum();
-                progressive_nucleus(ranked, &w, top_p * total)
-            }
-        };
-        // The draw scans the kept candidates in the order their mass was summed.
-        let nucleus = &ranked[..kept];
-        let mass: f64 = nucleus.iter().map(w).sum();
-        scan(nucleus.iter().map(|c| (c.1, w(c))), u * mass)
-    }
+        // The whole softmax: no ranking, the draw scans in id order.
+        None if top_p >= 1.0 => ranked.len(),
+        None => {
+            let total: f64 = ranked.iter().map(w).sum();
+            progressive_nucleus(ranked, &w, top_p * total)
+        }
+    };
+    // The draw scans the kept candidates in the order their mass was summed.
+    let nucleus = &ranked[..kept];
+    let mass: f64 = nucleus.iter().map(w).sum();
+    scan(nucleus.iter().map(|c| (c.1, w(c))), u * mass)
 }
 
 /// Argmax of the effective logits, lowest id on ties; `(0, −inf)` when none is above −inf.
@@ -464,6 +323,7 @@ fn top_logprobs(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gptossd_shared::sampling::{SamplingParams, MAX_LOGPROBS};
 
     fn params(temperature: f32, top_p: f32, top_k: Option<usize>) -> SamplingParams {
         SamplingParams {
@@ -475,8 +335,13 @@ mod tests {
         }
     }
 
-    fn sampler(p: SamplingParams) -> Sampler {
-        Sampler::new(p, p.seed.unwrap_or(0)).expect("valid test params")
+    fn sampler(p: SamplingParams) -> SamplingSpec {
+        SamplingSpec::new(p, p.seed.unwrap_or(0)).expect("valid test params")
+    }
+
+    /// Samples with fresh scratch buffers.
+    fn sample1(spec: &SamplingSpec, logits: &[f32], index: u64) -> Result<Sampled, LogitsError> {
+        sample(spec, logits, index, &mut SampleScratch::default())
     }
 
     /// softmax(l / t) in f64.
@@ -492,14 +357,11 @@ mod tests {
         e.iter().map(|x| x / z).collect()
     }
 
-    fn counts(s: &Sampler, logits: &[f32], draws: u64) -> Vec<u64> {
+    fn counts(s: &SamplingSpec, logits: &[f32], draws: u64) -> Vec<u64> {
         let mut c = vec![0u64; logits.len()];
         let mut scratch = SampleScratch::default();
         for i in 0..draws {
-            let tok = s
-                .sample_with(logits, i, &mut scratch)
-                .expect("sample")
-                .token;
+            let tok = sample(s, logits, i, &mut scratch).expect("sample").token;
             c[tok as usize] += 1;
         }
         c
@@ -541,14 +403,14 @@ mod tests {
     #[test]
     fn greedy_picks_argmax_and_lowest_id_on_ties() {
         let s = sampler(params(0.0, 1.0, None));
-        assert_eq!(s.sample(&[0.1, 3.0, -2.0, 2.9], 0).unwrap().token, 1);
-        assert_eq!(s.sample(&[1.0, 5.0, 2.0, 5.0, 5.0], 0).unwrap().token, 1);
+        assert_eq!(sample1(&s, &[0.1, 3.0, -2.0, 2.9], 0).unwrap().token, 1);
+        assert_eq!(sample1(&s, &[1.0, 5.0, 2.0, 5.0, 5.0], 0).unwrap().token, 1);
         // −0.0 and +0.0 tie: lowest id.
-        assert_eq!(s.sample(&[-1.0, -0.0, 0.0], 0).unwrap().token, 1);
-        assert_eq!(s.sample(&[-1.0, 0.0, -0.0], 0).unwrap().token, 1);
+        assert_eq!(sample1(&s, &[-1.0, -0.0, 0.0], 0).unwrap().token, 1);
+        assert_eq!(sample1(&s, &[-1.0, 0.0, -0.0], 0).unwrap().token, 1);
         // Any index, any seed: greedy ignores the draw.
         for i in 0..50 {
-            assert_eq!(s.sample(&[1.0, 5.0, 2.0, 5.0], i).unwrap().token, 1);
+            assert_eq!(sample1(&s, &[1.0, 5.0, 2.0, 5.0], i).unwrap().token, 1);
         }
     }
 
@@ -563,29 +425,18 @@ mod tests {
             }
         }
         let s = sampler(params(0.0, 1.0, None));
-        assert_eq!(s.sample(&logits, 0).unwrap().token as usize, best);
+        assert_eq!(sample1(&s, &logits, 0).unwrap().token as usize, best);
     }
 
     #[test]
     fn same_seed_and_index_same_token_different_index_differs() {
-        assert_eq!(uniform(42, 5), uniform(42, 5));
-        assert_ne!(uniform(42, 5), uniform(43, 5));
-        let mut us: Vec<u64> = (0..2000).map(|i| uniform(42, i).to_bits()).collect();
-        us.sort_unstable();
-        us.dedup();
-        assert_eq!(us.len(), 2000, "draws for different indices must differ");
-        for i in 0..2000 {
-            let u = uniform(42, i);
-            assert!((0.0..1.0).contains(&u));
-        }
-
         let logits = [0.0f32; 16];
         let s = sampler(params(1.0, 1.0, None));
         let a: Vec<u32> = (0..200)
-            .map(|i| s.sample(&logits, i).unwrap().token)
+            .map(|i| sample1(&s, &logits, i).unwrap().token)
             .collect();
         let b: Vec<u32> = (0..200)
-            .map(|i| s.sample(&logits, i).unwrap().token)
+            .map(|i| sample1(&s, &logits, i).unwrap().token)
             .collect();
         assert_eq!(a, b);
         let mut distinct = a.clone();
@@ -601,7 +452,7 @@ mod tests {
             ..params(1.0, 1.0, None)
         });
         let c: Vec<u32> = (0..200)
-            .map(|i| other.sample(&logits, i).unwrap().token)
+            .map(|i| sample1(&other, &logits, i).unwrap().token)
             .collect();
         assert_ne!(a, c, "a different seed must give a different sequence");
     }
@@ -671,13 +522,13 @@ mod tests {
         let logits = big_logits(11);
         let g = sampler(params(0.0, 1.0, None));
         let k1 = sampler(params(1.5, 0.9, Some(1)));
-        let want = g.sample(&logits, 0).unwrap().token;
+        let want = sample1(&g, &logits, 0).unwrap().token;
         for i in 0..5 {
-            assert_eq!(k1.sample(&logits, i).unwrap().token, want);
+            assert_eq!(sample1(&k1, &logits, i).unwrap().token, want);
         }
         let small = [2.0f32, 7.0, 7.0, 1.0];
         for i in 0..100 {
-            assert_eq!(k1.sample(&small, i).unwrap().token, 1);
+            assert_eq!(sample1(&k1, &small, i).unwrap().token, 1);
         }
     }
 
@@ -686,15 +537,14 @@ mod tests {
         let s = sampler(params(2.0, 1e-6, None));
         let logits = [1.0f32, 1.5, 1.4, 0.0];
         for i in 0..500 {
-            assert_eq!(s.sample(&logits, i).unwrap().token, 1);
+            assert_eq!(sample1(&s, &logits, i).unwrap().token, 1);
         }
         let big = big_logits(5);
-        let want = sampler(params(0.0, 1.0, None))
-            .sample(&big, 0)
+        let want = sample1(&sampler(params(0.0, 1.0, None)), &big, 0)
             .unwrap()
             .token;
         for i in 0..5 {
-            assert_eq!(s.sample(&big, i).unwrap().token, want);
+            assert_eq!(sample1(&s, &big, i).unwrap().token, want);
         }
     }
 
@@ -754,7 +604,7 @@ mod tests {
             let s = sampler(params(t, p, k));
             let mut scratch = SampleScratch::default();
             for i in 0..6 {
-                let got = s.sample_with(&logits, i, &mut scratch).unwrap().token;
+                let got = sample(&s, &logits, i, &mut scratch).unwrap().token;
                 let want = naive_draw(&logits, f64::from(t), f64::from(p), k, uniform(7, i));
                 assert_eq!(
                     got, want,
@@ -777,7 +627,7 @@ mod tests {
                 ..params(t, 1.0, None)
             });
             for i in 0..20 {
-                let out = s.sample(&logits, i).unwrap();
+                let out = sample1(&s, &logits, i).unwrap();
                 assert!((f64::from(out.logprob) - lp(out.token as usize)).abs() < 1e-6);
                 let ids: Vec<u32> = out.top.iter().map(|x| x.0).collect();
                 assert_eq!(ids, [4, 1, 5, 0], "descending, tie 1/5 by id");
@@ -792,11 +642,11 @@ mod tests {
             logprobs: Some(20),
             ..params(1.0, 1.0, None)
         });
-        let out = s.sample(&logits, 0).unwrap();
+        let out = sample1(&s, &logits, 0).unwrap();
         assert_eq!(out.top.len(), 7);
         assert_eq!(out.top[6], (6, f32::NEG_INFINITY));
         // No logprobs requested: empty list, chosen logprob still there.
-        let out = sampler(params(1.0, 1.0, None)).sample(&logits, 0).unwrap();
+        let out = sample1(&sampler(params(1.0, 1.0, None)), &logits, 0).unwrap();
         assert!(out.top.is_empty());
         assert!((f64::from(out.logprob) - lp(out.token as usize)).abs() < 1e-6);
     }
@@ -822,7 +672,7 @@ mod tests {
             logprobs: Some(MAX_LOGPROBS),
             ..params(0.8, 0.9, None)
         });
-        let out = s.sample(&logits, 3).unwrap();
+        let out = sample1(&s, &logits, 3).unwrap();
         assert_eq!(out.top.len(), MAX_LOGPROBS);
         for (j, &(id, l)) in out.top.iter().enumerate() {
             assert_eq!(id, sorted[j].1);
@@ -845,7 +695,7 @@ mod tests {
             logprobs: Some(5),
             ..params(0.0, 1.0, None)
         });
-        let out = greedy.sample(&logits, 0).unwrap();
+        let out = sample1(&greedy, &logits, 0).unwrap();
         assert_eq!(out.token, 100);
         assert!(out.top.iter().all(|&(id, _)| id < VOCAB_EDGE));
         for p in [
@@ -855,14 +705,14 @@ mod tests {
         ] {
             let s = sampler(p);
             for i in 0..30 {
-                assert!(s.sample(&logits, i).unwrap().token < VOCAB_EDGE);
+                assert!(sample1(&s, &logits, i).unwrap().token < VOCAB_EDGE);
             }
         }
         // Only the edge and beyond are finite: nothing to sample.
         let mut only_past = vec![f32::NEG_INFINITY; edge + 2];
         only_past[edge] = 1.0;
         assert_eq!(
-            greedy.sample(&only_past, 0),
+            sample1(&greedy, &only_past, 0),
             Err(LogitsError::NoCandidate { candidates: edge })
         );
     }
@@ -878,19 +728,17 @@ mod tests {
         ] {
             let s = sampler(p);
             for i in 0..200 {
-                let tok = s.sample(&[nan, 0.0, nan, ninf, 0.0], i).unwrap().token;
+                let tok = sample1(&s, &[nan, 0.0, nan, ninf, 0.0], i).unwrap().token;
                 assert!(tok == 1 || tok == 4, "NaN/−inf token {tok} sampled");
             }
             assert_eq!(
-                s.sample(&[nan, ninf, nan], 0),
+                sample1(&s, &[nan, ninf, nan], 0),
                 Err(LogitsError::NoCandidate { candidates: 3 })
             );
-            assert_eq!(s.sample(&[], 0), Err(LogitsError::Empty));
+            assert_eq!(sample1(&s, &[], 0), Err(LogitsError::Empty));
             // +inf logits take all the mass, shared equally.
             for i in 0..200 {
-                let tok = s
-                    .sample(&[5.0, f32::INFINITY, nan, f32::INFINITY], i)
-                    .unwrap();
+                let tok = sample1(&s, &[5.0, f32::INFINITY, nan, f32::INFINITY], i).unwrap();
                 assert!(tok.token == 1 || tok.token == 3);
                 assert!((tok.logprob - (-std::f32::consts::LN_2)).abs() < 1e-6);
             }
@@ -898,7 +746,7 @@ mod tests {
         // Greedy among +inf: lowest id.
         let g = sampler(params(0.0, 1.0, None));
         assert_eq!(
-            g.sample(&[f32::INFINITY, 1.0, f32::INFINITY], 0)
+            sample1(&g, &[f32::INFINITY, 1.0, f32::INFINITY], 0)
                 .unwrap()
                 .token,
             0
@@ -906,122 +754,13 @@ mod tests {
     }
 
     #[test]
-    fn validation_errors_name_the_field() {
-        let ok = SamplingParams::default();
-        assert_eq!(ok.validate(), Ok(()));
-        let bad = [
-            (
-                SamplingParams {
-                    temperature: -0.1,
-                    ..ok
-                },
-                "temperature",
-            ),
-            (
-                SamplingParams {
-                    temperature: 2.5,
-                    ..ok
-                },
-                "temperature",
-            ),
-            (
-                SamplingParams {
-                    temperature: f32::NAN,
-                    ..ok
-                },
-                "temperature",
-            ),
-            (
-                SamplingParams {
-                    temperature: f32::INFINITY,
-                    ..ok
-                },
-                "temperature",
-            ),
-            (SamplingParams { top_p: 0.0, ..ok }, "top_p"),
-            (SamplingParams { top_p: 1.01, ..ok }, "top_p"),
-            (
-                SamplingParams {
-                    top_p: f32::NAN,
-                    ..ok
-                },
-                "top_p",
-            ),
-            (
-                SamplingParams {
-                    top_k: Some(0),
-                    ..ok
-                },
-                "top_k",
-            ),
-            (
-                SamplingParams {
-                    logprobs: Some(21),
-                    ..ok
-                },
-                "logprobs",
-            ),
-        ];
-        for (p, field) in bad {
-            let err = p.validate().expect_err(field);
-            let msg = err.to_string();
-            assert!(msg.starts_with(field), "{msg:?} should name {field}");
-            assert!(Sampler::new(p, 0).is_err());
-        }
-        assert_eq!(
-            SamplingParams {
-                temperature: 2.5,
-                ..ok
-            }
-            .validate(),
-            Err(SamplingError::Temperature(2.5))
-        );
-        assert!(SamplingError::Logprobs(21).to_string().contains("21"));
-        assert!(SamplingError::Logprobs(21).to_string().contains("20"));
-        // The edges are accepted.
-        for p in [
-            SamplingParams {
-                temperature: 0.0,
-                ..ok
-            },
-            SamplingParams {
-                temperature: 2.0,
-                ..ok
-            },
-            SamplingParams {
-                top_p: 1.0,
-                top_k: Some(1),
-                logprobs: Some(20),
-                ..ok
-            },
-            SamplingParams {
-                top_p: 1e-9,
-                logprobs: Some(0),
-                ..ok
-            },
-        ] {
-            assert_eq!(p.validate(), Ok(()));
-        }
-    }
-
-    #[test]
-    fn seeds_resolve_once() {
-        let given = SamplingParams {
-            seed: Some(99),
-            ..SamplingParams::default()
-        };
-        assert_eq!(given.resolved_seed(), 99);
-        assert_eq!(given.sampler().unwrap().seed(), 99);
+    fn a_spec_rebuilt_from_its_stored_seed_replays_exactly() {
         let unseeded = SamplingParams::default();
-        let a = unseeded.resolved_seed();
-        let b = unseeded.resolved_seed();
-        assert_ne!(a, b, "fresh seeds should differ");
-        // A sampler rebuilt from the stored seed replays exactly.
-        let s = Sampler::new(unseeded, a).unwrap();
-        let restored = Sampler::new(unseeded, s.seed()).unwrap();
+        let s = unseeded.spec().unwrap();
+        let restored = SamplingSpec::new(unseeded, s.seed()).unwrap();
         let logits = [0.3f32, 0.1, 0.2, 0.4, 0.0];
         for i in 0..50 {
-            assert_eq!(s.sample(&logits, i), restored.sample(&logits, i));
+            assert_eq!(sample1(&s, &logits, i), sample1(&restored, &logits, i));
         }
     }
 
@@ -1033,8 +772,8 @@ mod tests {
             logprobs: Some(3),
             ..params(0.9, 0.95, Some(64))
         };
-        let s = Sampler::new(p, 1234).unwrap();
-        let other = Sampler::new(params(1.0, 1.0, None), 5).unwrap();
+        let s = SamplingSpec::new(p, 1234).unwrap();
+        let other = SamplingSpec::new(params(1.0, 1.0, None), 5).unwrap();
         let step_logits = |i: u64| -> Vec<f32> {
             (0..300)
                 .map(|id| ((id as u64 * 31 + i * 17) % 97) as f32 / 13.0)
@@ -1043,16 +782,12 @@ mod tests {
         let mut scratch = SampleScratch::default();
         let mut in_sequence = Vec::new();
         for i in 0..60u64 {
-            let _ = other
-                .sample_with(&big_logits(i), i * 3, &mut scratch)
-                .unwrap();
-            in_sequence.push(s.sample_with(&step_logits(i), i, &mut scratch).unwrap());
+            let _ = sample(&other, &big_logits(i), i * 3, &mut scratch).unwrap();
+            in_sequence.push(sample(&s, &step_logits(i), i, &mut scratch).unwrap());
         }
         for i in (0..60u64).rev() {
-            let replayed = Sampler::new(p, 1234)
-                .unwrap()
-                .sample(&step_logits(i), i)
-                .unwrap();
+            let replayed =
+                sample1(&SamplingSpec::new(p, 1234).unwrap(), &step_logits(i), i).unwrap();
             assert_eq!(
                 replayed, in_sequence[i as usize],
                 "token {i} differs on replay"

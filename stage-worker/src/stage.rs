@@ -11,10 +11,11 @@
 use gptossd_shared::config::ModelConfig;
 use gptossd_shared::device::Device;
 use gptossd_shared::protocol::LoadReport;
+use gptossd_shared::sampling::SampleAt;
 use gptossd_shared::weights::StageWeights;
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{BackendError, BackendInfo, SampleRow};
+use crate::backend::{BackendError, BackendInfo};
 use crate::kv::KvConfig;
 use crate::model::StageModel;
 use crate::sampler::{LogitsError, Sampled};
@@ -100,6 +101,7 @@ impl Stage {
         let kv_bytes = self.kv_bytes() as u64;
         LoadReport {
             backend: info.kind,
+            kernels: info.kernels,
             detail: info.detail,
             threads: info.threads as u32,
             weight_bytes: self.weight_bytes() as u64,
@@ -139,7 +141,7 @@ impl Stage {
         &mut self,
         batch: &StepBatch,
         input: StageInput<'_>,
-        rows: &[SampleRow],
+        rows: &[SampleAt],
     ) -> Result<Vec<Result<Sampled, LogitsError>>, StepError> {
         on_stage!(self, m => m.forward_sample(batch, input, rows))
     }

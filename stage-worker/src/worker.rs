@@ -19,14 +19,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gptossd_shared::protocol::{
-    read_message, read_slot_header, write_message, write_slot_header, SampleSpec, SeqToken,
-    StepHeader, StepOutcome, StepResult, SupervisorMsg, WorkerMsg,
+    read_message, read_slot_header, write_message, write_slot_header, SeqToken, StepHeader,
+    StepOutcome, StepResult, SupervisorMsg, WorkerMsg,
 };
 use gptossd_shared::ring::{recv_fd, Consumer, Producer, ReadSlot, Ring, RingError};
+use gptossd_shared::sampling::SampleAt;
 use interprocess::os::unix::uds_local_socket::Stream;
 
-use crate::backend::SampleRow;
-use crate::sampler::{Sampler, SamplingError, SamplingParams};
 use crate::stage::Stage;
 use crate::step::{Logits, SeqStep, StageInput, StepBatch};
 
@@ -351,26 +350,18 @@ fn sample_step(
     batch: &StepBatch,
     input: StageInput<'_>,
 ) -> StepOutcome {
-    let wanted: Vec<(u64, SampleSpec)> = header
+    // The specs were validated when the header was decoded: nothing to check per token.
+    let (seqs, rows): (Vec<u64>, Vec<SampleAt>) = header
         .seqs
         .iter()
-        .filter_map(|s| s.sample.map(|spec| (s.seq, spec)))
-        .collect();
-    let mut rows = Vec::with_capacity(wanted.len());
-    for (seq, spec) in &wanted {
-        match sample_row(spec) {
-            Ok(row) => rows.push(row),
-            Err(e) => {
-                return StepOutcome::Failed(format!("step {} sequence {seq}: {e}", header.step))
-            }
-        }
-    }
+        .filter_map(|s| s.sample.map(|at| (s.seq, at)))
+        .unzip();
     let sampled = match stage.forward_sample(batch, input, &rows) {
         Ok(sampled) => sampled,
         Err(e) => return StepOutcome::Failed(format!("step {}: {e}", header.step)),
     };
-    let mut tokens = Vec::with_capacity(wanted.len());
-    for ((seq, _), r) in wanted.iter().zip(sampled) {
+    let mut tokens = Vec::with_capacity(seqs.len());
+    for (seq, r) in seqs.iter().zip(sampled) {
         match r {
             Ok(s) => tokens.push(SeqToken {
                 seq: *seq,
@@ -384,29 +375,6 @@ fn sample_step(
         }
     }
     StepOutcome::Tokens(tokens)
-}
-
-/// The sampler and token index a [`SampleSpec`] from the ring asks for.
-fn sample_row(spec: &SampleSpec) -> Result<SampleRow, SamplingError> {
-    let params = SamplingParams {
-        temperature: spec.temperature,
-        top_p: spec.top_p,
-        top_k: if spec.top_k == 0 {
-            None
-        } else {
-            Some(spec.top_k as usize)
-        },
-        seed: Some(spec.seed),
-        logprobs: if spec.logprobs == 0 {
-            None
-        } else {
-            Some(spec.logprobs as usize)
-        },
-    };
-    Ok(SampleRow {
-        sampler: Sampler::new(params, spec.seed)?,
-        index: spec.index,
-    })
 }
 
 /// Sends one message on the control socket, ignoring a closed socket (the reader thread

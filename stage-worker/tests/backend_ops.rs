@@ -22,15 +22,16 @@ mod common;
 use common::{tiny_weights, TestBackend};
 use gptossd_shared::checkpoint::Mapped;
 use gptossd_shared::config::{AttentionKind, ModelConfig};
+use gptossd_shared::sampling::{SampleAt, SamplingParams, SamplingSpec};
 use gptossd_shared::weights::{LayerWeights, StageWeights};
 use gptossd_stage::backend::cpu::{CpuBackend, Isa};
 use gptossd_stage::backend::{
-    AttentionArgs, Backend, DenseSource, ExpertsSource, Heads, KvSlot, QkvArgs, SampleRow,
+    AttentionArgs, Backend, DenseSource, ExpertsSource, Heads, KvSlot, QkvArgs,
 };
 use gptossd_stage::kv::KvConfig;
 use gptossd_stage::model::{Logits, SeqStep, StepBatch};
 use gptossd_stage::rope::Rope;
-use gptossd_stage::sampler::{Sampler, SamplingParams};
+use gptossd_stage::sampler::{sample, SampleScratch};
 
 /// A small deterministic generator (splitmix64).
 struct Rng(u64);
@@ -825,8 +826,8 @@ fn sample_matches_the_host_sampler<B: TestBackend>() {
         seed: None,
         logprobs,
     };
-    let row = |p: SamplingParams, seed, index| SampleRow {
-        sampler: Sampler::new(p, seed).expect("valid parameters"),
+    let row = |p: SamplingParams, seed, index| SampleAt {
+        spec: SamplingSpec::new(p, seed).expect("valid parameters"),
         index,
     };
     let rows = [
@@ -841,7 +842,7 @@ fn sample_matches_the_host_sampler<B: TestBackend>() {
         l: &mut Loaded<B>,
         logits: &[f32],
         vocab: usize,
-        rows: &[SampleRow],
+        rows: &[SampleAt],
     ) -> Vec<gptossd_stage::sampler::Sampled> {
         let x = l.upload(logits, vocab);
         l.b.sample(&x, rows)
@@ -855,7 +856,9 @@ fn sample_matches_the_host_sampler<B: TestBackend>() {
     let host: Vec<_> = rows
         .iter()
         .zip(logits.chunks_exact(vocab))
-        .map(|(r, l)| r.sampler.sample(l, r.index).expect("host sample"))
+        .map(|(r, l)| {
+            sample(&r.spec, l, r.index, &mut SampleScratch::default()).expect("host sample")
+        })
         .collect();
     assert_eq!(
         got, host,

@@ -118,10 +118,8 @@ pub fn pipeline_config(
     let sched = config.scheduler();
     let pipeline = PipelineConfig {
         name: model.name.clone(),
-        model: model.path.clone(),
         hidden_size: cfg.hidden_size,
         vocab_size: cfg.vocab_size,
-        stage_binary: binary,
         stages,
         scheduler: SchedulerConfig {
             max_batch_seqs,

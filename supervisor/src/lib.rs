@@ -1,25 +1,30 @@
-//! gptossd supervisor library: chat format and tokenizer, scheduling, the engines, the CLI's
-//! commands. The `gptossd` binary is a thin layer over it.
+//! gptossd supervisor library: chat format and tokenizer, scheduling, the pipeline, the HTTP
+//! server, the CLI's commands. The `gptossd` binary is a thin layer over it ([`cli::main`]).
+//!
+//! Everything is private to the crate (`pub(crate)`) but the two things used from outside:
+//! [`cli`], the binary's commands, and [`chat`], the harmony chat format (its golden test,
+//! `tests/harmony_golden.rs`, drives it as a library).
 
-pub mod api;
-pub mod bench;
+pub(crate) mod api;
+pub(crate) mod bench;
 pub mod chat;
-pub mod config;
-pub mod deadline;
-pub mod launch;
-pub mod loadgen;
-pub mod local_engine;
-pub mod logging;
-pub mod metrics;
-pub mod pipeline;
-pub mod response_cache;
-pub mod scheduler;
-pub mod server;
-pub mod slo;
-pub mod split;
+pub mod cli;
+pub(crate) mod config;
+pub(crate) mod deadline;
+pub(crate) mod launch;
+pub(crate) mod loadgen;
+pub(crate) mod logging;
+pub(crate) mod metrics;
+pub(crate) mod pipeline;
+pub(crate) mod response_cache;
+pub(crate) mod scheduler;
+pub(crate) mod server;
+pub(crate) mod single_process;
+pub(crate) mod slo;
+pub(crate) mod split;
 
 /// The UTC calendar date of `t` as `YYYY-MM-DD` (for harmony's `Current date:` line).
-pub fn civil_date(t: std::time::SystemTime) -> String {
+pub(crate) fn civil_date(t: std::time::SystemTime) -> String {
     let days = t
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() / 86_400) as i64;

@@ -94,7 +94,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use prometheus_client::encoding::{prometheus_text, text, EncodeLabelSet};
+use prometheus_client::encoding::{prometheus_text, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -107,10 +107,6 @@ use crate::slo::{Breach, Sample, Slo, SloTracker, Transition};
 
 /// `Content-Type` of [`Metrics::render_prometheus`]: the Prometheus text format 0.0.4.
 pub const PROMETHEUS_CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
-
-/// `Content-Type` of [`Metrics::render_openmetrics`]: OpenMetrics 1.0 text, ending in `# EOF`.
-pub const OPENMETRICS_CONTENT_TYPE: &str =
-    "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Prefix of every metric name (joined with `_`).
 pub const NAMESPACE: &str = "gptossd";
@@ -844,16 +840,6 @@ impl Metrics {
         // Writing into a String cannot fail; an error could only cut the text short.
         let result = prometheus_text::encode(&mut out, &self.registry);
         debug_assert!(result.is_ok(), "prometheus text encoding: {result:?}");
-        out
-    }
-
-    /// The OpenMetrics 1.0 text format, ending in `# EOF`; send it as
-    /// [`OPENMETRICS_CONTENT_TYPE`] to scrapers whose `Accept` asks for
-    /// `application/openmetrics-text`.
-    pub fn render_openmetrics(&self) -> String {
-        let mut out = String::new();
-        let result = text::encode(&mut out, &self.registry);
-        debug_assert!(result.is_ok(), "openmetrics text encoding: {result:?}");
         out
     }
 

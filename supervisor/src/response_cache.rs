@@ -53,8 +53,8 @@ impl CacheKey {
     /// The key of `request` on the served model `model` with the stop strings `stop`, or
     /// `None` when its output is not fully determined (it samples without an explicit seed).
     pub fn new(model: &str, request: &GenRequest, stop: &[String]) -> Option<Self> {
-        let p = request.sampler.params();
-        let greedy = p.temperature == 0.0 || p.top_k == Some(1);
+        let p = request.sampling.params();
+        let greedy = request.sampling.is_greedy();
         if !greedy && p.seed.is_none() {
             return None;
         }
@@ -70,11 +70,6 @@ impl CacheKey {
             stop_tokens: request.stop_tokens.clone(),
             stop: stop.to_vec(),
         })
-    }
-
-    /// The served model it is for.
-    pub fn model(&self) -> &str {
-        &self.model
     }
 
     /// An estimate of the bytes it holds.
@@ -174,20 +169,24 @@ impl ResponseCache {
     }
 
     /// The bound, in bytes.
+    #[cfg(test)]
     pub fn capacity(&self) -> usize {
         self.capacity
     }
 
     /// The bytes held now (at most the capacity).
+    #[cfg(test)]
     pub fn bytes(&self) -> usize {
         self.bytes
     }
 
     /// The entries held now.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -257,7 +256,7 @@ impl ResponseCache {
 
 #[cfg(test)]
 mod tests {
-    use gptossd_stage::sampler::{Sampler, SamplingParams};
+    use gptossd_shared::sampling::{SamplingParams, SamplingSpec};
 
     use super::*;
 
@@ -265,7 +264,7 @@ mod tests {
         GenRequest {
             prompt: vec![1, 2, 3],
             max_new_tokens: 8,
-            sampler: Sampler::new(params, params.resolved_seed()).expect("valid"),
+            sampling: params.spec().expect("valid"),
             priority: 0,
             stop_tokens: vec![200_002],
         }
@@ -344,7 +343,7 @@ mod tests {
             let mut r = request(seeded);
             let mut p = seeded;
             f(&mut r, &mut p);
-            r.sampler = Sampler::new(p, 1).expect("valid");
+            r.sampling = SamplingSpec::new(p, 1).expect("valid");
             CacheKey::new("m", &r, &["END".into()]).expect("seeded")
         };
         let variants = [

@@ -191,6 +191,7 @@ impl SloTracker {
     }
 
     /// Whether `profile`'s `slo` is in breach.
+    #[cfg(test)]
     pub fn in_breach(&self, profile: ProfileName, slo: Slo) -> bool {
         self.breaches.contains_key(&(profile, slo))
     }

@@ -92,6 +92,7 @@ impl CostModel {
     }
 
     /// The cost of each stage of `split`.
+    #[cfg(test)]
     pub fn stage_costs(&self, split: &[Range<usize>]) -> Vec<u64> {
         split
             .iter()

@@ -11,10 +11,11 @@ use gptossd_shared::checkpoint::Mapped;
 use gptossd_shared::config::ModelConfig;
 use gptossd_shared::device::{BackendKind, Device};
 use gptossd_shared::mxfp4::Mxfp4Experts;
+use gptossd_shared::sampling::SampleAt;
 
 use crate::kv::KvConfig;
 use crate::rope::Rope;
-use crate::sampler::{LogitsError, Sampled, Sampler};
+use crate::sampler::{LogitsError, Sampled};
 use crate::step::StepBatch;
 
 pub mod cpu;
@@ -130,14 +131,6 @@ pub struct AttentionArgs<'a, B: Backend> {
     pub layer: usize,
     /// Out: `[tokens × q_dim]`, query head `h` in columns `h·head_dim..(h+1)·head_dim`.
     pub out: &'a mut B::Act,
-}
-
-/// One row of logits to sample: the sequence's sampler and the index of the token it draws
-/// (the draw's uniform number is `sampler::uniform(seed, index)`, computed on the host).
-#[derive(Debug, Clone, Copy)]
-pub struct SampleRow {
-    pub sampler: Sampler,
-    pub index: u64,
 }
 
 /// The operations one pipeline stage of GPT-OSS is computed with. `model.rs` writes the
@@ -302,13 +295,14 @@ pub trait Backend: Sized {
         logits: &mut Self::Act,
     ) -> Result<(), BackendError>;
 
-    /// Samples one token from each row of `logits` with `rows[r]`: exactly what
-    /// `Sampler::sample_with` returns for that row and index (greedy, temperature, top-k,
-    /// top-p, logprobs), the uniform draw from the host's `(seed, index)` function.
+    /// Samples one token from each row of `logits` with `rows[r]` (the sequence's spec and the
+    /// index of the token it draws): exactly what `sampler::sample` returns for that row, spec
+    /// and index (greedy, temperature, top-k, top-p, logprobs), the uniform draw from the
+    /// host's `(seed, index)` function (`gptossd_shared::sampling::uniform`).
     fn sample(
         &mut self,
         logits: &Self::Act,
-        rows: &[SampleRow],
+        rows: &[SampleAt],
     ) -> Result<Vec<Result<Sampled, LogitsError>>, BackendError>;
 
     // ---- Reading back (tests and dumps) ----

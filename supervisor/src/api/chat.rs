@@ -36,7 +36,7 @@
 
 use std::collections::HashMap;
 
-use gptossd_stage::sampler::SamplingParams;
+use gptossd_shared::sampling::SamplingParams;
 use serde_json::Value;
 
 use super::common::{
@@ -114,6 +114,7 @@ impl ValidChatRequest {
     }
 
     /// The effort the request asked for (`reasoning_effort` or `reasoning.effort`).
+    #[cfg(test)]
     pub fn reasoning_effort(&self) -> Option<ReasoningEffort> {
         self.reasoning_effort
     }
@@ -144,6 +145,7 @@ impl ValidChatRequest {
     }
 
     /// The client's tool choice (see the module doc for what is enforced).
+    #[cfg(test)]
     pub fn tool_choice(&self) -> &ToolChoice {
         &self.tool_choice
     }

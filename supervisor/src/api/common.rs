@@ -14,7 +14,7 @@
 
 use std::str::FromStr;
 
-use gptossd_stage::sampler::{SamplingError, SamplingParams, MAX_LOGPROBS};
+use gptossd_shared::sampling::{SamplingError, SamplingParams, MAX_LOGPROBS};
 
 use super::error::{ApiError, ErrorCase};
 use super::json::{as_str, wrong_type, Fields};
@@ -179,15 +179,18 @@ fn parse_sampling(f: &Fields<'_>) -> Result<SamplingParams, ApiError> {
 
 /// The sampler's own range check, its error mapped to the request field.
 pub(crate) fn check_sampling(params: &SamplingParams) -> Result<(), ApiError> {
-    params.validate().map_err(|e| {
-        let param = match e {
-            SamplingError::Temperature(_) => "temperature",
-            SamplingError::TopP(_) => "top_p",
-            SamplingError::TopK(_) => "top_k",
-            SamplingError::Logprobs(_) => "logprobs",
-        };
-        ApiError::invalid_value(param, e.to_string())
-    })
+    params.validate().map_err(sampling_error)
+}
+
+/// A sampling parameter out of range, as a 400 naming the request field.
+pub(crate) fn sampling_error(e: SamplingError) -> ApiError {
+    let param = match e {
+        SamplingError::Temperature(_) => "temperature",
+        SamplingError::TopP(_) => "top_p",
+        SamplingError::TopK(_) => "top_k",
+        SamplingError::Logprobs(_) => "logprobs",
+    };
+    ApiError::invalid_value(param, e.to_string())
 }
 
 /// A count of alternatives per token, 0..=20, for `top_logprobs` (chat) or `logprobs`

@@ -19,8 +19,8 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
+use gptossd_shared::sampling::SamplingParams;
 use gptossd_shared::VOCAB_EDGE;
-use gptossd_stage::sampler::SamplingParams;
 use serde_json::Value;
 
 use super::common::{

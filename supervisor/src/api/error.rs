@@ -53,8 +53,6 @@ pub enum ErrorCase {
     MethodNotAllowed,
     /// The bounded waiting queue is full and the server asks the client to retry later.
     QueueFull,
-    /// Overloaded: the request cannot be admitted in time (the 503 flavour of back-pressure).
-    Overloaded,
     /// Not ready yet or any more, for a while: loading, or draining on shutdown.
     Unavailable,
     /// The model's workers are unhealthy (crashed too often, could not load) or its pipeline
@@ -62,7 +60,7 @@ pub enum ErrorCase {
     Unhealthy,
     /// The request ran past its deadline (its profile's adaptive timeout) and was cancelled.
     /// A 504 with OpenAI's body; the type is `timeout_error` (the name Anthropic's API gives
-    /// its 504, beside the `overloaded_error` this table already borrows) and the code gRPC's
+    /// its 504) and the code gRPC's
     /// `deadline_exceeded`, apart from the client-side `request_timeout` (408).
     Timeout,
     /// A fault inside gptossd; the details go to the log.
@@ -92,7 +90,6 @@ impl ErrorCase {
     /// | NotFound | 404 | not_found_error | not_found | |
     /// | MethodNotAllowed | 405 | invalid_request_error | method_not_allowed | |
     /// | QueueFull | 429 | rate_limit_error | queue_full | 1 |
-    /// | Overloaded | 503 | overloaded_error | overloaded | 1 |
     /// | Unavailable | 503 | service_unavailable | service_unavailable | 1 |
     /// | Unhealthy | 503 | service_unavailable | model_unhealthy | |
     /// | Timeout | 504 | timeout_error | deadline_exceeded | |
@@ -115,7 +112,7 @@ impl ErrorCase {
             Self::ModelNotFound | Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::QueueFull => 429,
-            Self::Overloaded | Self::Unavailable | Self::Unhealthy => 503,
+            Self::Unavailable | Self::Unhealthy => 503,
             Self::Timeout => 504,
             Self::Internal => 500,
         }
@@ -140,7 +137,6 @@ impl ErrorCase {
             | Self::MethodNotAllowed => "invalid_request_error",
             Self::ModelNotFound | Self::NotFound => "not_found_error",
             Self::QueueFull => "rate_limit_error",
-            Self::Overloaded => "overloaded_error",
             Self::Unavailable | Self::Unhealthy => "service_unavailable",
             Self::Timeout => "timeout_error",
             Self::Internal => "server_error",
@@ -167,7 +163,6 @@ impl ErrorCase {
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::QueueFull => "queue_full",
-            Self::Overloaded => "overloaded",
             Self::Unavailable => "service_unavailable",
             Self::Unhealthy => "model_unhealthy",
             Self::Timeout => "deadline_exceeded",
@@ -180,7 +175,7 @@ impl ErrorCase {
     /// retrying that one would only wait for nothing.
     pub const fn retry_after(self) -> Option<u32> {
         match self {
-            Self::QueueFull | Self::Overloaded | Self::Unavailable => Some(1),
+            Self::QueueFull | Self::Unavailable => Some(1),
             _ => None,
         }
     }

@@ -36,17 +36,12 @@ pub mod stops;
 #[cfg(test)]
 mod tests;
 
-pub use chat::{parse_chat, ToolChoice, ValidChatRequest};
+pub use chat::{parse_chat, ValidChatRequest};
 pub use common::StreamOptions;
-pub use completions::{parse_completion, ValidCompletionRequest, DEFAULT_COMPLETION_MAX_TOKENS};
+pub use completions::parse_completion;
 pub use error::{ApiError, ErrorCase};
-pub use limits::{check_limits, Limits};
+pub use limits::Limits;
 pub use responder::{
-    AnswerOptions, ChatResponder, EndedBy, GeneratedToken, Responder, TextResponder, TokenStep,
+    AnswerOptions, ChatResponder, EndedBy, GeneratedToken, Responder, TextResponder,
 };
-pub use responses::{
-    tool_call_id, ChatChunk, ChatCompletion, ChatFold, ChatLogprobs, ChatTokenLogprob,
-    ChunkBuilder, Completion, CompletionFold, CompletionLogprobs, CompletionLogprobsBuilder,
-    FinishReason, Fold, GptossdMetadata, ResponseIdentity, Usage,
-};
-pub use stops::StopMatcher;
+pub use responses::{FinishReason, Fold, GptossdMetadata, ResponseIdentity, Usage};

@@ -188,12 +188,14 @@ impl Usage {
     }
 
     /// Adds `prompt_tokens_details.cached_tokens`.
+    #[cfg(test)]
     pub fn with_cached_tokens(mut self, cached_tokens: usize) -> Self {
         self.prompt_tokens_details = Some(PromptTokensDetails { cached_tokens });
         self
     }
 
     /// Adds `completion_tokens_details.reasoning_tokens`.
+    #[cfg(test)]
     pub fn with_reasoning_tokens(mut self, reasoning_tokens: usize) -> Self {
         self.completion_tokens_details = Some(CompletionTokensDetails { reasoning_tokens });
         self
@@ -496,6 +498,7 @@ impl ChatCompletion {
     }
 
     /// Adds the logprobs.
+    #[cfg(test)]
     pub fn with_logprobs(mut self, logprobs: ChatLogprobs) -> Self {
         for choice in &mut self.choices {
             choice.logprobs = Some(logprobs.clone());
@@ -504,6 +507,7 @@ impl ChatCompletion {
     }
 
     /// Adds `prompt_token_ids` and the choice's `token_ids`.
+    #[cfg(test)]
     pub fn with_token_ids(mut self, prompt: Vec<TokenId>, completion: Vec<TokenId>) -> Self {
         self.prompt_token_ids = Some(prompt);
         for choice in &mut self.choices {
@@ -513,6 +517,7 @@ impl ChatCompletion {
     }
 
     /// Adds the `gptossd` metadata object.
+    #[cfg(test)]
     pub fn with_metadata(mut self, metadata: GptossdMetadata) -> Self {
         self.gptossd = Some(metadata);
         self
@@ -692,6 +697,7 @@ impl ChunkBuilder {
 
     /// One event as a chunk; `None` when it changes nothing a client sees (a call's end,
     /// empty text).
+    #[cfg(test)]
     pub fn on_event(&self, event: ChatEvent) -> Option<ChatChunk> {
         self.on_events(std::slice::from_ref(&event))
     }
@@ -876,12 +882,6 @@ impl Completion {
             choice.prompt_token_ids.clone_from(&prompt);
             choice.token_ids.clone_from(&completion);
         }
-        self
-    }
-
-    /// Adds usage (for example to the finish chunk).
-    pub fn with_usage(mut self, usage: Usage) -> Self {
-        self.usage = Some(usage);
         self
     }
 

@@ -4,6 +4,13 @@
 
 use serde_json::{json, Value};
 
+use super::chat::ToolChoice;
+use super::completions::{ValidCompletionRequest, DEFAULT_COMPLETION_MAX_TOKENS};
+use super::limits::check_limits;
+use super::responses::{
+    tool_call_id, ChatCompletion, ChatLogprobs, ChatTokenLogprob, ChunkBuilder, Completion,
+    CompletionLogprobs, CompletionLogprobsBuilder,
+};
 use super::*;
 use crate::chat::{
     parse_reply, Conversation, Ending, FunctionTool, Message, ReasoningEffort, ReplyParser,
@@ -570,7 +577,6 @@ fn bad_roles_and_efforts() {
 fn error_table_and_body() {
     let e = ApiError::new(ErrorCase::QueueFull, "queue full: 256 requests waiting");
     assert_eq!((e.status, e.kind), (429, "rate_limit_error"));
-    assert_eq!(ApiError::new(ErrorCase::Overloaded, "x").status, 503);
     assert_eq!(
         ApiError::new(ErrorCase::Unavailable, "x").kind,
         "service_unavailable"

@@ -8,9 +8,9 @@
 //! `supervisor/tests/harmony_golden.rs`); user text never turns into special tokens; parsing
 //! never fails on model output. This module knows nothing of HTTP, sampling or the model.
 
-pub mod parser;
-pub mod render;
-pub mod tokenizer;
+pub(crate) mod parser;
+pub(crate) mod render;
+pub(crate) mod tokenizer;
 
 pub use parser::{parse_reply, ChatEvent, Ending, Reply, ReplyParser, Summary, ToolCall};
 pub use render::{Conversation, FunctionTool, Message, ReasoningEffort, SystemOptions};

@@ -202,7 +202,6 @@ fn check(raw: RawFile, ctx: &Ctx, host: &Host) -> Result<Config, ConfigError> {
         )?,
     };
     Ok(Config {
-        file: ctx.file.map(Path::to_path_buf),
         server,
         models,
         profiles,

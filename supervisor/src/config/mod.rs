@@ -54,23 +54,14 @@ use std::time::Duration;
 
 use gptossd_shared::config::ModelConfig;
 
-pub use self::host::{
-    default_control_socket, default_layout, ControlSocketSource, DefaultLayout, Host,
-    RUNTIME_DIRECTORY_ENV, XDG_RUNTIME_DIR_ENV,
-};
-pub use self::routing::{
-    profile_for_shape, LoadedModel, ModelChoice, ProfileModels, AUTO_ASSUMED_MAX_TOKENS,
-    AUTO_LONG_ANSWER_TOKENS, AUTO_LONG_PROMPT_TOKENS, AUTO_SHORT_TOKENS,
-};
+pub use self::host::{ControlSocketSource, Host};
+pub use self::routing::LoadedModel;
 pub use crate::chat::ReasoningEffort;
 use crate::split::{split_layers, CostModel};
-pub use gptossd_shared::device::{Device, DeviceParseError};
+pub use gptossd_shared::device::Device;
 
 /// The environment variable naming the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "GPTOSSD_CONFIG";
-
-/// Where the Debian package installs the documented default config file.
-pub const PACKAGED_CONFIG_PATH: &str = "/etc/gptossd/gptossd.toml";
 
 /// The config file to read: the `--config` flag's value, else `$GPTOSSD_CONFIG` (when set and
 /// not empty), else none (the daemon then needs `--model`).
@@ -264,7 +255,6 @@ fn syntax_message(
 /// Equality compares the settings, not where they came from.
 #[derive(Debug, Clone)]
 pub struct Config {
-    file: Option<PathBuf>,
     server: ServerSettings,
     models: Vec<ModelSettings>,
     profiles: Profiles,
@@ -313,11 +303,13 @@ impl Config {
     }
 
     /// Checks config text; `path` names the file in errors. Defaults of this machine.
+    #[cfg(test)]
     pub fn parse(text: &str, path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
         Self::parse_on(text, path, overrides, &Host::detect())
     }
 
     /// [`Config::parse`] with the defaults of `host`.
+    #[cfg(test)]
     pub fn parse_on(
         text: &str,
         path: &Path,
@@ -329,6 +321,7 @@ impl Config {
 
     /// Every default, serving the model in `path` (the daemon started with `--model DIR` and
     /// no config file). `name`: the served model name, by default the directory's name.
+    #[cfg(test)]
     pub fn default_for_model(path: &Path, name: Option<&str>) -> Result<Self, ConfigError> {
         let overrides = Overrides {
             model: Some(path.to_path_buf()),
@@ -336,11 +329,6 @@ impl Config {
             ..Overrides::default()
         };
         Self::resolve(None, &overrides)
-    }
-
-    /// The file it was read from, if any.
-    pub fn file(&self) -> Option<&Path> {
-        self.file.as_deref()
     }
 
     /// `[server]`.
@@ -356,11 +344,6 @@ impl Config {
     /// The model served under `name`.
     pub fn model(&self, name: &str) -> Option<&ModelSettings> {
         self.models.iter().find(|m| m.name == name)
-    }
-
-    /// `[profiles.*]`.
-    pub fn profiles(&self) -> &Profiles {
-        &self.profiles
     }
 
     /// One profile's settings.
@@ -552,6 +535,7 @@ impl ModelSettings {
 
     /// Checks the settings that depend on the model's layer count: `stages ≤ layers`, and that
     /// explicit `layers` counts add up to it.
+    #[cfg(test)]
     pub fn check_layers(&self, layers: usize) -> Result<(), ConfigError> {
         check::check_layers(self, layers).map(|_| ())
     }

@@ -522,22 +522,6 @@ fn reservoir_stays_bounded() {
 }
 
 #[test]
-fn openmetrics_text_ends_with_eof() {
-    let m = Metrics::new();
-    m.record(&finished("default", "stop"));
-    let text = m.render_openmetrics();
-    assert!(text.ends_with("# EOF\n"), "{text}");
-    let s = parse(&text);
-    let l = series_pairs("default");
-    assert_eq!(value(&s, "gptossd_prompt_tokens_total", &l), 10.0);
-    assert_eq!(
-        bucket(&s, "gptossd_time_to_first_token_seconds", &l, 0.005),
-        1.0
-    );
-    assert!(!m.render_prometheus().contains("# EOF"));
-}
-
-#[test]
 fn concurrent_records_all_count_and_a_poisoned_lock_is_recovered() {
     fn send_sync<T: Send + Sync>() {}
     send_sync::<Metrics>();

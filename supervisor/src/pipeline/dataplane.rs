@@ -28,11 +28,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gptossd_shared::protocol::{
-    read_slot_header, write_message, write_slot_header, ProtocolError, SampleSpec, StepHeader,
-    StepResult, StepSeq, SupervisorMsg,
+    read_slot_header, write_message, write_slot_header, ProtocolError, StepHeader, StepResult,
+    StepSeq, SupervisorMsg,
 };
 use gptossd_shared::ring::{send_fd, Producer, Ring, RingError};
-use gptossd_stage::sampler::SamplingParams;
+use gptossd_shared::sampling::{SampleAt, SamplingSpec};
 use interprocess::os::unix::uds_local_socket::Stream;
 
 use super::Event;
@@ -187,12 +187,11 @@ impl DataPlane {
         Ok(())
     }
 
-    /// Encodes `plan` and writes it into ring 0. `sampling` gives a sequence's sampling
-    /// parameters and seed.
+    /// Encodes `plan` and writes it into ring 0. `sampling` gives a sequence's sampling spec.
     pub fn send_step(
         &mut self,
         plan: &StepPlan,
-        sampling: impl Fn(SeqId) -> Option<(SamplingParams, u64)>,
+        sampling: impl Fn(SeqId) -> Option<SamplingSpec>,
     ) -> Result<(), DataPlaneError> {
         let (header, tokens) = encode_step(self.epoch, plan, sampling);
         let producer = self
@@ -237,7 +236,7 @@ impl DataPlane {
 pub fn encode_step(
     epoch: u64,
     plan: &StepPlan,
-    sampling: impl Fn(SeqId) -> Option<(SamplingParams, u64)>,
+    sampling: impl Fn(SeqId) -> Option<SamplingSpec>,
 ) -> (StepHeader, Vec<u32>) {
     let seqs = plan
         .seqs
@@ -247,16 +246,11 @@ pub fn encode_step(
             start_pos: p.start_pos as u32,
             tokens: p.tokens.len() as u32,
             blocks: p.blocks.clone(),
-            sample: p.sample.then(|| {
-                let (params, seed) = sampling(p.id).unwrap_or_default();
-                SampleSpec {
-                    temperature: params.temperature,
-                    top_p: params.top_p,
-                    top_k: params.top_k.unwrap_or(0) as u32,
-                    seed,
-                    index: p.sample_index,
-                    logprobs: params.logprobs.unwrap_or(0) as u8,
-                }
+            // A sequence no longer open (cancelled meanwhile) samples with the defaults; its
+            // token is dropped when it comes back.
+            sample: p.sample.then(|| SampleAt {
+                spec: sampling(p.id).unwrap_or_default(),
+                index: p.sample_index,
             }),
         })
         .collect();
@@ -304,6 +298,7 @@ fn read_results(rings: Receiver<Ring>, events: Sender<Event>) {
 mod tests {
     use super::*;
     use crate::scheduler::{PlannedSeq, StepId};
+    use gptossd_shared::sampling::SamplingParams;
 
     fn seq(id: SeqId, tokens: Vec<u32>, sample: bool, sample_index: u64) -> PlannedSeq {
         PlannedSeq {
@@ -332,7 +327,8 @@ mod tests {
             seed: Some(1),
             logprobs: Some(3),
         };
-        let (header, tokens) = encode_step(6, &plan, |id| (id == 8).then_some((params, 99)));
+        let spec = SamplingSpec::new(params, 99).expect("valid");
+        let (header, tokens) = encode_step(6, &plan, |id| (id == 8).then_some(spec));
         assert_eq!(tokens, vec![10, 11, 12, 20]);
         assert_eq!((header.epoch, header.step), (6, 41));
         assert_eq!(header.total_tokens(), 4);
@@ -340,17 +336,7 @@ mod tests {
         assert_eq!((first.seq, first.start_pos, first.tokens), (7, 16, 3));
         assert_eq!(first.blocks, vec![3, 9]);
         assert_eq!(first.sample, None);
-        assert_eq!(
-            header.seqs[1].sample,
-            Some(SampleSpec {
-                temperature: 0.5,
-                top_p: 0.9,
-                top_k: 40,
-                seed: 99,
-                index: 5,
-                logprobs: 3,
-            })
-        );
+        assert_eq!(header.seqs[1].sample, Some(SampleAt { spec, index: 5 }));
     }
 
     #[test]
@@ -360,7 +346,15 @@ mod tests {
             seqs: vec![seq(3, vec![1], true, 0)],
         };
         let (header, _) = encode_step(1, &plan, |_| None);
-        let spec = header.seqs[0].sample.expect("sampled");
-        assert_eq!((spec.temperature, spec.top_k, spec.seed), (1.0, 0, 0));
+        let at = header.seqs[0].sample.expect("sampled");
+        assert_eq!(at.spec, SamplingSpec::default());
+        assert_eq!(
+            (
+                at.spec.params().temperature,
+                at.spec.params().top_k,
+                at.spec.seed()
+            ),
+            (1.0, None, 0)
+        );
     }
 }

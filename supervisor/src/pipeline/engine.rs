@@ -308,7 +308,7 @@ impl Engine {
             priority: req.priority,
             arrival: now,
         })?;
-        self.requests.open(id, tx, req.sampler);
+        self.requests.open(id, tx, req.sampling);
         Ok(())
     }
 

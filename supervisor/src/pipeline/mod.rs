@@ -45,7 +45,6 @@ mod process;
 mod registry;
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
@@ -53,7 +52,7 @@ use std::time::{Duration, Instant};
 
 use gptossd_shared::device::{pipeline_backend, Device};
 use gptossd_shared::protocol::{LoadReport, StepResult, WorkerMsg};
-use gptossd_stage::sampler::Sampler;
+use gptossd_shared::sampling::SamplingSpec;
 use interprocess::os::unix::uds_local_socket::Stream;
 use tokio::sync::{oneshot, watch};
 
@@ -69,10 +68,8 @@ pub use process::StageSpec;
 pub struct PipelineConfig {
     /// The model's served name (the `model` field of every log record of this pipeline).
     pub name: String,
-    pub model: PathBuf,
     pub hidden_size: usize,
     pub vocab_size: usize,
-    pub stage_binary: PathBuf,
     /// One spec per stage, in order (layers contiguous, first has the embedding, last the head).
     pub stages: Vec<StageSpec>,
     pub scheduler: SchedulerConfig,
@@ -106,7 +103,7 @@ pub struct GenRequest {
     pub prompt: Vec<u32>,
     pub max_new_tokens: usize,
     /// Validated parameters with the sequence's seed bound.
-    pub sampler: Sampler,
+    pub sampling: SamplingSpec,
     pub priority: i32,
     pub stop_tokens: Vec<u32>,
 }
@@ -468,6 +465,7 @@ mod tests {
             device: device.parse().expect("device"),
             loaded: loaded.map(|backend| LoadReport {
                 backend,
+                kernels: String::new(),
                 detail: String::new(),
                 threads: 1,
                 weight_bytes: 0,
@@ -555,11 +553,10 @@ mod tests {
     #[test]
     fn a_submit_to_a_stopped_engine_is_refused() {
         let (handle, _tx) = handle();
-        let params = gptossd_stage::sampler::SamplingParams::default();
         let req = GenRequest {
             prompt: vec![1],
             max_new_tokens: 1,
-            sampler: Sampler::new(params, 0).expect("sampler"),
+            sampling: SamplingSpec::default(),
             priority: 0,
             stop_tokens: Vec::new(),
         };

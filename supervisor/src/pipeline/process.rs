@@ -113,7 +113,8 @@ impl StageProcess {
         for (k, v) in &spec.extra_env {
             cmd.env(k, v);
         }
-        cmd.arg("--model")
+        cmd.arg("worker")
+            .arg("--model")
             .arg(&spec.model)
             .args(["--stage", &spec.stage.to_string()])
             .args(["--first-layer", &spec.layers.start.to_string()])

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use gptossd_stage::sampler::{Sampler, SamplingParams};
+use gptossd_shared::sampling::SamplingSpec;
 
 use super::{Finish, GenEvent, GenFailure, GenSender};
 use crate::scheduler::{SeqId, StepId, StepPlan};
@@ -16,7 +16,7 @@ use crate::scheduler::{SeqId, StepId, StepPlan};
 /// One open request.
 struct OpenRequest {
     tx: GenSender,
-    sampler: Sampler,
+    sampling: SamplingSpec,
     scheduled: bool,
 }
 
@@ -39,12 +39,12 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn open(&mut self, id: SeqId, tx: GenSender, sampler: Sampler) {
+    pub fn open(&mut self, id: SeqId, tx: GenSender, sampling: SamplingSpec) {
         self.open.insert(
             id,
             OpenRequest {
                 tx,
-                sampler,
+                sampling,
                 scheduled: false,
             },
         );
@@ -55,11 +55,9 @@ impl Registry {
         self.open.keys().copied().collect()
     }
 
-    /// The sampling parameters and seed of a request.
-    pub fn sampling(&self, id: SeqId) -> Option<(SamplingParams, u64)> {
-        self.open
-            .get(&id)
-            .map(|r| (*r.sampler.params(), r.sampler.seed()))
+    /// How a request samples (its parameters and seed).
+    pub fn sampling(&self, id: SeqId) -> Option<SamplingSpec> {
+        self.open.get(&id).map(|r| r.sampling)
     }
 
     /// A step was sent: remember its members, and tell each request it carries for the
@@ -138,13 +136,14 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::scheduler::PlannedSeq;
+    use gptossd_shared::sampling::SamplingParams;
 
-    fn sampler() -> Sampler {
+    fn sampling() -> SamplingSpec {
         let params = SamplingParams {
             temperature: 0.7,
             ..SamplingParams::default()
         };
-        Sampler::new(params, 42).expect("valid sampler")
+        SamplingSpec::new(params, 42).expect("valid spec")
     }
 
     fn plan(step: u64, ids: &[SeqId]) -> StepPlan {
@@ -168,9 +167,9 @@ mod tests {
     fn a_request_is_scheduled_once_then_gets_tokens_then_exactly_one_end() {
         let mut reg = Registry::default();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        reg.open(1, tx, sampler());
+        reg.open(1, tx, sampling());
         assert_eq!(
-            reg.sampling(1).map(|(p, seed)| (p.temperature, seed)),
+            reg.sampling(1).map(|s| (s.params().temperature, s.seed())),
             Some((0.7, 42))
         );
         reg.step_launched(&plan(10, &[1]));
@@ -204,7 +203,7 @@ mod tests {
     fn a_dropped_receiver_closes_the_request() {
         let mut reg = Registry::default();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        reg.open(5, tx, sampler());
+        reg.open(5, tx, sampling());
         drop(rx);
         assert_eq!(reg.token(5, 0, 1, 0.0, Vec::new()), Delivery::ReceiverGone);
         assert_eq!(reg.sampling(5), None);

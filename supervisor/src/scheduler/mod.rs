@@ -245,6 +245,7 @@ pub struct StepPlan {
 
 impl StepPlan {
     /// Tokens the step computes (all chunks).
+    #[cfg(test)]
     pub fn total_tokens(&self) -> usize {
         self.seqs.iter().map(|s| s.tokens.len()).sum()
     }
@@ -276,29 +277,7 @@ pub enum SeqEvent {
     Finished { id: SeqId, reason: Finish },
 }
 
-/// Why a generation ended: one type for the scheduler, the pipeline, the in-process generator
-/// and the API (which maps it to OpenAI's strings in one place, `api::EndedBy`). The
-/// scheduler itself ends sequences with `Stop` or `Length`; `Cancelled` comes from a cancel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Finish {
-    /// It sampled one of its stop tokens.
-    Stop,
-    /// It generated `max_new_tokens` tokens or reached the context limit.
-    Length,
-    /// It was cancelled (by the API's cancel endpoint, a client gone, a stop string).
-    Cancelled,
-}
-
-impl Finish {
-    /// The name in the command-line tools' JSON (the API's are OpenAI's: `api::FinishReason`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Finish::Stop => "stop",
-            Finish::Length => "length",
-            Finish::Cancelled => "abort",
-        }
-    }
-}
+pub use gptossd_shared::generation::Finish;
 
 /// Counters and gauges for `/stats` and `/metrics`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

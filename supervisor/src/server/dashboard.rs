@@ -423,6 +423,7 @@ mod tests {
             },
             loaded: Some(LoadReport {
                 backend: BackendKind::Cpu,
+                kernels: "Avx2Fma".into(),
                 detail: "Avx2Fma kernels, 2 threads".into(),
                 threads: 2,
                 weight_bytes: 1000,

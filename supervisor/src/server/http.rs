@@ -185,7 +185,6 @@ mod tests {
                 .map(|v| v.to_str().unwrap_or_default().to_owned())
         };
         assert_eq!(retry_after(ErrorCase::QueueFull).as_deref(), Some("1"));
-        assert_eq!(retry_after(ErrorCase::Overloaded).as_deref(), Some("1"));
         assert_eq!(retry_after(ErrorCase::Unavailable).as_deref(), Some("1"));
         let unhealthy = error(&ApiError::new(ErrorCase::Unhealthy, "stage 1 failed"));
         assert_eq!(unhealthy.status(), StatusCode::SERVICE_UNAVAILABLE);

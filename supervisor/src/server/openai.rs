@@ -17,10 +17,12 @@ mod answer;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use gptossd_shared::sampling::{SamplingParams, SamplingSpec};
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
 use hyper::{HeaderMap, Request};
 
+use crate::api::common::sampling_error;
 use crate::api::{
     parse_chat, parse_completion, AnswerOptions, ApiError, ChatResponder, ErrorCase, Limits,
     Responder, ResponseIdentity, StreamOptions, TextResponder,
@@ -29,15 +31,12 @@ use crate::config::ProfileName;
 use crate::metrics::{Labels, Rejection, UNKNOWN};
 use crate::pipeline::GenRequest;
 use crate::response_cache::CacheKey;
-use gptossd_stage::sampler::{Sampler, SamplingParams};
 
 use crate::chat::STOP_TOKENS;
 
 use super::generation::{AccessRecord, RequestInfo, Run, Submission};
 use super::http::{error, read_body, require_json, HttpResponse};
 use super::state::{AppState, Route, RouteError, ENGINE};
-
-pub use answer::KEEPALIVE;
 
 /// The request header that names a profile (the body's `profile` field wins).
 pub const PROFILE_HEADER: &str = "x-gptossd-profile";
@@ -181,10 +180,9 @@ fn limits_of(route: &Route<'_>) -> Limits {
     }
 }
 
-/// The request's sampler, its seed bound.
-fn sampler(params: &SamplingParams) -> Result<Sampler, ApiError> {
-    Sampler::new(*params, params.resolved_seed())
-        .map_err(|e| ApiError::invalid_value("temperature", e.to_string()))
+/// The request's sampling spec, its seed bound: once, at submission.
+fn sampling_spec(params: &SamplingParams) -> Result<SamplingSpec, ApiError> {
+    params.spec().map_err(sampling_error)
 }
 
 /// The tokens that end generation: harmony's stop tokens, or none with `ignore_eos`.
@@ -295,7 +293,7 @@ fn prepare_chat<'a>(
     let request = GenRequest {
         prompt,
         max_new_tokens: max_tokens,
-        sampler: sampler(parsed.sampling()).map_err(|e| Refused::routed(&route, e))?,
+        sampling: sampling_spec(parsed.sampling()).map_err(|e| Refused::routed(&route, e))?,
         priority: parsed.priority(),
         stop_tokens: stop_tokens(parsed.ignore_eos()),
     };
@@ -367,7 +365,7 @@ fn prepare_completion<'a>(
     let request = GenRequest {
         prompt,
         max_new_tokens: max_tokens,
-        sampler: sampler(parsed.sampling()).map_err(|e| Refused::routed(&route, e))?,
+        sampling: sampling_spec(parsed.sampling()).map_err(|e| Refused::routed(&route, e))?,
         priority: parsed.priority(),
         stop_tokens: stop_tokens(parsed.ignore_eos()),
     };

@@ -53,12 +53,6 @@ impl ModelEntry {
         self.pipeline.status().backend()
     }
 
-    /// Ready to serve (loaded, not unhealthy, not draining).
-    pub fn serving(&self) -> bool {
-        let s = self.pipeline.status();
-        s.ready && s.unhealthy.is_none()
-    }
-
     /// Loaded and not unhealthy (some stage may be restarting: requests wait for it).
     pub fn usable(&self) -> bool {
         let s = self.pipeline.status();

@@ -38,6 +38,7 @@ mod x86;
 
 use gptossd_shared::checkpoint::Mapped;
 use gptossd_shared::device::BackendKind;
+use gptossd_shared::sampling::SampleAt;
 
 pub use isa::{Isa, ISA_ENV};
 pub use kernels::{matmul_bf16, matmul_mxfp4, Bf16Rows, Mxfp4Rows};
@@ -47,7 +48,6 @@ pub use pool::ThreadPool;
 
 use super::{
     AttentionArgs, Backend, BackendError, BackendInfo, DenseSource, ExpertsSource, KvSlot, QkvArgs,
-    SampleRow,
 };
 use crate::kv::KvConfig;
 use crate::sampler::{LogitsError, Sampled};
@@ -414,7 +414,7 @@ impl Backend for CpuBackend {
     fn sample(
         &mut self,
         logits: &CpuAct,
-        rows: &[SampleRow],
+        rows: &[SampleAt],
     ) -> Result<Vec<Result<Sampled, LogitsError>>, BackendError> {
         sample::sample_rows(&self.pool, logits.values(), logits.width, rows)
     }

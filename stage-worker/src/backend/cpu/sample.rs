@@ -1,13 +1,15 @@
 //! Sampling on the CPU: one task per logits row on the stage's threads, each with its own
-//! thread-local scratch. Each draw depends only on its row, its sampler and its token index
+//! thread-local scratch. Each draw depends only on its row, its spec and its token index
 //! (see `sampler.rs`), so the split over threads changes nothing.
 
 use std::cell::RefCell;
 use std::sync::Mutex;
 
 use super::ThreadPool;
-use crate::backend::{BackendError, SampleRow};
-use crate::sampler::{LogitsError, SampleScratch, Sampled};
+use gptossd_shared::sampling::SampleAt;
+
+use crate::backend::BackendError;
+use crate::sampler::{sample, LogitsError, SampleScratch, Sampled};
 
 thread_local! {
     static SCRATCH: RefCell<SampleScratch> = RefCell::new(SampleScratch::default());
@@ -18,7 +20,7 @@ pub(super) fn sample_rows(
     pool: &ThreadPool,
     logits: &[f32],
     vocab: usize,
-    rows: &[SampleRow],
+    rows: &[SampleAt],
 ) -> Result<Vec<Result<Sampled, LogitsError>>, BackendError> {
     assert_eq!(
         logits.len(),
@@ -31,8 +33,8 @@ pub(super) fn sample_rows(
         (0..rows.len()).map(|_| Mutex::new(None)).collect();
     pool.run(rows.len(), &|i| {
         let row = &logits[i * vocab..(i + 1) * vocab];
-        let SampleRow { sampler, index } = rows[i];
-        let r = SCRATCH.with(|s| sampler.sample_with(row, index, &mut s.borrow_mut()));
+        let SampleAt { spec, index } = rows[i];
+        let r = SCRATCH.with(|s| sample(&spec, row, index, &mut s.borrow_mut()));
         if let Ok(mut slot) = results[i].lock() {
             *slot = Some(r);
         }

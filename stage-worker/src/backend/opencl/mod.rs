@@ -25,6 +25,7 @@ mod tests;
 
 use gptossd_shared::checkpoint::Mapped;
 use gptossd_shared::device::BackendKind;
+use gptossd_shared::sampling::SampleAt;
 use opencl3::command_queue::CommandQueue;
 use opencl3::kernel::Kernel;
 use opencl3::types::cl_mem;
@@ -37,10 +38,9 @@ pub use runtime::{OpenClError, Runtime};
 
 use super::{
     AttentionArgs, Backend, BackendError, BackendInfo, DenseSource, ExpertsSource, KvSlot, QkvArgs,
-    SampleRow,
 };
 use crate::kv::KvConfig;
-use crate::sampler::{LogitsError, SampleScratch, Sampled};
+use crate::sampler::{self, LogitsError, SampleScratch, Sampled};
 use crate::step::StepBatch;
 
 /// Activations on the device: `rows × width` f32 in a buffer that only grows.
@@ -825,7 +825,7 @@ impl Backend for OpenClBackend {
     fn sample(
         &mut self,
         logits: &OpenClAct,
-        rows: &[SampleRow],
+        rows: &[SampleAt],
     ) -> Result<Vec<Result<Sampled, LogitsError>>, BackendError> {
         let op = "sample";
         if rows.len() != logits.rows {
@@ -845,7 +845,7 @@ impl Backend for OpenClBackend {
             .enumerate()
             .map(|(r, row)| {
                 let l = &h.logits[r * vocab..(r + 1) * vocab];
-                row.sampler.sample_with(l, row.index, &mut h.sample)
+                sampler::sample(&row.spec, l, row.index, &mut h.sample)
             })
             .collect())
     }

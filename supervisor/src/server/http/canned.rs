@@ -60,11 +60,6 @@ impl<T> JsonErrorIo<T> {
             written: 0,
         }
     }
-
-    /// The wrapped stream.
-    pub fn into_inner(self) -> T {
-        self.inner
-    }
 }
 
 impl<T: AsyncWrite + Unpin> JsonErrorIo<T> {
