@@ -29,7 +29,7 @@ use gptossd_shared::protocol::{WorkerMsg, PROTOCOL_VERSION};
 use gptossd_shared::weights::{StageSpan, StageWeights};
 use gptossd_stage::kv::KvConfig;
 use gptossd_stage::stage::Stage;
-use gptossd_stage::worker::{self, Hops, Shared};
+use gptossd_stage::worker::{self, Hops, WorkerState};
 use interprocess::local_socket::traits::Stream as _;
 use interprocess::local_socket::{GenericNamespaced, ToNsName};
 use interprocess::os::unix::uds_local_socket::Stream;
@@ -143,19 +143,19 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         eprintln!("gptossd-stage: {FAULT_ENV}=crash-after-load: aborting (test fault injection)");
         std::process::abort();
     }
-    let shared = Shared::new(args.epoch);
+    let state = WorkerState::new(args.epoch);
     {
-        let (s, sh) = (stream.clone(), shared.clone());
+        let (s, sh) = (stream.clone(), state.clone());
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || worker::control_reader(s, sh))?;
-        let (s, sh) = (stream.clone(), shared.clone());
+        let (s, sh) = (stream.clone(), state.clone());
         let interval = Duration::from_millis(args.heartbeat_ms.max(10));
         std::thread::Builder::new()
             .name("heartbeat".into())
             .spawn(move || worker::heartbeat(s, sh, interval))?;
     }
-    worker::run(&mut stage, hops, &shared).context("compute loop")?;
+    worker::run(&mut stage, hops, &state).context("compute loop")?;
     Ok(ExitCode::SUCCESS)
 }
 

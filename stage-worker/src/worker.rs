@@ -34,8 +34,9 @@ const POLL: Duration = Duration::from_millis(50);
 /// After this long with no step, the step buffers are given back to the OS.
 const IDLE_RELEASE: Duration = Duration::from_secs(1);
 
-/// State shared by the worker's threads.
-pub struct Shared {
+/// The state the worker's threads share: the control reader and the heartbeat thread beside
+/// the step loop.
+pub struct WorkerState {
     pub epoch: AtomicU64,
     pub shutdown: AtomicBool,
     pub steps_done: AtomicU64,
@@ -46,7 +47,7 @@ pub struct Shared {
     pub new_out: Mutex<Option<Ring>>,
 }
 
-impl Shared {
+impl WorkerState {
     pub fn new(epoch: u64) -> Arc<Self> {
         Arc::new(Self {
             epoch: AtomicU64::new(epoch),
@@ -68,38 +69,34 @@ pub enum Side {
 
 /// Reads supervisor messages until the socket closes or a shutdown arrives. A replacement
 /// ring's descriptor follows its [`SupervisorMsg`] on the socket (SCM_RIGHTS).
-pub fn control_reader(stream: Arc<Stream>, shared: Arc<Shared>) {
+pub fn control_reader(stream: Arc<Stream>, state: Arc<WorkerState>) {
     loop {
         let msg: SupervisorMsg = match read_message(&mut &*stream) {
             Ok(m) => m,
             Err(_) => {
                 // The supervisor is gone: nothing more to do.
-                shared.shutdown.store(true, Ordering::SeqCst);
+                state.shutdown.store(true, Ordering::SeqCst);
                 return;
             }
         };
         match msg {
-            SupervisorMsg::SetEpoch { epoch } => shared.epoch.store(epoch, Ordering::SeqCst),
+            SupervisorMsg::SetEpoch { epoch } => state.epoch.store(epoch, Ordering::SeqCst),
             SupervisorMsg::Shutdown => {
-                shared.shutdown.store(true, Ordering::SeqCst);
+                state.shutdown.store(true, Ordering::SeqCst);
                 return;
             }
             SupervisorMsg::ReplaceRing { input } => {
                 let ring = recv_fd(&*stream).and_then(Ring::from_fd);
                 match ring {
                     Ok(ring) => {
-                        let slot = if input {
-                            &shared.new_in
-                        } else {
-                            &shared.new_out
-                        };
+                        let slot = if input { &state.new_in } else { &state.new_out };
                         if let Ok(mut s) = slot.lock() {
                             *s = Some(ring);
                         }
                     }
                     Err(e) => {
                         eprintln!("gptossd-stage: replacement ring rejected: {e}");
-                        shared.shutdown.store(true, Ordering::SeqCst);
+                        state.shutdown.store(true, Ordering::SeqCst);
                         return;
                     }
                 }
@@ -109,19 +106,19 @@ pub fn control_reader(stream: Arc<Stream>, shared: Arc<Shared>) {
 }
 
 /// Sends a heartbeat every `interval` until shutdown.
-pub fn heartbeat(stream: Arc<Stream>, shared: Arc<Shared>, interval: Duration) {
-    while !shared.shutdown.load(Ordering::SeqCst) {
-        let busy = shared
+pub fn heartbeat(stream: Arc<Stream>, state: Arc<WorkerState>, interval: Duration) {
+    while !state.shutdown.load(Ordering::SeqCst) {
+        let busy = state
             .busy
             .lock()
             .ok()
             .and_then(|b| b.map(|(step, since)| (step, since.elapsed().as_millis() as u64)));
         let msg = WorkerMsg::Heartbeat {
-            steps_done: shared.steps_done.load(Ordering::SeqCst),
+            steps_done: state.steps_done.load(Ordering::SeqCst),
             busy,
         };
         if write_message(&mut &*stream, &msg).is_err() {
-            shared.shutdown.store(true, Ordering::SeqCst);
+            state.shutdown.store(true, Ordering::SeqCst);
             return;
         }
         std::thread::sleep(interval);
@@ -142,7 +139,7 @@ pub enum LoopError {
 }
 
 /// The compute loop: until shutdown, take a step, compute it into the next hop, commit.
-pub fn run(stage: &mut Stage, hops: Hops, shared: &Shared) -> Result<(), LoopError> {
+pub fn run(stage: &mut Stage, hops: Hops, state: &WorkerState) -> Result<(), LoopError> {
     let mut in_ring = hops.input;
     let mut out_ring = hops.output;
     let mut consumer: Option<Consumer> = Some(in_ring.consumer()?);
@@ -151,11 +148,11 @@ pub fn run(stage: &mut Stage, hops: Hops, shared: &Shared) -> Result<(), LoopErr
     let mut lost_input = false;
     // When the last step finished, while its buffers are still held.
     let mut holding_since: Option<Instant> = None;
-    while !shared.shutdown.load(Ordering::SeqCst) {
+    while !state.shutdown.load(Ordering::SeqCst) {
         if std::mem::take(&mut lost_input) {
             consumer = None;
         }
-        if let Some(ring) = shared.new_in.lock().ok().and_then(|mut s| s.take()) {
+        if let Some(ring) = state.new_in.lock().ok().and_then(|mut s| s.take()) {
             drop(consumer.take());
             in_ring = ring;
             consumer = Some(in_ring.consumer()?);
@@ -185,10 +182,10 @@ pub fn run(stage: &mut Stage, hops: Hops, shared: &Shared) -> Result<(), LoopErr
             eprintln!("gptossd-stage: dropping a slot with an unreadable header");
             continue;
         };
-        if header.epoch < shared.epoch.load(Ordering::SeqCst) {
+        if header.epoch < state.epoch.load(Ordering::SeqCst) {
             continue;
         }
-        if let Ok(mut b) = shared.busy.lock() {
+        if let Ok(mut b) = state.busy.lock() {
             *b = Some((header.step, Instant::now()));
         }
         // The output ring may have been replaced (the next stage restarted) after this loop
@@ -197,7 +194,7 @@ pub fn run(stage: &mut Stage, hops: Hops, shared: &Shared) -> Result<(), LoopErr
         // being dropped (a dropped step would leave its sequences waiting forever). Computing
         // a step twice writes the same KV rows with the same values.
         let written = loop {
-            if let Some(ring) = shared.new_out.lock().ok().and_then(|mut s| s.take()) {
+            if let Some(ring) = state.new_out.lock().ok().and_then(|mut s| s.take()) {
                 drop(producer.take());
                 out_ring = ring;
                 producer = Some(out_ring.producer()?);
@@ -209,7 +206,7 @@ pub fn run(stage: &mut Stage, hops: Hops, shared: &Shared) -> Result<(), LoopErr
             match result {
                 Err(RingError::Closed) | Err(RingError::Stale(_)) => {
                     producer = None;
-                    if !await_replacement(&shared.new_out, shared, header.epoch) {
+                    if !await_replacement(&state.new_out, state, header.epoch) {
                         break Err(RingError::Closed);
                     }
                 }
@@ -222,10 +219,10 @@ pub fn run(stage: &mut Stage, hops: Hops, shared: &Shared) -> Result<(), LoopErr
             Ok(()) | Err(RingError::Closed) => {}
             Err(e) => return Err(e.into()),
         }
-        if let Ok(mut b) = shared.busy.lock() {
+        if let Ok(mut b) = state.busy.lock() {
             *b = None;
         }
-        shared.steps_done.fetch_add(1, Ordering::SeqCst);
+        state.steps_done.fetch_add(1, Ordering::SeqCst);
         holding_since = Some(Instant::now());
     }
     Ok(())
@@ -237,11 +234,11 @@ const REPLACEMENT_WAIT: Duration = Duration::from_secs(5);
 /// Waits until a replacement ring is in `slot` (true), or gives up (false): on shutdown, when
 /// the epoch moves past `epoch` (the step is stale and will be replayed), or after
 /// [`REPLACEMENT_WAIT`].
-fn await_replacement(slot: &Mutex<Option<Ring>>, shared: &Shared, epoch: u64) -> bool {
+fn await_replacement(slot: &Mutex<Option<Ring>>, state: &WorkerState, epoch: u64) -> bool {
     let deadline = Instant::now() + REPLACEMENT_WAIT;
     while Instant::now() < deadline
-        && !shared.shutdown.load(Ordering::SeqCst)
-        && shared.epoch.load(Ordering::SeqCst) <= epoch
+        && !state.shutdown.load(Ordering::SeqCst)
+        && state.epoch.load(Ordering::SeqCst) <= epoch
     {
         if slot.lock().is_ok_and(|s| s.is_some()) {
             return true;

@@ -33,14 +33,14 @@ const WORKER_STACK: usize = 4 << 20;
 pub struct ThreadPool {
     threads: usize,
     isa: Isa,
-    shared: Arc<Shared>,
+    shared: Arc<PoolState>,
     workers: Vec<JoinHandle<()>>,
     /// Set while a job is running on the workers.
     busy: AtomicBool,
 }
 
 /// State shared between the caller of `run` and the workers.
-struct Shared {
+struct PoolState {
     state: Mutex<State>,
     /// Signalled when a job is published or the pool shuts down.
     wake: Condvar,
@@ -96,7 +96,7 @@ impl ThreadPool {
         } else {
             Isa::Portable
         };
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(PoolState {
             state: Mutex::new(State {
                 generation: 0,
                 job: None,
@@ -119,7 +119,7 @@ impl ThreadPool {
             let handle = std::thread::Builder::new()
                 .name(format!("gptossd-cpu-{i}"))
                 .stack_size(WORKER_STACK)
-                .spawn(move || worker(&shared))?;
+                .spawn(move || pool_thread(&shared))?;
             // On an error above, dropping `pool` shuts down the workers spawned so far.
             pool.workers.push(handle);
         }
@@ -233,7 +233,7 @@ fn execute(job: &Job<'_>) {
 }
 
 /// A worker: waits for a new job, joins it, runs tasks, lets go of it.
-fn worker(shared: &Shared) {
+fn pool_thread(shared: &PoolState) {
     let mut seen = 0u64;
     loop {
         let spin_until = Instant::now() + SPIN;
