@@ -61,7 +61,7 @@ fn four_stages_equal_one_stage_and_the_single_process_path() {
     let mut reqs = requests(8, 12, false);
     reqs.extend(requests(8, 12, true));
     let file = requests_file(&reqs);
-    let four = generate_requests(&model, file.path(), 4, &[]);
+    let four = generate_requests(&model, file.path(), 4, &["--devices", "cpu,cpu,cpu,cpu"]);
     assert!(four.status.success(), "{}", stderr(&four));
     let one = generate_requests(&model, file.path(), 1, &[]);
     assert!(one.status.success(), "{}", stderr(&one));
@@ -399,6 +399,41 @@ fn the_single_process_tools_name_the_file_at_fault() {
             args[0]
         );
     }
+}
+
+#[test]
+fn a_device_the_tools_cannot_use_is_named_with_its_reason() {
+    // `--device cuda:0` on a machine without a usable GPU: the single-process tools fail at
+    // load, naming the device (never a panic, never a silent fall-back to the CPU).
+    let model = tiny_model();
+    let tools: [&[&str]; 2] = [
+        &["generate", "--prompt-tokens", "1,2", "--max-tokens", "2"],
+        &["bench", "--prompt-len", "4", "--gen", "1", "--batch", "1"],
+    ];
+    for args in tools {
+        let mut cmd = command();
+        cmd.arg(args[0])
+            .arg("--model")
+            .arg(&model)
+            .args(&args[1..])
+            .args(["--device", "cuda:0"]);
+        let out = run(&mut cmd, Duration::from_secs(60));
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{}: {err}", args[0]);
+        assert!(err.contains("cuda:0"), "{}: {err}", args[0]);
+        assert!(!err.contains("panicked"), "{}: {err}", args[0]);
+    }
+    // With --stages, one device per stage: a list of another length names the flag.
+    let mut cmd = command();
+    cmd.arg("generate")
+        .arg("--model")
+        .arg(&model)
+        .args(["--prompt-tokens", "1,2", "--max-tokens", "2"])
+        .args(["--stages", "2", "--devices", "cpu"]);
+    let out = run(&mut cmd, Duration::from_secs(60));
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("--devices"), "{err}");
 }
 
 #[test]

@@ -46,6 +46,9 @@ pub struct BenchArgs {
     /// Batch sizes, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     pub batch: Vec<usize>,
+    /// Where the model runs: `cpu`, `cpu:CORES` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
 }
 
 const BLOCK: usize = 16;
@@ -63,13 +66,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         num_blocks: per_seq_blocks * (max_batch + 1),
         block_size: BLOCK,
     };
-    let mut model = Stage::load(
-        &Device::Cpu { cores: None },
-        args.threads,
-        cfg.clone(),
-        &weights,
-        kv,
-    )?;
+    let mut model = Stage::load(&args.device, args.threads, cfg.clone(), &weights, kv)?;
     drop(weights);
     // For the read passes between decode steps: larger than any cache here, small beside the
     // model (it is part of the peak RSS reported).

@@ -58,9 +58,12 @@ pub struct GenerateArgs {
     /// Sampling one of these ends the generation, comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub stop_tokens: Vec<u32>,
-    /// CPU threads for the kernels.
+    /// CPU threads for the kernels (a GPU's host threads).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Where the model runs: `cpu`, `cpu:CORES` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
 }
 
 /// Runs `gptossd-stage generate`: loads the model, generates, prints the lines.
@@ -74,8 +77,13 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     };
     let sampling = params.spec().context("bad sampling flag")?;
     let context = args.prompt_tokens.len() + args.max_tokens;
-    let mut generator = Generator::load(&args.model, args.threads.max(1), context.max(1))
-        .with_context(|| format!("loading the model in {}", args.model.display()))?;
+    let mut generator = Generator::load(
+        &args.model,
+        &args.device,
+        args.threads.max(1),
+        context.max(1),
+    )
+    .with_context(|| format!("loading the model in {}", args.model.display()))?;
     let opts = GenerateOptions {
         max_new_tokens: args.max_tokens,
         sampling,
@@ -127,9 +135,10 @@ pub enum GenerateError {
         max_new: usize,
         context: usize,
     },
-    #[error("loading the model: {0}")]
+    /// The caller names what it was loading; this says why the device refused.
+    #[error(transparent)]
     Load(#[from] BackendError),
-    #[error("model step failed: {0}")]
+    #[error("model step failed")]
     Step(#[from] StepError),
     #[error("sampling failed: {0}")]
     Sampling(#[from] LogitsError),
@@ -160,8 +169,13 @@ pub struct Generator {
 }
 
 impl Generator {
-    /// Loads the model in `dir` with a KV pool for `max_context` positions.
-    pub fn load(dir: &Path, threads: usize, max_context: usize) -> Result<Self, GenerateError> {
+    /// Loads the model in `dir` on `device` with a KV pool for `max_context` positions.
+    pub fn load(
+        dir: &Path,
+        device: &Device,
+        threads: usize,
+        max_context: usize,
+    ) -> Result<Self, GenerateError> {
         let cfg = ModelConfig::load(dir)?;
         let ckpt = Checkpoint::open(dir)?;
         let weights = StageWeights::load(&ckpt, &cfg, &StageSpan::whole(&cfg))?;
@@ -171,7 +185,7 @@ impl Generator {
             block_size: BLOCK_SIZE,
         };
         Ok(Self {
-            model: Stage::load(&Device::Cpu { cores: None }, threads, cfg, &weights, kv)?,
+            model: Stage::load(device, threads, cfg, &weights, kv)?,
             scratch: SampleScratch::default(),
         })
     }

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use gptossd_shared::device::Device;
 use gptossd_shared::measure::{peak_rss_bytes, round};
 
 #[derive(Args, Debug)]
@@ -32,6 +33,12 @@ pub struct BenchArgs {
     /// to the next token (recovery included).
     #[arg(long)]
     pub kill_stage: Option<usize>,
+    /// Where the model runs in one process: `cpu` (the default), `cpu:CORES` or `cuda:N`.
+    #[arg(long, conflicts_with = "stages")]
+    pub device: Option<Device>,
+    /// With --stages: one device per stage, comma-separated (`cuda:0,cuda:0,cuda:0,cuda:0`).
+    #[arg(long, value_delimiter = ',', requires = "stages")]
+    pub devices: Option<Vec<String>>,
     /// Print JSON lines only.
     #[arg(long)]
     pub json: bool,
@@ -54,6 +61,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .args(["--prompt-len", &args.prompt_len.to_string()])
         .args(["--gen", &args.gen.to_string()])
         .args(["--batch", &batch.join(",")]);
+    if let Some(device) = &args.device {
+        cmd.args(["--device", &device.to_string()]);
+    }
     Err(crate::single_process::exec(cmd))
 }
 
@@ -72,6 +82,7 @@ fn run_pipeline(args: &BenchArgs, stages: usize) -> anyhow::Result<()> {
         // Every stage gets all the threads: one sequence visits the stages in turn.
         threads_per_stage: Some(args.threads.max(1)),
         kv_cache_tokens: Some((args.prompt_len + args.gen + 16) * (max_batch + 1)),
+        devices: args.devices.clone(),
         ..crate::config::Overrides::default()
     };
     let cfg = tool_pipeline(&args.model, overrides, Some(max_batch))?;

@@ -17,6 +17,7 @@ use crate::pipeline::{self, GenEvent, GenRequest};
 use crate::{bench, civil_date, single_process};
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use gptossd_shared::device::Device;
 use gptossd_shared::sampling::SamplingParams;
 use gptossd_shared::testmodel::{write_test_model, Preset};
 
@@ -121,6 +122,12 @@ struct GenerateArgs {
     /// With --stages: most requests waiting for admission; more are rejected.
     #[arg(long, default_value_t = 256)]
     max_waiting: usize,
+    /// Where the model runs in one process: `cpu` (the default), `cpu:CORES` or `cuda:N`.
+    #[arg(long, conflicts_with = "stages")]
+    device: Option<Device>,
+    /// With --stages: one device per stage, comma-separated (`cuda:0,cuda:1` or `cpu,cuda:0`).
+    #[arg(long, value_delimiter = ',', requires = "stages")]
+    devices: Option<Vec<String>>,
     /// With --stages: on SIGTERM/SIGINT, how long running requests may take to finish.
     #[arg(long, default_value_t = 30)]
     drain_grace_secs: u64,
@@ -267,6 +274,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         sampling,
         stop_tokens: &crate::chat::STOP_TOKENS,
         threads: args.threads.unwrap_or_else(default_threads),
+        device: &args.device.clone().unwrap_or(Device::Cpu { cores: None }),
     };
     let stream_text = !args.json && !is_chat;
     let mut utf8 = crate::chat::tokenizer::Utf8Stream::new();
@@ -390,6 +398,7 @@ fn generate_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
         threads_per_stage: args.threads,
         kv_cache_tokens: Some(args.kv_cache_tokens),
         max_waiting: Some(args.max_waiting),
+        devices: args.devices.clone(),
         ..crate::config::Overrides::default()
     };
     let cfg = tool_pipeline(&dir, overrides, None)

@@ -15,6 +15,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use anyhow::{anyhow, bail, Context};
+use gptossd_shared::device::Device;
 use gptossd_shared::generation::{Finish, GenerateLine};
 use gptossd_shared::sampling::SamplingSpec;
 
@@ -48,6 +49,7 @@ pub struct Generate<'a> {
     pub sampling: SamplingSpec,
     pub stop_tokens: &'a [u32],
     pub threads: usize,
+    pub device: &'a Device,
 }
 
 /// Runs `req` in a `gptossd-stage generate` process; `on_token` sees each token as it comes.
@@ -64,7 +66,8 @@ pub fn generate(
         .args(["--temperature", &p.temperature.to_string()])
         .args(["--top-p", &p.top_p.to_string()])
         .args(["--seed", &req.sampling.seed().to_string()])
-        .args(["--threads", &req.threads.to_string()]);
+        .args(["--threads", &req.threads.to_string()])
+        .args(["--device", &req.device.to_string()]);
     if let Some(k) = p.top_k {
         cmd.args(["--top-k", &k.to_string()]);
     }

@@ -167,6 +167,9 @@ pub struct Overrides {
     pub kv_cache_tokens: Option<usize>,
     /// `--max-waiting`: replaces `scheduler.max_waiting`.
     pub max_waiting: Option<usize>,
+    /// `--devices` (of `generate` and `bench` with `--stages`): replaces every model's
+    /// `devices`, checked like the file's (one per stage, each `cpu`, `cpu:CORES` or `cuda:N`).
+    pub devices: Option<Vec<String>>,
 }
 
 /// Where a value that failed a check came from.

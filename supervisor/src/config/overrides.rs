@@ -111,6 +111,13 @@ pub(super) fn apply_overrides(raw: &mut RawFile, ov: &Overrides) -> Result<(), C
         if let Some(tokens) = ov.kv_cache_tokens {
             m.value.kv_cache_tokens = Some(Val::flag(tokens, "--kv-cache-tokens"));
         }
+        if let Some(devices) = &ov.devices {
+            let list = devices
+                .iter()
+                .map(|d| Val::flag(d.clone(), "--devices"))
+                .collect();
+            m.value.devices = Some(Val::flag(list, "--devices"));
+        }
     }
     if let Some(n) = ov.max_waiting {
         raw.scheduler.max_waiting = Some(Val::flag(n, "--max-waiting"));
