@@ -12,7 +12,7 @@ use gptossd_shared::config::ModelConfig;
 use gptossd_shared::testmodel::{write_test_model, Preset};
 use gptossd_shared::weights::{StageSpan, StageWeights};
 use gptossd_stage::backend::cpu::CpuBackend;
-use gptossd_stage::backend::opencl::{OpenClBackend, OpenClError, Runtime};
+use gptossd_stage::backend::opencl::{OpenClBackend, OpenClError, Platform};
 use gptossd_stage::backend::Backend;
 use gptossd_stage::kv::KvConfig;
 use gptossd_stage::model::{Logits, SeqStep, StageModel};
@@ -70,7 +70,7 @@ impl TestBackend for OpenClBackend {
 /// `CI=true` (CI installs PoCL: a missing one must not pass silently) and otherwise prints a
 /// skip line and does not run.
 pub fn opencl_ready(test: &str) -> bool {
-    match Runtime::get() {
+    match Platform::get() {
         Ok(_) => true,
         Err(OpenClError::NoPlatform(why)) if std::env::var("CI").as_deref() != Ok("true") => {
             println!("skipped opencl::{test}: {why}");

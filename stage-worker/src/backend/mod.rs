@@ -19,6 +19,7 @@ use crate::step::StepBatch;
 
 pub mod cpu;
 pub mod cuda;
+pub mod gpu;
 pub mod opencl;
 
 /// A device that cannot be used, or an operation it could not carry out (a launch, a copy, an
