@@ -465,9 +465,8 @@ impl<R: Runtime> Backend for GpuBackend<R> {
         let num_blocks = self.rt.kv_blocks_that_fit(cfg.num_blocks, block_bytes)?;
         let cfg = KvConfig { num_blocks, ..cfg };
         let len = num_blocks * block_len;
-        let zeros = vec![0u16; len];
-        let k = DevBuf::from_host(&self.rt, &zeros, op)?;
-        let v = DevBuf::from_host(&self.rt, &zeros, op)?;
+        let k = DevBuf::zeroed(&self.rt, len, op)?;
+        let v = DevBuf::zeroed(&self.rt, len, op)?;
         Ok(GpuKv { k, v, cfg, kv_dim })
     }
 

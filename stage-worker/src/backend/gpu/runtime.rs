@@ -66,6 +66,8 @@ pub trait Runtime {
     fn info(&self) -> RuntimeInfo;
     /// `bytes` (at least 1) of device memory, contents unspecified.
     fn alloc(&self, bytes: usize, op: &'static str) -> Result<Self::Mem, BackendError>;
+    /// `bytes` (at least 1) of device memory, all zero (without a host copy of that size).
+    fn alloc_zeroed(&self, bytes: usize, op: &'static str) -> Result<Self::Mem, BackendError>;
     /// The pointer a kernel receives for `mem`.
     fn ptr(&self, mem: &Self::Mem) -> Self::Ptr;
     /// A null pointer argument (an input the kernel does not read).
@@ -180,11 +182,14 @@ impl<R: Runtime, T: Elem> DevBuf<R, T> {
         })
     }
 
-    /// A buffer holding `data`.
-    pub fn from_host(rt: &R, data: &[T], op: &'static str) -> Result<Self, BackendError> {
-        let mut buf = Self::new(rt, data.len(), op)?;
-        buf.write(rt, 0, data, op)?;
-        Ok(buf)
+    /// A buffer of `len` zeros.
+    pub fn zeroed(rt: &R, len: usize, op: &'static str) -> Result<Self, BackendError> {
+        let cap = len.max(1);
+        Ok(DevBuf {
+            mem: rt.alloc_zeroed(cap * size_of::<T>(), op)?,
+            cap,
+            _elem: PhantomData,
+        })
     }
 
     pub fn ptr(&self, rt: &R) -> R::Ptr {

@@ -179,6 +179,13 @@ impl Runtime for OpenCl {
         .map_err(device_error(op))
     }
 
+    fn alloc_zeroed(&self, bytes: usize, op: &'static str) -> Result<Buffer<u8>, BackendError> {
+        let mut mem = self.alloc(bytes, op)?;
+        let zeros = vec![0u8; bytes.max(1)];
+        self.write(&mut mem, 0, &zeros, op)?;
+        Ok(mem)
+    }
+
     fn ptr(&self, mem: &Buffer<u8>) -> cl_mem {
         mem.get()
     }
