@@ -1,5 +1,6 @@
 //! The backend seam: the operations the GPT-OSS dataflow (`model.rs`) is written in, and the
-//! backends that implement them, one folder each (`cpu/`; a GPU backend is another folder).
+//! backends that implement them: `cpu/`, and the kernel backend `gpu/` (written once over a
+//! device runtime) on CUDA (`cuda/`) or, for tests on PoCL, OpenCL (`opencl/`).
 //!
 //! What this module owns: the [`Backend`] trait (its associated types, its operations with
 //! their shapes, and the numeric contract every backend keeps), the descriptions of the weights
