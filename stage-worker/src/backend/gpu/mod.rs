@@ -267,10 +267,6 @@ impl<R: Runtime> GpuBackend<R> {
         })
     }
 
-    pub fn runtime(&self) -> &R {
-        &self.rt
-    }
-
     /// Launches `kernel` unless the grid is empty (a step with no rows for it).
     fn launch(
         &self,
