@@ -1,13 +1,10 @@
 #!/usr/bin/env bash
 # bench/gpu/check.sh RESULTS_DIR: the one prepared check for a machine with one NVIDIA GPU, a
 # CUDA 13 driver, no network and no Rust toolchain. It runs prebuilt, stripped binaries, built
-# on a developer machine and copied beside the sources:
-#
-#   cargo build --profile gpu-check -p gptossd-stage --example kernel_report
-#   mkdir -p gpu-bin && cp target/gpu-check/examples/kernel_report gpu-bin/
-#
-# (GPTOSSD_GPU_BIN names another folder.) It writes at most 8 files to RESULTS_DIR (so far:
-# log.txt, env.txt, kernels.txt, summary.md), appends to log.txt as it goes, and prints the
+# on a developer machine into gpu-bin/ beside the sources by bench/gpu/build.sh (kernel_report
+# and the CUDA suites' test binaries; GPTOSSD_GPU_BIN names another folder). It writes at most
+# 8 files to RESULTS_DIR (so far: log.txt, env.txt, kernels.txt, parity.txt, summary.md),
+# appends to log.txt as it goes, and prints the
 # summary table last. Exit status: 0 when no phase failed (a machine without a GPU skips them
 # all: "no GPU: skipped"), 1 when one did, 2 on a usage error. It changes no GPU setting.
 #
@@ -116,8 +113,39 @@ else
     row "1 kernels" fail "$(tail -1 "$results/kernels.txt")"
     failed=1
   fi
-  for phase in "2 ceilings" "3 exactness" "4 pipeline" "5 sanitizer" "6 checkpoint" \
-    "7 bench" "8 targets"; do
+  rows+=("2 ceilings|not built yet|")
+
+  # ---- phase 3: exactness (the CUDA suites) ------------------------------------------------
+  # The kernels come from the cache phase 1 filled (same sources, options and arch).
+  export GPTOSSD_KERNEL_CACHE=$work/kernel-cache
+  parity=$results/parity.txt
+  suites=("backend_ops cuda::" "batch_invariance cuda::" "stage_load cuda")
+  missing=""
+  for s in "${suites[@]}"; do
+    [ -x "$bin/${s%% *}" ] || missing="$missing ${s%% *}"
+  done
+  if [ -n "$missing" ]; then
+    row "3 exactness" "not built yet" "no$missing in $bin (bench/gpu/build.sh)"
+  else
+    : >"$parity"
+    ok=1
+    for s in "${suites[@]}"; do
+      name=${s%% *} filter=${s#* }
+      echo "== $name $filter" >>"$parity"
+      timeout 120 "$bin/$name" "$filter" --nocapture >>"$parity" 2>&1 || ok=0
+    done
+    passed=$(grep -o '[0-9]* passed' "$parity" | awk '{ n += $1 } END { print n + 0 }')
+    failures=$(grep -o '[0-9]* failed' "$parity" | awk '{ n += $1 } END { print n + 0 }')
+    # A suite that skipped its CUDA tests proves nothing: that is a failure here.
+    skips=$(grep -c -e '^skipped cuda::' -e '^skipped: no CUDA driver' "$parity")
+    if [ "$ok" = 1 ] && [ "$skips" = 0 ] && [ "$passed" -gt 0 ]; then
+      row "3 exactness" pass "$passed CUDA tests passed (parity.txt)"
+    else
+      row "3 exactness" fail "$passed passed, $failures failed, $skips skipped (parity.txt)"
+      failed=1
+    fi
+  fi
+  for phase in "4 pipeline" "5 sanitizer" "6 checkpoint" "7 bench" "8 targets"; do
     rows+=("$phase|not built yet|")
   done
 fi

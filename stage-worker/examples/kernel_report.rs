@@ -17,7 +17,7 @@ use clap::Parser;
 use cudarc::nvrtc::Ptx;
 use gptossd_stage::backend::cuda::cache::{Fetched, KernelCache};
 use gptossd_stage::backend::cuda::nvrtc::{self, Arch};
-use gptossd_stage::backend::cuda::{probe, sass};
+use gptossd_stage::backend::cuda::{kernels, probe, sass};
 
 #[derive(Parser)]
 #[command(about = "Compile the CUDA kernels with NVRTC and report their resources")]
@@ -37,14 +37,12 @@ struct Args {
     cuobjdump: Option<PathBuf>,
 }
 
-/// The sources, as (program name, complete NVRTC source). The stand-ins serve until the
-/// backend's kernels are wired in; then this becomes
-/// `kernels::ALL.iter().map(|k| (k.name.to_string(), kernels::cuda_source(k))).collect()`.
+/// The sources, as (program name, complete NVRTC source): every kernel source of the backend.
 fn sources() -> Vec<(String, String)> {
-    vec![(
-        "stand_in_kernels".to_string(),
-        include_str!("../tests/stand_in_kernels.cu").to_string(),
-    )]
+    kernels::ALL
+        .iter()
+        .map(|k| (k.name.to_string(), kernels::cuda_source(k)))
+        .collect()
 }
 
 fn main() -> ExitCode {

@@ -15,19 +15,20 @@ use gptossd_shared::sampling::SampleAt;
 use gptossd_shared::weights::StageWeights;
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::CudaBackend;
 use crate::backend::{BackendError, BackendInfo};
 use crate::kv::KvConfig;
 use crate::model::StageModel;
 use crate::sampler::{LogitsError, Sampled};
 use crate::step::{StageInput, StepBatch, StepError};
 
-/// What [`Stage::load`] answers for a `cuda:N` device until the CUDA backend is built in.
-const NO_CUDA: &str = "the CUDA backend is not built in yet (this build computes on the CPU only: \
-    use \"cpu\" or \"cpu:CORES\")";
-
 /// One pipeline stage on the backend of its device.
+// One value per process, made once and never moved on a hot path: the variants' sizes do not
+// matter, and boxing one would only add an indirection to every step.
+#[allow(clippy::large_enum_variant)]
 pub enum Stage {
     Cpu(StageModel<CpuBackend>),
+    Cuda(StageModel<CudaBackend>),
 }
 
 /// `$body` with `$m` bound to the concrete `StageModel<B>` of `$stage`: the one place that
@@ -36,15 +37,19 @@ macro_rules! on_stage {
     ($stage:expr, $m:ident => $body:expr) => {
         match $stage {
             Stage::Cpu($m) => $body,
+            Stage::Cuda($m) => $body,
         }
     };
 }
 
 impl Stage {
-    /// Loads the stage on `device`; `threads` host threads compute (CPU) or assist (a GPU).
-    /// The KV memory holds `kv.num_blocks` blocks, or fewer where the device cannot hold them
-    /// ([`Stage::kv_config`] says how many). A CPU device's core set is not applied here: the
-    /// process pins itself before loading.
+    /// Loads the stage on `device`; `threads` host threads compute (CPU; a GPU stage samples
+    /// on the calling thread). The KV memory holds `kv.num_blocks` blocks, or fewer where the
+    /// device cannot hold them (a GPU sizes it by its free memory after the weights;
+    /// [`Stage::kv_config`] says how many). A CPU device's core set is not applied here: the
+    /// process pins itself before loading. A `cuda:N` device that cannot be used (no driver, no
+    /// NVRTC, no such GPU, too little memory, a kernel that does not load) is
+    /// [`BackendError::Unavailable`] with the reason.
     pub fn load(
         device: &Device,
         threads: usize,
@@ -59,10 +64,14 @@ impl Stage {
                 weights,
                 kv,
             )?)),
-            Device::Cuda { .. } => Err(BackendError::Unavailable {
-                device: device.clone(),
-                reason: NO_CUDA.to_string(),
-            }),
+            Device::Cuda { ordinal } => {
+                let backend =
+                    CudaBackend::open(*ordinal).map_err(|e| BackendError::Unavailable {
+                        device: device.clone(),
+                        reason: e.to_string(),
+                    })?;
+                Ok(Stage::Cuda(StageModel::new(backend, cfg, weights, kv)?))
+            }
         }
     }
 

@@ -696,6 +696,55 @@ fn router_top_k_matches<B: TestBackend>() {
     check::<B>("router weights", &weights(&got), &weights(&want), &exact_w);
 }
 
+/// Ties among the router's logits go to the lower expert id, as the CPU's `route` breaks them
+/// (`router.cu` keeps only its previous pick, so the order must be strict and total): with
+/// logits [1, 2, 2, 0.5, 2, -1, 0, 3] the top 3 are experts 7, 1, 2 — not 4, tied with 1 and 2
+/// but later. The logits are exact (x is a unit row, the weights bf16, no bias).
+fn router_ties_go_to_the_lower_expert_id<B: TestBackend>() {
+    let (experts, width, top_k) = (8, 4, 3);
+    let logits = [1.0f32, 2.0, 2.0, 0.5, 2.0, -1.0, 0.0, 3.0];
+    let mut bits = vec![0u16; experts * width];
+    for (e, &l) in logits.iter().enumerate() {
+        bits[e * width] = (l.to_bits() >> 16) as u16; // each value is exact in bf16
+    }
+    let weight = Mapped::from_vec(bits);
+    let source = DenseSource {
+        weight: &weight,
+        bias: None,
+        rows: experts,
+        cols: width,
+    };
+    let x = [1.0f32, 0.0, 0.0, 0.0];
+    let mut on = B::for_tests(1);
+    let mut cpu = CpuBackend::with_isa(1, Isa::Portable).expect("reference backend");
+    fn route<C: Backend>(b: &mut C, w: &DenseSource<'_>, x: &[f32], k: usize) -> Vec<(u32, f32)> {
+        let dense = b.load_dense(&[*w]).expect("router weights");
+        let mut act = C::Act::default();
+        b.upload(x, x.len(), &mut act).expect("upload");
+        let mut routes = C::Routes::default();
+        b.router_top_k(&act, &dense, k, &mut routes)
+            .expect("router");
+        let mut out = Vec::new();
+        b.read_routes(&routes, &mut out).expect("read routes");
+        out
+    }
+    let got = route(&mut on, &source, &x, top_k);
+    let want = route(&mut cpu, &source, &x, top_k);
+    let ids = |r: &[(u32, f32)]| r.iter().map(|p| p.0).collect::<Vec<_>>();
+    assert_eq!(ids(&got), [1, 2, 7], "router: ties to the lower id");
+    assert_eq!(ids(&want), [1, 2, 7], "router: the CPU reference");
+    // Softmax over (2, 2, 3): e⁻¹ / (2e⁻¹ + 1) for experts 1 and 2, 1 / (2e⁻¹ + 1) for 7.
+    let (a, b) = ((-1f64).exp(), 1.0);
+    let exact = [a / (2.0 * a + b), a / (2.0 * a + b), b / (2.0 * a + b)];
+    let weights = |r: &[(u32, f32)]| r.iter().map(|p| p.1).collect::<Vec<_>>();
+    check::<B>(
+        "router weights on ties",
+        &weights(&got),
+        &weights(&want),
+        &exact,
+    );
+}
+
 fn moe_matches<B: TestBackend>() {
     let fx = Fixture::new();
     let (mut on, mut cpu) = pair::<B>(&fx);
@@ -884,6 +933,7 @@ backend_tests!(
     out_proj_residual_matches,
     products_of_bf16_inputs_differ_only_by_accumulation_order,
     router_top_k_matches,
+    router_ties_go_to_the_lower_expert_id,
     moe_matches,
     lm_head_matches,
     sample_matches_the_host_sampler,

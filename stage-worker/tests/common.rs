@@ -1,6 +1,7 @@
 //! Helpers shared by the stage-worker integration tests: the tiny model, made once per test
 //! binary from its seed; a one-stage model over it on any backend; and [`backend_tests!`],
-//! which runs a generic test once per backend compiled in.
+//! which runs a generic test once per backend compiled in: the CPU, OpenCL (PoCL in CI) and
+//! CUDA on GPU 0 (where a driver is installed: a GPU machine runs them).
 
 #![allow(dead_code)]
 
@@ -12,7 +13,9 @@ use gptossd_shared::config::ModelConfig;
 use gptossd_shared::testmodel::{write_test_model, Preset};
 use gptossd_shared::weights::{StageSpan, StageWeights};
 use gptossd_stage::backend::cpu::CpuBackend;
-use gptossd_stage::backend::opencl::{OpenClBackend, OpenClError, Runtime};
+use gptossd_stage::backend::cuda::probe::{self, NO_DRIVER_HELP};
+use gptossd_stage::backend::cuda::CudaBackend;
+use gptossd_stage::backend::opencl::{OpenClBackend, OpenClError, Platform};
 use gptossd_stage::backend::Backend;
 use gptossd_stage::kv::KvConfig;
 use gptossd_stage::model::{Logits, SeqStep, StageModel};
@@ -66,11 +69,36 @@ impl TestBackend for OpenClBackend {
     const GOLDEN_TOP1: f64 = 0.9;
 }
 
+/// The CUDA backend on GPU 0: the same kernel sources and host logic as the OpenCL backend,
+/// on a GPU, held to the same tolerances against the CPU backend and the references (its
+/// kernels differ from PoCL's only in the device's `expf`), and to its own bits in the
+/// invariance suite.
+impl TestBackend for CudaBackend {
+    fn for_tests(_threads: usize) -> Self {
+        CudaBackend::open(0).unwrap_or_else(|e| panic!("the CUDA backend on cuda:0: {e}"))
+    }
+    const CPU_BITS: bool = false;
+    const OP_TOLERANCE: f64 = <OpenClBackend as TestBackend>::OP_TOLERANCE;
+    const GOLDEN_TOLERANCE: f32 = <OpenClBackend as TestBackend>::GOLDEN_TOLERANCE;
+    const GOLDEN_TOP1: f64 = <OpenClBackend as TestBackend>::GOLDEN_TOP1;
+}
+
+/// Whether the CUDA suites can run here: only where the driver library is installed (a
+/// machine without one prints a skip line; CI machines have no GPU). With a driver, failing
+/// to open cuda:0 fails the test.
+pub fn cuda_ready(test: &str) -> bool {
+    if probe::driver_present() {
+        return true;
+    }
+    println!("skipped cuda::{test}: {NO_DRIVER_HELP}");
+    false
+}
+
 /// Whether the OpenCL suites can run here. Without an OpenCL platform a test fails when
 /// `CI=true` (CI installs PoCL: a missing one must not pass silently) and otherwise prints a
 /// skip line and does not run.
 pub fn opencl_ready(test: &str) -> bool {
-    match Runtime::get() {
+    match Platform::get() {
         Ok(_) => true,
         Err(OpenClError::NoPlatform(why)) if std::env::var("CI").as_deref() != Ok("true") => {
             println!("skipped opencl::{test}: {why}");
@@ -81,8 +109,8 @@ pub fn opencl_ready(test: &str) -> bool {
 }
 
 /// Instantiates each named generic test `fn name<B: TestBackend>()` once per backend compiled
-/// in, as `cpu::name` and `opencl::name` (the latter skipped, or failed under `CI=true`, when
-/// no OpenCL platform is installed).
+/// in, as `cpu::name`, `opencl::name` (skipped, or failed under `CI=true`, when no OpenCL
+/// platform is installed) and `cuda::name` (skipped with a line when no CUDA driver is).
 #[macro_export]
 macro_rules! backend_tests {
     ($($name:ident),* $(,)?) => {
@@ -100,6 +128,16 @@ macro_rules! backend_tests {
                 fn $name() {
                     if $crate::common::opencl_ready(stringify!($name)) {
                         super::$name::<gptossd_stage::backend::opencl::OpenClBackend>();
+                    }
+                }
+            )*
+        }
+        mod cuda {
+            $(
+                #[test]
+                fn $name() {
+                    if $crate::common::cuda_ready(stringify!($name)) {
+                        super::$name::<gptossd_stage::backend::cuda::CudaBackend>();
                     }
                 }
             )*

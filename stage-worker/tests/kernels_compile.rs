@@ -11,20 +11,19 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use gptossd_stage::backend::cuda::nvrtc::{self, Arch, Compiled, KernelResources, NO_NVRTC_HELP};
-use gptossd_stage::backend::cuda::sass;
+use gptossd_stage::backend::cuda::{kernels, sass};
 
 /// The architectures every kernel must compile for: Ampere (A100, RTX 30), Ada (RTX 40, L40),
 /// Hopper (H100, H200), Blackwell workstation (RTX 50, RTX PRO 6000).
 const ARCHS: [&str; 5] = ["sm_80", "sm_86", "sm_89", "sm_90", "sm_120"];
 
-/// The sources to compile, as (program name, complete NVRTC source).
-/// The stand-ins prove the harness until the backend's kernels are wired in; then this becomes
-/// `kernels::ALL.iter().map(|k| (k.name.to_string(), kernels::cuda_source(k))).collect()`.
+/// The sources to compile, as (program name, complete NVRTC source): every kernel source of
+/// the backend (`kernels::ALL`), as the CUDA backend compiles it.
 fn sources() -> Vec<(String, String)> {
-    vec![(
-        "stand_in_kernels".to_string(),
-        include_str!("stand_in_kernels.cu").to_string(),
-    )]
+    kernels::ALL
+        .iter()
+        .map(|k| (k.name.to_string(), kernels::cuda_source(k)))
+        .collect()
 }
 
 #[derive(Debug, Clone, Copy, serde::Deserialize)]

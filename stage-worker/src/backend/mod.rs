@@ -1,5 +1,6 @@
 //! The backend seam: the operations the GPT-OSS dataflow (`model.rs`) is written in, and the
-//! backends that implement them, one folder each (`cpu/`; a GPU backend is another folder).
+//! backends that implement them: `cpu/`, and the kernel backend `gpu/` (written once over a
+//! device runtime) on CUDA (`cuda/`) or, for tests on PoCL, OpenCL (`opencl/`).
 //!
 //! What this module owns: the [`Backend`] trait (its associated types, its operations with
 //! their shapes, and the numeric contract every backend keeps), the descriptions of the weights
@@ -20,6 +21,7 @@ use crate::step::StepBatch;
 
 pub mod cpu;
 pub mod cuda;
+pub mod gpu;
 pub mod opencl;
 
 /// A device that cannot be used, or an operation it could not carry out (a launch, a copy, an

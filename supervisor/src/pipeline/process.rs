@@ -67,13 +67,18 @@ pub struct StageProcess {
 /// How often [`StageProcess::wait_exit`] asks the kernel whether the process has exited.
 const EXIT_POLL: Duration = Duration::from_millis(2);
 
-/// Environment variables passed through to stage processes (everything else is dropped).
-const PASS_ENV: [&str; 5] = [
+/// Environment variables passed through to stage processes (everything else is dropped). The
+/// last three locate a CUDA stage's cubin cache (`GPTOSSD_KERNEL_CACHE`, else under
+/// `XDG_CACHE_HOME` or `HOME`: `stage-worker/src/backend/cuda/cache.rs`).
+const PASS_ENV: [&str; 8] = [
     "PATH",
     "LD_LIBRARY_PATH",
     "CUDA_VISIBLE_DEVICES",
     "RUST_BACKTRACE",
     "GPTOSSD_CPU_ISA",
+    "GPTOSSD_KERNEL_CACHE",
+    "XDG_CACHE_HOME",
+    "HOME",
 ];
 
 /// How CUDA numbers the GPUs a worker sees: passed to every worker, `PCI_BUS_ID` by default so
@@ -254,14 +259,21 @@ mod tests {
     fn workers_get_the_passed_variables_and_a_cuda_device_order() {
         let env = env_of(&[
             ("PATH", "/bin"),
+            ("TERM", "xterm"),
             ("HOME", "/root"),
             ("GPTOSSD_CPU_ISA", "avx2"),
+            ("GPTOSSD_KERNEL_CACHE", "/var/cache/gptossd/kernels"),
         ]);
         assert_eq!(
             env,
             vec![
                 ("PATH", "/bin".to_string()),
                 ("GPTOSSD_CPU_ISA", "avx2".to_string()),
+                (
+                    "GPTOSSD_KERNEL_CACHE",
+                    "/var/cache/gptossd/kernels".to_string()
+                ),
+                ("HOME", "/root".to_string()),
                 ("CUDA_DEVICE_ORDER", "PCI_BUS_ID".to_string()),
             ]
         );

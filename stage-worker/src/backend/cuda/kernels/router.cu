@@ -1,10 +1,23 @@
 // router.cu: the router's top-k and softmax (reference §3.6) over f32 logits [n, experts]
-// (the logits come from matmul_bf16 on f32 activations). One thread per token: the top_k
-// largest logits, ties to the lower expert id (a strict > over ascending ids), in descending
-// order; w_j = exp(l_j - l_0) summed in that order, each divided by the sum; then sorted by
-// ascending expert id into ids[t, ..], weights[t, ..]. As the CPU backend's `route`.
+// (the logits come from matmul_bf16 on f32 activations). One thread per token, as the CPU
+// backend's `route`: the top_k largest logits in the total order of f32 (Rust's `total_cmp`),
+// ties to the lower expert id; w_j = exp(l_j - l_0) summed in descending order, each divided
+// by the sum; written in ascending expert id into ids[t, ..], weights[t, ..].
+//
+// No per-thread array (it would live in local memory, a stack frame): pick j is the best
+// expert that comes after pick j-1 in the order (logit descending, then id ascending), so only
+// the previous pick is kept; the experts chosen are those at or before the last pick, written
+// by one ascending scan. The order is strict and total, so every pick exists (top_k <= experts
+// is the host's check) and a NaN logit cannot make an id invalid.
 
+// The largest top_k a host launches (GPT-OSS routes to 4; each pick is one scan of the row).
 #define ROUTER_MAX_TOP_K 8
+
+// The logit as an int ordered as `f32::total_cmp` orders floats.
+DEVICE int router_key(float l) {
+    u32 b = f32_bits(l);
+    return (int)(b ^ ((b & 0x80000000u) ? 0x7fffffffu : 0u));
+}
 
 EXTERN_KERNEL void router_top_k(GLOBAL const float* logits, int n, int experts, int top_k,
                                 GLOBAL int* ids, GLOBAL float* weights) {
@@ -13,48 +26,36 @@ EXTERN_KERNEL void router_top_k(GLOBAL const float* logits, int n, int experts, 
         return;
     }
     GLOBAL const float* row = logits + (i64)t * experts;
-    int id[ROUTER_MAX_TOP_K];
-    float w[ROUTER_MAX_TOP_K];
-    for (int j = 0; j < top_k; j++) {
-        int best = -1;
-        float best_l = 0.0f;
-        for (int e = 0; e < experts; e++) {
-            int taken = 0;
-            for (int i = 0; i < j; i++) {
-                taken = taken || id[i] == e;
-            }
-            if (!taken && (best < 0 || row[e] > best_l)) {
-                best = e;
-                best_l = row[e];
-            }
-        }
-        id[j] = best;
-        w[j] = best_l;
-    }
-    float max = w[0];
+    int last = -1;
+    int last_key = 0;
+    float max = 0.0f;
     float sum = 0.0f;
     for (int j = 0; j < top_k; j++) {
-        w[j] = EXPF(w[j] - max);
-        sum = sum + w[j];
-    }
-    for (int j = 0; j < top_k; j++) {
-        w[j] = w[j] / sum;
-    }
-    // Insertion sort by expert id (ids are distinct).
-    for (int j = 1; j < top_k; j++) {
-        int ij = id[j];
-        float wj = w[j];
-        int i = j - 1;
-        while (i >= 0 && id[i] > ij) {
-            id[i + 1] = id[i];
-            w[i + 1] = w[i];
-            i--;
+        int best = -1;
+        int best_key = 0;
+        for (int e = 0; e < experts; e++) {
+            int key = router_key(row[e]);
+            int after = last < 0 || key < last_key || (key == last_key && e > last);
+            if (after && (best < 0 || key > best_key)) {
+                best = e;
+                best_key = key;
+            }
         }
-        id[i + 1] = ij;
-        w[i + 1] = wj;
+        float l = row[best];
+        if (j == 0) {
+            max = l;
+        }
+        sum = sum + EXPF(l - max);
+        last = best;
+        last_key = best_key;
     }
-    for (int j = 0; j < top_k; j++) {
-        ids[(i64)t * top_k + j] = id[j];
-        weights[(i64)t * top_k + j] = w[j];
+    int out = 0;
+    for (int e = 0; e < experts; e++) {
+        int key = router_key(row[e]);
+        if (key > last_key || (key == last_key && e <= last)) {
+            ids[(i64)t * top_k + out] = e;
+            weights[(i64)t * top_k + out] = EXPF(row[e] - max) / sum;
+            out++;
+        }
     }
 }
