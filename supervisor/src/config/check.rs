@@ -91,6 +91,30 @@ impl Ctx<'_> {
     }
 
     /// A count: the value or the default, at least `min`.
+    /// `at_least`, and at most `max` (`why` says where the ceiling comes from).
+    fn within<T>(
+        &self,
+        v: &Option<Val<T>>,
+        default: T,
+        [min, max]: [T; 2],
+        key: &str,
+        why: &str,
+    ) -> Result<T, ConfigError>
+    where
+        T: Copy + Ord + Debug,
+    {
+        let value = self.at_least(v, default, min, key)?;
+        if value > max {
+            return Err(self.invalid(
+                self.origin_of(v),
+                key,
+                value,
+                format!("must be at most {max:?} ({why})"),
+            ));
+        }
+        Ok(value)
+    }
+
     fn at_least<T>(
         &self,
         v: &Option<Val<T>>,
@@ -113,6 +137,10 @@ impl Ctx<'_> {
         Ok(value)
     }
 }
+
+/// The most tokens one step may carry: a CUDA stage's MoE kernels launch one block row per
+/// (token, routed expert) pair, and a grid has at most 65535 rows (4 experts per token).
+const MAX_TOKENS_PER_STEP_CEILING: usize = 8192;
 
 fn get<T: Clone>(v: &Option<Val<T>>, default: T) -> T {
     v.as_ref().map_or(default, |v| v.value.clone())
@@ -743,11 +771,12 @@ fn check_scheduler(s: &RawScheduler, ctx: &Ctx) -> Result<SchedulerSettings, Con
             1,
             "scheduler.max_waiting",
         )?,
-        max_tokens_per_step: ctx.at_least(
+        max_tokens_per_step: ctx.within(
             &s.max_tokens_per_step,
             defaults::MAX_TOKENS_PER_STEP,
-            1,
+            [1, MAX_TOKENS_PER_STEP_CEILING],
             "scheduler.max_tokens_per_step",
+            "a CUDA stage launches its expert kernels over token x expert pairs, at most 65535",
         )?,
         max_in_flight,
     })

@@ -507,6 +507,12 @@ fn bad_scheduler_and_worker_values() {
         &["`scheduler.max_waiting`", "= 0"],
     );
     error_with(
+        parse(&one_model("[scheduler]\nmax_tokens_per_step = 8193\n")),
+        &["`scheduler.max_tokens_per_step`", "= 8193", "at most 8192"],
+    );
+    let c = parse(&one_model("[scheduler]\nmax_tokens_per_step = 8192\n")).expect("valid");
+    assert_eq!(c.scheduler().max_tokens_per_step, 8192);
+    error_with(
         parse(&one_model("[scheduler]\nmax_in_flight = 0\n")),
         &["`scheduler.max_in_flight`"],
     );
