@@ -265,6 +265,43 @@ fn a_stage_that_crashes_at_every_start_ends_unhealthy_with_its_reason() {
 }
 
 #[test]
+fn a_step_that_a_middle_stage_cannot_compute_fails_with_that_stage_and_its_reason() {
+    // Stage 1 of 3 fails every step (as a device error would): the failure travels in the
+    // step header through stage 2 to the supervisor, which fails the request naming stage 1
+    // and its words; nothing restarts (a step failure is not a crash).
+    let file = requests_file(&requests(1, 4, false));
+    let view = private_model();
+    let model = view.path();
+    let mut cmd = command();
+    cmd.arg("generate")
+        .arg("--model")
+        .arg(model)
+        .arg("--requests")
+        .arg(file.path())
+        .args(["--stages", "3", "--threads", "1"])
+        .env("GPTOSSD_FAULT_STAGE1", "fail-steps");
+    let out = run(&mut cmd, Duration::from_secs(60));
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("generation failed: a step failed: stage 1: step ")
+            && err.contains("GPTOSSD_FAULT=fail-steps (test fault injection)"),
+        "{err}"
+    );
+    assert!(!err.contains("restarted"), "{err}");
+    let lines = stdout_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["finish_reason"], "error", "{lines:?}");
+    assert!(
+        lines[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("stage 1: step ")),
+        "{lines:?}"
+    );
+    assert_nothing_left(model);
+}
+
+#[test]
 fn a_stage_that_cannot_load_is_reported_without_restarts() {
     let broken = common::model_missing_a_tensor();
 

@@ -101,6 +101,19 @@ pub struct StepHeader {
     pub epoch: u64,
     pub step: u64,
     pub seqs: Vec<StepSeq>,
+    /// Set by the stage that could not compute the step (the slot then has no payload): the
+    /// stages after it forward the header without computing, and the last one reports the
+    /// failure as the step's result. `None` when the supervisor writes the step.
+    pub failed: Option<StepFailure>,
+}
+
+/// Why a stage could not compute a step: its index and its own words (a rejected block table,
+/// a device error), carried to the supervisor unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("stage {stage}: {reason}")]
+pub struct StepFailure {
+    pub stage: u32,
+    pub reason: String,
 }
 
 impl StepHeader {
@@ -122,8 +135,8 @@ pub struct SeqToken {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum StepOutcome {
     Tokens(Vec<SeqToken>),
-    /// The step could not run (a bad block table, say); the message says why.
-    Failed(String),
+    /// The step could not run (a bad block table, a device error): which stage, and why.
+    Failed(StepFailure),
 }
 
 /// The last hop's slot content.
@@ -285,6 +298,7 @@ mod tests {
                     }),
                 },
             ],
+            failed: None,
         };
         let mut slot = vec![0u8; 256];
         let off = write_slot_header(&mut slot, &h).expect("write");
@@ -292,6 +306,21 @@ mod tests {
         let (got, off2): (StepHeader, usize) = read_slot_header(&slot).expect("read");
         assert_eq!(got, h);
         assert_eq!(off, off2);
+        // A stage's failure travels in the header, with its words.
+        let failed = StepHeader {
+            failed: Some(StepFailure {
+                stage: 2,
+                reason: "step 5: block 900 is outside the KV pool (512 blocks)".into(),
+            }),
+            ..h.clone()
+        };
+        write_slot_header(&mut slot, &failed).expect("write");
+        let (got, _): (StepHeader, usize) = read_slot_header(&slot).expect("read");
+        assert_eq!(got, failed);
+        assert_eq!(
+            got.failed.map(|f| f.to_string()).as_deref(),
+            Some("stage 2: step 5: block 900 is outside the KV pool (512 blocks)")
+        );
         let mut tiny = vec![0u8; 8];
         assert!(write_slot_header(&mut tiny, &h).is_err());
     }

@@ -34,7 +34,8 @@ use interprocess::local_socket::traits::Stream as _;
 use interprocess::local_socket::{GenericNamespaced, ToNsName};
 use interprocess::os::unix::uds_local_socket::Stream;
 
-/// Test-only fault injection: `crash-after-load` aborts right after reporting `Loaded`.
+/// Test-only fault injection: `crash-after-load` aborts right after reporting `Loaded`;
+/// `fail-steps` fails every step (the failure travels to the client with its reason).
 const FAULT_ENV: &str = "GPTOSSD_FAULT";
 
 #[derive(Parser, Debug)]
@@ -155,7 +156,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             .name("heartbeat".into())
             .spawn(move || worker::heartbeat(s, sh, interval))?;
     }
-    worker::run(&mut stage, hops, &state).context("compute loop")?;
+    let who = worker::StageRole {
+        index: args.stage,
+        fail_steps: std::env::var(FAULT_ENV).as_deref() == Ok("fail-steps"),
+    };
+    worker::run(&mut stage, who, hops, &state).context("compute loop")?;
     Ok(ExitCode::SUCCESS)
 }
 

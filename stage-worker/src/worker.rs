@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gptossd_shared::protocol::{
-    read_message, read_slot_header, write_message, write_slot_header, SeqToken, StepHeader,
-    StepOutcome, StepResult, SupervisorMsg, WorkerMsg,
+    read_message, read_slot_header, write_message, write_slot_header, SeqToken, StepFailure,
+    StepHeader, StepOutcome, StepResult, SupervisorMsg, WorkerMsg,
 };
 use gptossd_shared::ring::{recv_fd, Consumer, Producer, ReadSlot, Ring, RingError};
 use gptossd_shared::sampling::SampleAt;
@@ -126,6 +126,16 @@ pub fn heartbeat(stream: Arc<Stream>, state: Arc<WorkerState>, interval: Duratio
 }
 
 /// The rings of this stage and their attached ends.
+/// Which stage this worker is, and how it computes.
+#[derive(Debug, Clone, Copy)]
+pub struct StageRole {
+    /// The stage's index in the pipeline (named in the failures it reports).
+    pub index: u32,
+    /// Test-only fault injection (`GPTOSSD_FAULT=fail-steps`): every step fails here, as a
+    /// device error would, so tests see a failure travel to the client.
+    pub fail_steps: bool,
+}
+
 pub struct Hops {
     pub input: Ring,
     pub output: Ring,
@@ -139,7 +149,12 @@ pub enum LoopError {
 }
 
 /// The compute loop: until shutdown, take a step, compute it into the next hop, commit.
-pub fn run(stage: &mut Stage, hops: Hops, state: &WorkerState) -> Result<(), LoopError> {
+pub fn run(
+    stage: &mut Stage,
+    who: StageRole,
+    hops: Hops,
+    state: &WorkerState,
+) -> Result<(), LoopError> {
     let mut in_ring = hops.input;
     let mut out_ring = hops.output;
     let mut consumer: Option<Consumer> = Some(in_ring.consumer()?);
@@ -200,7 +215,7 @@ pub fn run(stage: &mut Stage, hops: Hops, state: &WorkerState) -> Result<(), Loo
                 producer = Some(out_ring.producer()?);
             }
             let result = match producer.as_mut() {
-                Some(prod) => compute_step(stage, &header, &slot, payload_at, prod),
+                Some(prod) => compute_step(stage, who, &header, &slot, payload_at, prod),
                 None => Err(RingError::Closed),
             };
             match result {
@@ -277,11 +292,13 @@ fn batch_of(header: &StepHeader, last_stage: bool) -> StepBatch {
     }
 }
 
-/// Computes one step into the next hop's slot. A step the model rejects becomes a failed
-/// result (last stage) or is forwarded as a failure marker (an empty-sequence header is not
-/// possible, so the header is forwarded with no payload and the last stage reports it).
+/// Computes one step into the next hop's slot. A step this stage cannot compute, or one an
+/// earlier stage failed (`header.failed`), becomes a failed result on the last stage; on the
+/// others the header goes on with the failure in it and no payload, so the supervisor learns
+/// which stage failed and why.
 fn compute_step(
     stage: &mut Stage,
+    who: StageRole,
     header: &StepHeader,
     slot: &ReadSlot<'_>,
     payload_at: usize,
@@ -291,20 +308,32 @@ fn compute_step(
     let n = header.total_tokens();
     let last = stage.is_last();
     let batch = batch_of(header, last);
+    let failure = |reason: String| StepFailure {
+        stage: who.index,
+        reason: format!("step {}: {reason}", header.step),
+    };
 
-    // Input, read in place: token ids on the first hop, hidden states afterwards. A payload
-    // too short for the header fails the step.
-    let input = if stage.is_first() {
-        slot.view::<u32>(payload_at, n).map(StageInput::Tokens)
-    } else {
-        slot.view::<f32>(payload_at, n * h).map(StageInput::Hidden)
-    }
-    .ok();
+    // Input, read in place: token ids on the first hop, hidden states afterwards.
+    let input = match &header.failed {
+        Some(earlier) => Err(earlier.clone()),
+        None => if stage.is_first() {
+            slot.view::<u32>(payload_at, n).map(StageInput::Tokens)
+        } else {
+            slot.view::<f32>(payload_at, n * h).map(StageInput::Hidden)
+        }
+        .map_err(|_| failure(format!("the slot holds fewer than the header's {n} tokens"))),
+    };
+    let input = match input {
+        Ok(_) if who.fail_steps => Err(failure(
+            "GPTOSSD_FAULT=fail-steps (test fault injection)".into(),
+        )),
+        other => other,
+    };
 
     if last {
         let outcome = match input {
-            None => StepOutcome::Failed(format!("step {}: payload too short", header.step)),
-            Some(input) => sample_step(stage, header, &batch, input),
+            Err(failed) => StepOutcome::Failed(failed),
+            Ok(input) => sample_step(stage, header, &batch, input, &failure),
         };
         let mut slot = prod.reserve(Duration::MAX)?;
         let result = StepResult {
@@ -318,24 +347,29 @@ fn compute_step(
     }
 
     let mut out = prod.reserve(Duration::MAX)?;
-    let offset =
-        write_slot_header(&mut out, header).map_err(|e| RingError::Corrupt(e.to_string()))?;
-    let x = out.view_mut::<f32>(offset, n * h)?;
-    let result = match input {
-        None => Err(None),
-        Some(input) => stage.forward_hidden(&batch, input, x).map_err(Some),
-    };
-    match result {
-        Ok(()) => out.commit(offset + n * h * 4),
-        Err(e) => {
-            // Forward the header without hidden states: the next stages see a short payload
-            // and the last stage reports the step as failed.
-            if let Some(e) = e {
-                eprintln!("gptossd-stage: step {} failed: {e}", header.step);
+    let failed = match input {
+        Err(failed) => failed,
+        Ok(input) => {
+            let offset = write_slot_header(&mut out, header)
+                .map_err(|e| RingError::Corrupt(e.to_string()))?;
+            let x = out.view_mut::<f32>(offset, n * h)?;
+            match stage.forward_hidden(&batch, input, x) {
+                Ok(()) => return out.commit(offset + n * h * 4),
+                Err(e) => failure(e.to_string()),
             }
-            out.commit(offset)
         }
+    };
+    // The header goes on without hidden states, carrying the failure.
+    if failed.stage == who.index {
+        eprintln!("gptossd-stage: {failed}");
     }
+    let forwarded = StepHeader {
+        failed: Some(failed),
+        ..header.clone()
+    };
+    let offset =
+        write_slot_header(&mut out, &forwarded).map_err(|e| RingError::Corrupt(e.to_string()))?;
+    out.commit(offset)
 }
 
 /// The last stage: runs the step and samples every sequence that asked for a token (the
@@ -346,6 +380,7 @@ fn sample_step(
     header: &StepHeader,
     batch: &StepBatch,
     input: StageInput<'_>,
+    failure: &impl Fn(String) -> StepFailure,
 ) -> StepOutcome {
     // The specs were validated when the header was decoded: nothing to check per token.
     let (seqs, rows): (Vec<u64>, Vec<SampleAt>) = header
@@ -355,7 +390,7 @@ fn sample_step(
         .unzip();
     let sampled = match stage.forward_sample(batch, input, &rows) {
         Ok(sampled) => sampled,
-        Err(e) => return StepOutcome::Failed(format!("step {}: {e}", header.step)),
+        Err(e) => return StepOutcome::Failed(failure(e.to_string())),
     };
     let mut tokens = Vec::with_capacity(seqs.len());
     for (seq, r) in seqs.iter().zip(sampled) {
@@ -366,9 +401,7 @@ fn sample_step(
                 logprob: s.logprob,
                 top: s.top,
             }),
-            Err(e) => {
-                return StepOutcome::Failed(format!("step {} sequence {seq}: {e}", header.step))
-            }
+            Err(e) => return StepOutcome::Failed(failure(format!("sequence {seq}: {e}"))),
         }
     }
     StepOutcome::Tokens(tokens)

@@ -451,7 +451,9 @@ fn generate_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
     let mut failed = None;
     for (line, mut rx) in lines.iter().zip(receivers) {
         let mut ids = Vec::new();
-        let mut finish = "length";
+        // A request whose events end without a verdict was dropped by a pipeline that stopped.
+        let mut finish = "error";
+        let mut error = None;
         while let Some(ev) = rx.blocking_recv() {
             match ev {
                 GenEvent::Scheduled => {}
@@ -461,6 +463,7 @@ fn generate_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
                     break;
                 }
                 GenEvent::Failed(message) => {
+                    error = Some(message.to_string());
                     failed = Some(message);
                     break;
                 }
@@ -473,9 +476,12 @@ fn generate_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
             .collect();
         let text = tokenizer.decode(&text_ids).unwrap_or_default();
         if args.json || args.requests.is_some() {
-            let out = serde_json::json!({
+            let mut out = serde_json::json!({
                 "prompt_tokens": line.prompt_tokens, "tokens": ids, "text": text, "finish_reason": finish,
             });
+            if let Some(error) = error {
+                out["error"] = error.into();
+            }
             writeln!(stdout, "{out}")?;
         } else {
             writeln!(stdout, "{text}")?;

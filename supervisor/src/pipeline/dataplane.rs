@@ -263,6 +263,7 @@ pub fn encode_step(
         epoch,
         step: plan.id.0,
         seqs,
+        failed: None,
     };
     (header, tokens)
 }

@@ -604,8 +604,14 @@ impl Engine {
                     }
                 }
             }
-            StepOutcome::Failed(message) => {
-                tracing::error!(step = result.step, %message, "step failed");
+            StepOutcome::Failed(failure) => {
+                tracing::error!(
+                    step = result.step,
+                    stage = failure.stage,
+                    reason = %failure.reason,
+                    "step failed"
+                );
+                let message = failure.to_string();
                 for id in members {
                     self.scheduler.cancel(id);
                     self.requests
