@@ -6,6 +6,11 @@
 //! machine: each tensor draws from its own ChaCha8 stream keyed by (seed, FNV-1a of its name),
 //! and values are built with exact arithmetic only (no libm), so no platform rounding enters.
 //!
+//! Shards are laid out first (safetensors serialises each header), then every core generates
+//! chunks of tensor data and writes them at their offsets: memory stays at one chunk per core,
+//! and since a chunk seeks its tensor's stream to its first element the bytes are the same as
+//! one sequential pass would write, whatever the number of cores.
+//!
 //! Weights are scaled so that activations stay O(1) through all layers and routing is not
 //! degenerate: projections have row norms near 1, router logits spread about one unit.
 //!
@@ -114,7 +119,7 @@ enum Fill {
     Scales { base: u8 },
 }
 
-/// A tensor to write, generated lazily when the serializer asks for its bytes.
+/// A tensor to write, generated chunk by chunk while the shards are written.
 struct LazyTensor {
     name: String,
     dtype: Dtype,
@@ -128,47 +133,83 @@ impl LazyTensor {
         self.shape.iter().product()
     }
 
-    fn generate(&self) -> Vec<u8> {
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ fnv1a(self.name.as_bytes()));
-        let n = self.elements();
+    /// Bytes per element: 2 for bf16, 1 for the u8 blocks and scales.
+    fn element_bytes(&self) -> usize {
+        if self.dtype == Dtype::BF16 {
+            2
+        } else {
+            1
+        }
+    }
+
+    fn data_len_bytes(&self) -> usize {
+        self.elements() * self.element_bytes()
+    }
+
+    /// The tensor's own ChaCha8 stream, keyed by (seed, FNV-1a of its name).
+    fn rng(&self) -> ChaCha8Rng {
+        ChaCha8Rng::seed_from_u64(self.seed ^ fnv1a(self.name.as_bytes()))
+    }
+
+    /// Writes the bytes of elements `first..` into `out` (whole elements: `out.len()` is a
+    /// multiple of [`Self::element_bytes`]).
+    ///
+    /// A pure function of (seed, name, element index), whatever the chunking: element `i` of a
+    /// uniform or scale fill draws 32-bit word `i` of the tensor's stream, and byte `j` of a
+    /// nibble fill is byte `j % 4` (little-endian) of word `j / 4`, which is exactly what one
+    /// sequential pass over the whole tensor draws.
+    fn fill(&self, first: usize, out: &mut [u8]) {
+        let mut rng = self.rng();
         match self.fill {
             Fill::Uniform { center, half_width } => {
-                let mut out = Vec::with_capacity(n * 2);
-                for _ in 0..n {
+                rng.set_word_pos(first as u128);
+                for pair in out.chunks_exact_mut(2) {
                     // 24 random bits → [0, 1) exactly, then to [-1, 1).
                     let u = (rng.next_u32() >> 8) as f32 * (1.0 / 16_777_216.0);
                     let x = center + half_width * (2.0 * u - 1.0);
-                    out.extend_from_slice(&bf16::from_f32(x).to_bits().to_le_bytes());
+                    pair.copy_from_slice(&bf16::from_f32(x).to_bits().to_le_bytes());
                 }
-                out
             }
             Fill::Nibbles => {
-                let mut out = vec![0u8; n];
-                rng.fill_bytes(&mut out);
-                out
+                rng.set_word_pos((first / 4) as u128);
+                let skip = first % 4;
+                let mut rest = out;
+                if skip != 0 {
+                    let word = rng.next_u32().to_le_bytes();
+                    let take = (4 - skip).min(rest.len());
+                    let (head, tail) = rest.split_at_mut(take);
+                    head.copy_from_slice(&word[skip..skip + take]);
+                    rest = tail;
+                }
+                rng.fill_bytes(rest);
             }
-            Fill::Scales { base } => (0..n)
-                .map(|_| {
+            Fill::Scales { base } => {
+                rng.set_word_pos(first as u128);
+                for b in out.iter_mut() {
                     let r = rng.next_u32() % 3;
-                    base - 1 + r as u8
-                })
-                .collect(),
+                    *b = base - 1 + r as u8;
+                }
+            }
         }
     }
 }
 
-impl View for &LazyTensor {
+/// A tensor's dtype, shape and size without its data: all safetensors needs to lay out a
+/// shard's header. Its `data` is empty, so it is only ever serialised for the header.
+struct Layout<'a>(&'a LazyTensor);
+
+impl View for Layout<'_> {
     fn dtype(&self) -> Dtype {
-        self.dtype
+        self.0.dtype
     }
     fn shape(&self) -> &[usize] {
-        &self.shape
+        &self.0.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Owned(self.generate())
+        Cow::Borrowed(&[])
     }
     fn data_len(&self) -> usize {
-        self.elements() * if self.dtype == Dtype::BF16 { 2 } else { 1 }
+        self.0.data_len_bytes()
     }
 }
 
@@ -402,22 +443,16 @@ pub fn write_dims(d: &Dims, seed: u64, out: &Path) -> Result<u64, GenerateError>
     let n = shards.len();
     let mut weight_map = BTreeMap::new();
     let mut total = 0u64;
+    let mut plans = Vec::with_capacity(n);
     for (k, shard) in shards.iter().enumerate() {
         let file = format!("model-{k:05}-of-{:05}.safetensors", n - 1);
-        let path = out.join(&file);
         for t in shard {
             weight_map.insert(t.name.clone(), file.clone());
             total += t.data_len_bytes() as u64;
         }
-        let items: Vec<(&str, &LazyTensor)> = shard.iter().map(|t| (t.name.as_str(), *t)).collect();
-        safetensors::tensor::serialize_to_file(items, None, &path).map_err(|e| {
-            GenerateError::Serialize {
-                path: path.clone(),
-                reason: e.to_string(),
-            }
-        })?;
-        set_mode(&path, FILE_MODE)?;
+        plans.push(plan_shard(out.join(&file), shard)?);
     }
+    write_shards(&plans)?;
     let index = serde_json::json!({
         "metadata": { "total_size": total },
         "weight_map": weight_map,
@@ -437,10 +472,173 @@ pub fn write_dims(d: &Dims, seed: u64, out: &Path) -> Result<u64, GenerateError>
     Ok(total)
 }
 
-impl LazyTensor {
-    fn data_len_bytes(&self) -> usize {
-        (&self).data_len()
+/// Output bytes one worker generates and writes at a time: large enough to amortise a seek
+/// into the stream and a write call, small enough that every core holding one stays a few
+/// tens of MiB. A multiple of 4, so nibble chunks start on a word of their stream.
+const CHUNK_BYTES: usize = 4 << 20;
+
+/// One shard file, laid out before any data is generated.
+struct ShardPlan<'a> {
+    path: PathBuf,
+    /// The length prefix and JSON header, exactly as safetensors serialises them.
+    header: Vec<u8>,
+    /// Each tensor with the file offset of its first data byte.
+    tensors: Vec<(&'a LazyTensor, u64)>,
+    /// The whole file's length.
+    len: u64,
+}
+
+/// Lays out one shard: safetensors itself serialises the header (its tensor order, offsets and
+/// padding), and the data offsets are read back from that header.
+fn plan_shard<'a>(path: PathBuf, shard: &[&'a LazyTensor]) -> Result<ShardPlan<'a>, GenerateError> {
+    let fail = |reason: String| GenerateError::Serialize {
+        path: path.clone(),
+        reason,
+    };
+    let items: Vec<(&str, Layout<'_>)> =
+        shard.iter().map(|t| (t.name.as_str(), Layout(t))).collect();
+    let header = safetensors::serialize(items, None).map_err(|e| fail(e.to_string()))?;
+    let json = header
+        .get(8..)
+        .ok_or_else(|| fail("safetensors header shorter than its length prefix".into()))?;
+    let meta: safetensors::tensor::Metadata =
+        serde_json::from_slice(json).map_err(|e| fail(format!("own header unreadable: {e}")))?;
+    let start = header.len() as u64;
+    let mut tensors = Vec::with_capacity(shard.len());
+    for t in shard {
+        let info = meta
+            .info(&t.name)
+            .ok_or_else(|| fail(format!("{} missing from its own header", t.name)))?;
+        let (begin, end) = info.data_offsets;
+        if end - begin != t.data_len_bytes() {
+            return Err(fail(format!(
+                "{}: header says {} bytes, tensor has {}",
+                t.name,
+                end - begin,
+                t.data_len_bytes()
+            )));
+        }
+        tensors.push((*t, start + begin as u64));
     }
+    Ok(ShardPlan {
+        path,
+        header,
+        tensors,
+        len: start + meta.data_len() as u64,
+    })
+}
+
+/// A piece of one tensor to generate and write at `offset` of shard `shard`.
+struct Chunk<'a> {
+    shard: usize,
+    tensor: &'a LazyTensor,
+    first: usize,
+    elements: usize,
+    offset: u64,
+}
+
+/// The temporary name a shard is written under before it is renamed into place.
+fn partial_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.partial"))
+}
+
+/// Writes every shard: each is created under a temporary name at its full size with its
+/// header, then all cores generate chunks of tensor data and write them at their offsets
+/// (memory stays at one chunk per core), and finally each shard is made 0644 and renamed
+/// into place, so an existing shard of the same name (perhaps mapped by a reader) is replaced
+/// whole, never truncated. On failure the temporary files are removed.
+fn write_shards(plans: &[ShardPlan<'_>]) -> Result<(), GenerateError> {
+    let partials: Vec<PathBuf> = plans.iter().map(|p| partial_path(&p.path)).collect();
+    let result = write_partials(plans, &partials).and_then(|()| {
+        for (plan, partial) in plans.iter().zip(&partials) {
+            set_mode(partial, FILE_MODE)?;
+            std::fs::rename(partial, &plan.path).map_err(io_error(&plan.path))?;
+        }
+        Ok(())
+    });
+    if result.is_err() {
+        for partial in &partials {
+            // Best effort: the error being returned is the one that matters.
+            let _ = std::fs::remove_file(partial);
+        }
+    }
+    result
+}
+
+fn write_partials(plans: &[ShardPlan<'_>], partials: &[PathBuf]) -> Result<(), GenerateError> {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let mut files = Vec::with_capacity(plans.len());
+    for (plan, partial) in plans.iter().zip(partials) {
+        let file = std::fs::File::create(partial).map_err(io_error(partial))?;
+        file.set_len(plan.len).map_err(io_error(partial))?;
+        file.write_all_at(&plan.header, 0)
+            .map_err(io_error(partial))?;
+        files.push((file, partial.as_path()));
+    }
+    let mut chunks = Vec::new();
+    for (shard, plan) in plans.iter().enumerate() {
+        for &(tensor, offset) in &plan.tensors {
+            let per_chunk = CHUNK_BYTES / tensor.element_bytes();
+            let total = tensor.elements();
+            let mut first = 0;
+            while first < total {
+                let elements = per_chunk.min(total - first);
+                chunks.push(Chunk {
+                    shard,
+                    tensor,
+                    first,
+                    elements,
+                    offset: offset + (first * tensor.element_bytes()) as u64,
+                });
+                first += elements;
+            }
+        }
+    }
+
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, chunks.len().max(1));
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let work = || -> Result<(), GenerateError> {
+        let mut buf = Vec::new();
+        while !failed.load(Ordering::Relaxed) {
+            let Some(chunk) = chunks.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                break;
+            };
+            buf.resize(chunk.elements * chunk.tensor.element_bytes(), 0);
+            chunk.tensor.fill(chunk.first, &mut buf);
+            // `chunk.shard` indexes `plans`, which `files` follows one for one.
+            let (file, path) = &files[chunk.shard];
+            if let Err(e) = file.write_all_at(&buf, chunk.offset) {
+                failed.store(true, Ordering::Relaxed);
+                return Err(io_error(path)(e));
+            }
+        }
+        Ok(())
+    };
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers).map(|_| s.spawn(work)).collect();
+        let mut result = Ok(());
+        for handle in handles {
+            match handle.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    if result.is_ok() {
+                        result = Err(e);
+                    }
+                }
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        result
+    })
 }
 
 /// The mode of every file of a generated model: readable by a service user.
@@ -493,6 +691,67 @@ mod tests {
             vocab: 512,
             shard_bytes: 40_000,
             ..Preset::Tiny.dims()
+        }
+    }
+
+    /// One sequential pass over the whole tensor, as the generator drew it before it wrote in
+    /// parallel: the definition the chunked fill must reproduce byte for byte.
+    fn sequential(t: &LazyTensor) -> Vec<u8> {
+        let mut rng = t.rng();
+        let n = t.elements();
+        match t.fill {
+            Fill::Uniform { center, half_width } => {
+                let mut out = Vec::with_capacity(n * 2);
+                for _ in 0..n {
+                    let u = (rng.next_u32() >> 8) as f32 * (1.0 / 16_777_216.0);
+                    let x = center + half_width * (2.0 * u - 1.0);
+                    out.extend_from_slice(&bf16::from_f32(x).to_bits().to_le_bytes());
+                }
+                out
+            }
+            Fill::Nibbles => {
+                let mut out = vec![0u8; n];
+                rng.fill_bytes(&mut out);
+                out
+            }
+            Fill::Scales { base } => (0..n)
+                .map(|_| base - 1 + (rng.next_u32() % 3) as u8)
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn chunked_fill_matches_one_sequential_pass_at_any_split() {
+        let tensor = |fill, dtype| LazyTensor {
+            name: "model.layers.0.mlp.experts.gate_up_proj_blocks".into(),
+            dtype,
+            shape: vec![3, 1001],
+            fill,
+            seed: 11,
+        };
+        let all = [
+            tensor(
+                Fill::Uniform {
+                    center: 0.5,
+                    half_width: 2.0,
+                },
+                Dtype::BF16,
+            ),
+            tensor(Fill::Nibbles, Dtype::U8),
+            tensor(Fill::Scales { base: 120 }, Dtype::U8),
+        ];
+        for t in &all {
+            let whole = sequential(t);
+            assert_eq!(whole.len(), t.data_len_bytes());
+            let eb = t.element_bytes();
+            // Splits on and off 16-word ChaCha blocks, on and off 4-byte words (nibbles).
+            for step in [1, 3, 4, 7, 16, 17, 64, 1000, 3003] {
+                let mut chunked = vec![0u8; whole.len()];
+                for (k, piece) in chunked.chunks_mut(step * eb).enumerate() {
+                    t.fill(k * step, piece);
+                }
+                assert!(chunked == whole, "{:?} split every {step}", t.fill);
+            }
         }
     }
 

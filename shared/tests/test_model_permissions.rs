@@ -1,6 +1,6 @@
 //! `gptossd make-test-model` writes a model a service user can read: every file 0644 and every
-//! directory it creates 0755, even under a umask of 077 and although the safetensors writer
-//! starts each shard as a 0600 temporary file.
+//! directory it creates 0755, even under a umask of 077 (which each shard's temporary file is
+//! created under), and no temporary file is left behind.
 //!
 //! The only test in this binary: it changes the process-wide umask.
 
