@@ -537,13 +537,14 @@ struct Chunk<'a> {
     offset: u64,
 }
 
-/// The temporary name a shard is written under before it is renamed into place.
+/// The temporary name a shard is written under before it is renamed into place (with the
+/// process id, so two generators writing into one directory do not share temporary files).
 fn partial_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.partial"))
+    path.with_file_name(format!(".{name}.{}.partial", std::process::id()))
 }
 
 /// Writes every shard: each is created under a temporary name at its full size with its
