@@ -1,15 +1,18 @@
 //! The host-side repack of MXFP4 expert weights into the layout `moe.cu`'s inner loop reads:
 //! each 32-bit word holds 8 elements whose bits are placed so that one or two integer operations
-//! per element (a shift and a mask; three of each for two elements of the eight) give an f32
+//! per element (a shift and a mask for five of the eight, three or four operations for the other
+//! three: 20 for the word) give an f32
 //! equal to the E2M1 value times 2^-126 exactly, with no table and no float conversion.
 //!
 //! Layout: the checkpoint's (`gptossd_shared::mxfp4`) order of experts, rows and 32-element
 //! blocks is kept, 16 bytes per block; word q of a block (little-endian, bytes 4q..4q+3) holds
 //! elements 8q..8q+7. Element j's code bits (m = bit 0, e0 = bit 1, e1 = bit 2, sign = bit 3) sit
 //! at the word bits [`POSITIONS`]`[j]`; the kernel's decode ([`decode_word`] is its twin) moves
-//! them to f32 bits 22 (mantissa top), 23, 24 (exponent low) and 31 (sign). Six elements are
-//! translates of {0, 1, 2, 9} (one shift + mask; element 0 needs no shift), the other two take
-//! the eight bits left over (no seventh translate fits in 32 bits).
+//! them to f32 bits 22 (mantissa top), 23, 24 (exponent low) and 31 (sign). Elements 0..5 are
+//! translates of {0, 1, 2, 9} (one shift and one mask each); elements 5..8 take the twelve bits
+//! left over, placed so that each needs at most two shifts (a search over all placements: no
+//! seventh translate fits in 32 bits, and six translates leave two elements costing 6 each, 23
+//! in all).
 //!
 //! Scales stay one E8M0 byte per block, unchanged, but must be at most
 //! [`MAX_SCALE`] (2^65): the kernel folds 2^(s-65) into one f32 factor. A larger scale (weights
@@ -25,14 +28,14 @@ pub const MAX_SCALE: u8 = 192;
 
 /// Word bit positions of element j's code bits (m, e0, e1, sign).
 pub const POSITIONS: [[u32; 4]; 8] = [
-    [22, 23, 24, 31],
     [0, 1, 2, 9],
     [3, 4, 5, 12],
     [6, 7, 8, 15],
     [16, 17, 18, 25],
-    [19, 20, 21, 28],
-    [10, 11, 26, 27],
-    [13, 14, 29, 30],
+    [20, 21, 22, 29],
+    [10, 11, 24, 19],
+    [13, 14, 23, 30],
+    [26, 27, 28, 31],
 ];
 
 /// Why a checkpoint's MXFP4 tensor cannot be repacked.
@@ -98,14 +101,14 @@ pub fn unpack(repacked: &[u8]) -> Vec<u8> {
 /// E2M1 value times 2^-126, by the kernel's shifts and masks.
 pub fn decode_word(w: u32) -> [f32; 8] {
     [
-        w & MASK,
         (w << 22) & MASK,
         (w << 19) & MASK,
         (w << 16) & MASK,
         (w << 6) & MASK,
-        (w << 3) & MASK,
-        ((w << 12) & 0x00C0_0000) | ((w >> 2) & 0x0100_0000) | ((w << 4) & 0x8000_0000),
-        ((w << 9) & 0x00C0_0000) | ((w >> 5) & 0x0100_0000) | ((w << 1) & 0x8000_0000),
+        (w << 2) & MASK,
+        ((w << 12) & 0x80C0_0000) | (w & 0x0100_0000),
+        ((w << 9) & 0x00C0_0000) | ((w << 1) & 0x8100_0000),
+        ((w >> 4) & 0x01C0_0000) | (w & 0x8000_0000),
     ]
     .map(f32::from_bits)
 }

@@ -12,7 +12,7 @@
 // Weights: the host's repack (backend/gpu/mxfp4_repack.rs) keeps the checkpoint's order of
 // rows and 32-element blocks, 16 bytes per block, and one E8M0 scale byte per block (at most
 // MXFP4_MAX_SCALE); within a block, word q (of 4) holds elements 8q..8q+7 with their bits
-// placed so that mxfp4_word turns each into an f32 with one or two integer operations: the
+// placed so that mxfp4_word turns each into an f32 with 2 to 4 integer operations (20 per word): the
 // E2M1 code's exponent bits become the f32 exponent field's low bits and its mantissa bit the
 // f32 mantissa's top bit, so the f32 is exactly value * 2^-126 (code 0.5 a subnormal, 0 a zero).
 //
@@ -46,16 +46,14 @@ DEVICE int xq_index(int k, int k_dim) {
 
 // p += the 8 products of one repacked word's elements with xq[0..8) (two chunks), ascending.
 DEVICE float mxfp4_word(u32 w, f32x4 a, f32x4 b, float p) {
-    p = FMAF(a.x, bits_f32(w & MXFP4_MASK), p);
-    p = FMAF(a.y, bits_f32((w << 22) & MXFP4_MASK), p);
-    p = FMAF(a.z, bits_f32((w << 19) & MXFP4_MASK), p);
-    p = FMAF(a.w, bits_f32((w << 16) & MXFP4_MASK), p);
-    p = FMAF(b.x, bits_f32((w << 6) & MXFP4_MASK), p);
-    p = FMAF(b.y, bits_f32((w << 3) & MXFP4_MASK), p);
-    p = FMAF(b.z, bits_f32(((w << 12) & 0x00C00000u) | ((w >> 2) & 0x01000000u) |
-                           ((w << 4) & 0x80000000u)), p);
-    p = FMAF(b.w, bits_f32(((w << 9) & 0x00C00000u) | ((w >> 5) & 0x01000000u) |
-                           ((w << 1) & 0x80000000u)), p);
+    p = FMAF(a.x, bits_f32((w << 22) & MXFP4_MASK), p);
+    p = FMAF(a.y, bits_f32((w << 19) & MXFP4_MASK), p);
+    p = FMAF(a.z, bits_f32((w << 16) & MXFP4_MASK), p);
+    p = FMAF(a.w, bits_f32((w << 6) & MXFP4_MASK), p);
+    p = FMAF(b.x, bits_f32((w << 2) & MXFP4_MASK), p);
+    p = FMAF(b.y, bits_f32(((w << 12) & 0x80C00000u) | (w & 0x01000000u)), p);
+    p = FMAF(b.z, bits_f32(((w << 9) & 0x00C00000u) | ((w << 1) & 0x81000000u)), p);
+    p = FMAF(b.w, bits_f32(((w >> 4) & 0x01C00000u) | (w & 0x80000000u)), p);
     return p;
 }
 
