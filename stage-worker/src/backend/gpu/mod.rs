@@ -21,7 +21,7 @@
 //!   blocks, repacked for the kernels' word-wise decode (`mxfp4_repack.rs`); the KV
 //!   pool is bf16, `[layer][block][slot][kv_dim]` for keys and for values.
 //! - Shapes the kernels do not support (head_dim over 64 or odd, top_k over 8, MXFP4 widths
-//!   not multiples of 32) are a [`BackendError`], not a panic.
+//!   not multiples of 32, MXFP4 scale bytes above 192) are a [`BackendError`], not a panic.
 
 pub mod mxfp4_repack;
 pub mod runtime;
@@ -111,7 +111,8 @@ pub struct GpuVector<R: Runtime> {
     len: usize,
 }
 
-/// One layer's MXFP4 experts on the device, in the checkpoint's layout.
+/// One layer's MXFP4 experts on the device: the blocks repacked (`mxfp4_repack.rs`), the
+/// scales and biases as the checkpoint holds them.
 pub struct GpuExperts<R: Runtime> {
     gate_up_blocks: DevBuf<R, u8>,
     gate_up_scales: DevBuf<R, u8>,

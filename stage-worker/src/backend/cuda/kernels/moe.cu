@@ -16,7 +16,8 @@
 // E2M1 code's exponent bits become the f32 exponent field's low bits and its mantissa bit the
 // f32 mantissa's top bit, so the f32 is exactly value * 2^-126 (code 0.5 a subnormal, 0 a zero).
 //
-// Input form: xq = bf16(x) * 2^64 (exact), stored per block in 8 chunks of 4: chunk q of
+// Input form: xq = bf16(x) * 2^64 (exact for |x| < 2^64; beyond, inf: no activation of a working
+// model comes near), stored per block in 8 chunks of 4: chunk q of
 // block g (elements 32g+4q..32g+4q+3) is f32x4 number q * blocks + g, so the 32 lanes of a
 // work-group read consecutive chunks.
 //
