@@ -2,7 +2,8 @@
 //! architecture the daemon supports, within its committed resource budget
 //! (`tests/kernel_budgets.toml`): no compile error, no register spill, no stack frame, registers
 //! and static shared memory at most the table's; and their machine code passes the SASS lint
-//! (`backend::cuda::sass`: no local memory, no float atomics). No GPU is needed, only
+//! (`backend::cuda::sass`: no local memory, no float atomics), and on sm_90 the MXFP4 GEMV
+//! inner loops stay within their instructions per weight (`[mxfp4_loops]`). No GPU is needed, only
 //! `libnvrtc.so.13` (and its `libnvrtc-builtins`) on the library path and `cuobjdump` (with
 //! `nvdisasm`) on `PATH` or named by `$CUOBJDUMP`: `.ci/run` installs the PyPI wheels. Without
 //! them the tests fail under `CI=true` and print a skip line elsewhere.
@@ -33,10 +34,67 @@ struct Budget {
     shared_bytes: u32,
 }
 
+/// The instruction budget of a kernel's MXFP4 inner loop (its largest loop) on
+/// [`LOOP_ARCH`]: `weights_per_iteration` is what one pass of the loop body decodes and
+/// multiplies per thread (fixed by the source), so the body's length divided by it is the
+/// instructions per weight.
+#[derive(Debug, Clone, Copy, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoopBudget {
+    weights_per_iteration: u32,
+    instructions_per_weight: f64,
+}
+
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BudgetTable {
     kernels: BTreeMap<String, Budget>,
+    #[serde(default)]
+    mxfp4_loops: BTreeMap<String, LoopBudget>,
+}
+
+/// The architecture the MXFP4 loop budgets are measured on (H100, H200).
+const LOOP_ARCH: &str = "sm_90";
+
+/// The MXFP4 loop budgets checked against one listing: (failures, report lines). A kernel's
+/// inner loop is its largest loop; it must hold at least one float accumulation (`FADD` or
+/// `FFMA`) per weight the table says it handles, so a wrong `weights_per_iteration` cannot
+/// make the loop look cheaper than it is.
+fn loop_findings(listing: &str, arch: Arch, table: &BudgetTable) -> (Vec<String>, Vec<String>) {
+    let (mut failures, mut report) = (Vec::new(), Vec::new());
+    let loops = sass::loops(listing);
+    for (kernel, budget) in &table.mxfp4_loops {
+        let Some((_, found)) = loops.iter().find(|(name, _)| name == kernel) else {
+            continue;
+        };
+        let Some(body) = found.iter().max_by_key(|l| l.instructions.len()) else {
+            failures.push(format!("{arch} {kernel}: no loop in its SASS"));
+            continue;
+        };
+        let len = body.instructions.len();
+        let accumulations = body.count("FADD") + body.count("FFMA");
+        let per_weight = len as f64 / f64::from(budget.weights_per_iteration);
+        report.push(format!(
+            "{arch} {kernel}: inner loop {:#x}..{:#x}: {len} instructions, {} weights, \
+             {per_weight:.3} per weight ({accumulations} FADD/FFMA)",
+            body.start, body.end, budget.weights_per_iteration
+        ));
+        if accumulations < budget.weights_per_iteration as usize {
+            failures.push(format!(
+                "{arch} {kernel}: the inner loop has {accumulations} FADD/FFMA, fewer than the \
+                 {} weights kernel_budgets.toml says it handles",
+                budget.weights_per_iteration
+            ));
+        }
+        if per_weight > budget.instructions_per_weight {
+            failures.push(format!(
+                "{arch} {kernel}: {per_weight:.3} instructions per weight in the MXFP4 inner \
+                 loop, above the budget of {}",
+                budget.instructions_per_weight
+            ));
+        }
+    }
+    (failures, report)
 }
 
 fn budgets() -> BudgetTable {
@@ -118,20 +176,31 @@ const NO_CUOBJDUMP: &str = "no cuobjdump for the SASS lint: `pip install \
 /// The SASS lint's findings for one compiled source, plus a line if the listing is not the
 /// kernels ptxas reported (the lint would then be looking at nothing).
 fn lint(tool: &Path, dir: &Path, name: &str, arch: Arch, compiled: &Compiled) -> Vec<String> {
+    match listing(tool, dir, name, arch, compiled) {
+        Ok(listing) => lint_listing(&listing, name, arch, compiled),
+        Err(e) => vec![e],
+    }
+}
+
+/// The SASS listing of one compiled source.
+fn listing(
+    tool: &Path,
+    dir: &Path,
+    name: &str,
+    arch: Arch,
+    compiled: &Compiled,
+) -> Result<String, String> {
     let path = dir.join(format!("{name}.{arch}.cubin"));
     std::fs::write(&path, &compiled.cubin).expect("the temporary cubin is written");
-    let listing = match sass::dump(tool, &path) {
-        Ok(listing) => listing,
-        Err(e) => return vec![e.to_string()],
-    };
-    let mut found: Vec<String> = sass::lint(&listing)
+    sass::dump(tool, &path).map_err(|e| e.to_string())
+}
+
+fn lint_listing(listing: &str, name: &str, arch: Arch, compiled: &Compiled) -> Vec<String> {
+    let mut found: Vec<String> = sass::lint(listing)
         .iter()
         .map(|f| format!("{arch} {f}"))
         .collect();
-    let mut listed: Vec<String> = sass::kernels(&listing)
-        .into_iter()
-        .map(|(n, _)| n)
-        .collect();
+    let mut listed: Vec<String> = sass::kernels(listing).into_iter().map(|(n, _)| n).collect();
     let mut reported: Vec<String> = compiled.kernels.iter().map(|k| k.name.clone()).collect();
     listed.sort();
     reported.sort();
@@ -184,9 +253,21 @@ fn every_kernel_compiles_for_every_architecture_within_its_budget() {
     let mut failures = Vec::new();
     let mut reports = Vec::new();
     let mut linted = 0;
+    let mut loop_report = Vec::new();
+    let loop_arch: Arch = LOOP_ARCH.parse().expect("a valid arch");
     for (arch, (name, result)) in results.into_iter().flatten() {
         if let (Some(tool), Ok(compiled)) = (&tool, &result) {
-            failures.extend(lint(tool, cubins.path(), name, arch, compiled));
+            match listing(tool, cubins.path(), name, arch, compiled) {
+                Ok(listing) => {
+                    failures.extend(lint_listing(&listing, name, arch, compiled));
+                    if arch == loop_arch {
+                        let (failed, report) = loop_findings(&listing, arch, &table);
+                        failures.extend(failed);
+                        loop_report.extend(report);
+                    }
+                }
+                Err(e) => failures.push(e),
+            }
             linted += 1;
         }
         match result {
@@ -212,6 +293,16 @@ fn every_kernel_compiles_for_every_architecture_within_its_budget() {
         println!("  {:<7} {}", r.arch, r.kernel);
     }
     println!("SASS lint: {linted} cubins");
+    for line in &loop_report {
+        println!("  {line}");
+    }
+    if tool.is_some() && loop_report.len() < table.mxfp4_loops.len() {
+        failures.push(format!(
+            "MXFP4 loop budgets: measured {} of the {} kernels kernel_budgets.toml names",
+            loop_report.len(),
+            table.mxfp4_loops.len()
+        ));
+    }
     // The budgets are judged only on a complete compile (else every entry looks stale).
     if failures.is_empty() {
         failures.extend(violations(&reports, &table));
@@ -282,7 +373,8 @@ fn the_budget_check_reports_every_kind_of_breach() {
     assert!(violations(
         &reports[..1],
         &BudgetTable {
-            kernels: BTreeMap::from([("a".into(), table.kernels["a"])])
+            kernels: BTreeMap::from([("a".into(), table.kernels["a"])]),
+            mxfp4_loops: BTreeMap::new(),
         }
     )
     .is_empty());

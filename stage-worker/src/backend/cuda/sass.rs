@@ -9,6 +9,10 @@
 //!   `ATOMS.CAST.SPIN`, the compare-and-swap loop a float add on shared memory compiles to):
 //!   their order of arrival, hence the rounding of a sum, changes from run to run, which breaks
 //!   batch invariance (integer atomics, `ATOMS.CAS` included, are exact and allowed).
+//!
+//! It also measures loops ([`loops`]): a loop body is the instructions from a backward branch's
+//! target to that branch, so the MXFP4 GEMV's inner loop can be held to an instruction budget
+//! per weight (`tests/kernel_budgets.toml`, `[mxfp4_loops]`).
 
 use std::fmt;
 use std::path::Path;
@@ -77,28 +81,95 @@ pub fn dump(cuobjdump: &Path, cubin: &Path) -> Result<String, SassError> {
 
 /// The kernels of a SASS listing, as (name, instructions), in listing order.
 pub fn kernels(sass: &str) -> Vec<(String, Vec<String>)> {
-    let mut kernels: Vec<(String, Vec<String>)> = Vec::new();
+    located(sass)
+        .into_iter()
+        .map(|(name, body)| (name, body.into_iter().map(|(_, i)| i).collect()))
+        .collect()
+}
+
+/// The kernels of a SASS listing with each instruction's byte offset.
+fn located(sass: &str) -> Vec<(String, Vec<(u64, String)>)> {
+    let mut kernels: Vec<(String, Vec<(u64, String)>)> = Vec::new();
     for line in sass.lines() {
         if let Some(name) = line.split("Function : ").nth(1) {
             kernels.push((name.trim().to_string(), Vec::new()));
-        } else if let (Some(instruction), Some((_, body))) = (instruction(line), kernels.last_mut())
+        } else if let (Some((offset, instruction)), Some((_, body))) =
+            (instruction(line), kernels.last_mut())
         {
-            body.push(instruction.to_string());
+            body.push((offset, instruction.to_string()));
         }
     }
     kernels
 }
 
-/// The instruction on a listing line: the text between the `/*offset*/` and the `;`.
-fn instruction(line: &str) -> Option<&str> {
+/// The instruction on a listing line: its `/*offset*/` and the text up to the `;`.
+fn instruction(line: &str) -> Option<(u64, &str)> {
     let line = line.trim_start();
     let rest = line.strip_prefix("/*")?;
     let (offset, rest) = rest.split_once("*/")?;
     if offset.is_empty() || !offset.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
+    let offset = u64::from_str_radix(offset, 16).ok()?;
     let (text, _) = rest.split_once(';')?;
-    Some(text.trim())
+    Some((offset, text.trim()))
+}
+
+/// One loop of a kernel: the instructions from the target of a backward branch (`BRA` to an
+/// offset at or before its own) up to and including that branch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loop {
+    /// Offset of the loop's first instruction (the branch target).
+    pub start: u64,
+    /// Offset of the backward branch.
+    pub end: u64,
+    pub instructions: Vec<String>,
+}
+
+impl Loop {
+    /// How many instructions of the body have this base opcode (`FFMA`, `LOP3`, ...).
+    pub fn count(&self, base: &str) -> usize {
+        self.instructions
+            .iter()
+            .filter(|i| opcode(i).split('.').next() == Some(base))
+            .count()
+    }
+}
+
+/// Every loop of every kernel, as (kernel name, loops in listing order). A branch to itself
+/// (the `BRA` after `EXIT` that pads a kernel) is not a loop.
+pub fn loops(sass: &str) -> Vec<(String, Vec<Loop>)> {
+    located(sass)
+        .into_iter()
+        .map(|(name, body)| {
+            let mut found = Vec::new();
+            for (i, (end, text)) in body.iter().enumerate() {
+                let Some(target) = branch_target(text) else {
+                    continue;
+                };
+                if target >= *end {
+                    continue;
+                }
+                if let Some(first) = body[..i].iter().position(|(o, _)| *o == target) {
+                    found.push(Loop {
+                        start: target,
+                        end: *end,
+                        instructions: body[first..=i].iter().map(|(_, t)| t.clone()).collect(),
+                    });
+                }
+            }
+            (name, found)
+        })
+        .collect()
+}
+
+/// The target offset of a `BRA` instruction (`@P0 BRA 0x510`).
+fn branch_target(instruction: &str) -> Option<u64> {
+    if opcode(instruction).split('.').next() != Some("BRA") {
+        return None;
+    }
+    let last = instruction.split_whitespace().last()?;
+    u64::from_str_radix(last.strip_prefix("0x")?, 16).ok()
 }
 
 /// The opcode with its modifiers (`LDG.E.128`), past an optional predicate (`@!P0`).
@@ -189,6 +260,30 @@ mod tests {
             ]
         );
         assert_eq!(opcode(&kernels[0].1[1]), "LDG.E.128");
+    }
+
+    #[test]
+    fn loops_run_from_a_backward_branch_target_to_the_branch() {
+        const LOOPS: &str = "
+\t\tFunction : k
+        /*0000*/                   MOV R0, RZ ;
+        /*0010*/                   LDG.E.128 R4, desc[UR6][R2.64] ;
+        /*0020*/                   FFMA R0, R4, R5, R0 ;
+        /*0030*/                   FFMA R0, R6, R7, R0 ;
+        /*0040*/               @P0 BRA 0x10 ;
+        /*0050*/              @!P1 BRA 0x80 ;
+        /*0060*/                   EXIT ;
+        /*0070*/                   BRA 0x70 ;
+";
+        let found = loops(LOOPS);
+        assert_eq!(found.len(), 1);
+        let (name, loops) = &found[0];
+        assert_eq!(name, "k");
+        assert_eq!(loops.len(), 1, "{loops:?}");
+        assert_eq!((loops[0].start, loops[0].end), (0x10, 0x40));
+        assert_eq!(loops[0].instructions.len(), 4);
+        assert_eq!(loops[0].count("FFMA"), 2);
+        assert_eq!(loops[0].count("LDG"), 1);
     }
 
     #[test]

@@ -17,11 +17,13 @@
 //!   the host and runs the CPU sampler (`sampler::sample`).
 //! - Batch invariance holds by the kernels' construction (see their module doc): no launch
 //!   shape depends on the batch in a way that changes an element's arithmetic.
-//! - Weights are copied to the device unchanged (bf16 bits, MXFP4 blocks and scales); the KV
+//! - Weights are copied to the device unchanged (bf16 bits, MXFP4 scales), except the MXFP4
+//!   blocks, repacked for the kernels' word-wise decode (`mxfp4_repack.rs`); the KV
 //!   pool is bf16, `[layer][block][slot][kv_dim]` for keys and for values.
 //! - Shapes the kernels do not support (head_dim over 64 or odd, top_k over 8, MXFP4 widths
-//!   not multiples of 32) are a [`BackendError`], not a panic.
+//!   not multiples of 32, MXFP4 scale bytes above 192) are a [`BackendError`], not a panic.
 
+pub mod mxfp4_repack;
 pub mod runtime;
 #[cfg(test)]
 mod tests;
@@ -109,7 +111,8 @@ pub struct GpuVector<R: Runtime> {
     len: usize,
 }
 
-/// One layer's MXFP4 experts on the device, in the checkpoint's layout.
+/// One layer's MXFP4 experts on the device: the blocks repacked (`mxfp4_repack.rs`), the
+/// scales and biases as the checkpoint holds them.
 pub struct GpuExperts<R: Runtime> {
     gate_up_blocks: DevBuf<R, u8>,
     gate_up_scales: DevBuf<R, u8>,
@@ -165,6 +168,7 @@ struct Kernels<R: Runtime> {
     rope_store: R::Kernel,
     attention: R::Kernel,
     router_top_k: R::Kernel,
+    moe_prep_x: R::Kernel,
     moe_gate_up: R::Kernel,
     moe_down: R::Kernel,
     moe_combine: R::Kernel,
@@ -180,6 +184,7 @@ impl<R: Runtime> Kernels<R> {
             rope_store: rt.kernel("rope", "rope_store")?,
             attention: rt.kernel("attention", "attention")?,
             router_top_k: rt.kernel("router", "router_top_k")?,
+            moe_prep_x: rt.kernel("moe", "moe_prep_x")?,
             moe_gate_up: rt.kernel("moe", "moe_gate_up_swiglu")?,
             moe_down: rt.kernel("moe", "moe_down")?,
             moe_combine: rt.kernel("moe", "moe_combine")?,
@@ -198,6 +203,7 @@ struct Scratch<R: Runtime> {
     tok_table: Slot<R, i32>,
     tables: Slot<R, i32>,
     router_logits: Slot<R, f32>,
+    moe_xq: Slot<R, f32>,
     moe_act: Slot<R, f32>,
     moe_routed: Slot<R, f32>,
     head_rows: Slot<R, i32>,
@@ -217,6 +223,7 @@ impl<R: Runtime> Default for Scratch<R> {
             tok_table: None,
             tables: None,
             router_logits: None,
+            moe_xq: None,
             moe_act: None,
             moe_routed: None,
             head_rows: None,
@@ -437,11 +444,17 @@ impl<R: Runtime> Backend for GpuBackend<R> {
                 ),
             ));
         }
+        let repack = |name: &str, m: &gptossd_shared::mxfp4::Mxfp4Experts| {
+            mxfp4_repack::repack(&m.blocks, &m.scales)
+                .map_err(|e| unsupported(op, format!("{name}: {e}")))
+        };
+        let gate_up_blocks = repack("gate_up", gu)?;
+        let down_blocks = repack("down", dn)?;
         Ok(GpuExperts {
-            gate_up_blocks: self.load(&[&gu.blocks[..]], op)?,
+            gate_up_blocks: self.load(&[&gate_up_blocks[..]], op)?,
             gate_up_scales: self.load(&[&gu.scales[..]], op)?,
             gate_up_bias: self.load(&[e.gate_up_bias], op)?,
-            down_blocks: self.load(&[&dn.blocks[..]], op)?,
+            down_blocks: self.load(&[&down_blocks[..]], op)?,
             down_scales: self.load(&[&dn.scales[..]], op)?,
             down_bias: self.load(&[e.down_bias], op)?,
             hidden,
@@ -742,11 +755,16 @@ impl<R: Runtime> Backend for GpuBackend<R> {
         }
         let slots = n * k;
         let rt = &self.rt;
+        let xq = ensure(rt, &mut self.scratch.moe_xq, n * h, op)?.ptr(rt);
         let act = ensure(rt, &mut self.scratch.moe_act, slots * inter, op)?.ptr(rt);
         let routed = ensure(rt, &mut self.scratch.moe_routed, slots * h, op)?.ptr(rt);
         let ids = Arg::Ptr(ptr_of(rt, &routes.ids));
+        let total = n * h;
+        let args = [x.arg(rt), int(h)?, int(total)?, Arg::Ptr(xq)];
+        let groups = [total.div_ceil(FLAT_GROUP), 1];
+        self.launch(&self.k.moe_prep_x, &args, groups, FLAT_GROUP, op)?;
         let args = [
-            x.arg(rt),
+            Arg::Ptr(xq),
             int(h)?,
             ids,
             int(k)?,
@@ -771,7 +789,6 @@ impl<R: Runtime> Backend for GpuBackend<R> {
         ];
         let groups = [h.div_ceil(MOE_ROWS), slots];
         self.launch(&self.k.moe_down, &args, groups, MOE_LANES, op)?;
-        let total = n * h;
         let args = [
             Arg::Ptr(routed),
             Arg::Ptr(ptr_of(rt, &routes.weights)),

@@ -47,6 +47,18 @@ fn launch_shapes_match_the_kernel_sources() {
     }
 }
 
+/// The MXFP4 constants the host's repack and the kernels share.
+#[test]
+fn mxfp4_constants_match_the_repack() {
+    let moe = source("moe").body;
+    let max = super::mxfp4_repack::MAX_SCALE;
+    assert!(moe.contains(&format!("#define MXFP4_MAX_SCALE {max}u\n")));
+    assert!(moe.contains("#define MXFP4_MASK 0x81C00000u\n"));
+    // 2^(s-65) for the largest scale is the largest finite power of two.
+    assert_eq!(super::mxfp4_repack::block_factor(max), 2f32.powi(127));
+    assert_eq!(super::mxfp4_repack::block_factor(0), 2f32.powi(-65));
+}
+
 #[test]
 fn sources_are_header_free_and_name_their_dialect() {
     for k in ALL {

@@ -2,7 +2,8 @@
 // the same source is CUDA C++ for NVRTC (`GPTOSSD_CUDA`) and OpenCL C for PoCL in CI
 // (`GPTOSSD_OPENCL`). It owns the mapping of: the kernel decorator, address-space qualifiers,
 // work-group (block) and work-item (thread) indices, shared memory, barriers, bit casts, the f32
-// math the kernels use, and the bf16 <-> f32 conversions.
+// math the kernels use (`FMAF`: one rounding, IEEE fma in both dialects), 4-wide vectors
+// (`u32x4`, `f32x4`: `.x .y .z .w`), and the bf16 <-> f32 conversions.
 //
 // Invariants:
 // - No system header is included (NVRTC needs no include path; OpenCL C has none).
@@ -33,7 +34,10 @@ typedef long long i64;
 
 DEVICE float bits_f32(u32 b) { return __uint_as_float(b); }
 DEVICE u32 f32_bits(float f) { return __float_as_uint(f); }
+typedef uint4 u32x4;
+typedef float4 f32x4;
 #define EXPF(x) expf(x)
+#define FMAF(a, b, c) fmaf((a), (b), (c))
 #define SQRTF(x) sqrtf(x)
 #define MAXF(a, b) fmaxf((a), (b))
 #define MINF(a, b) fminf((a), (b))
@@ -58,7 +62,10 @@ typedef long i64;
 
 DEVICE float bits_f32(u32 b) { return as_float(b); }
 DEVICE u32 f32_bits(float f) { return as_uint(f); }
+typedef uint4 u32x4;
+typedef float4 f32x4;
 #define EXPF(x) exp(x)
+#define FMAF(a, b, c) fma((a), (b), (c))
 #define SQRTF(x) sqrt(x)
 #define MAXF(a, b) fmax((a), (b))
 #define MINF(a, b) fmin((a), (b))
