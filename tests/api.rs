@@ -253,7 +253,17 @@ fn cancel_ends_chat_and_completions_whole_and_streamed_with_abort() {
             std::thread::spawn(move || request(port, "POST", path, Some(body.as_bytes()), &[]));
         wait_running(&d, 1);
         let id = format!("{prefix}-{pid:x}{:08x}", n + 1);
-        let c = d.post(&format!("/v1/requests/{id}/cancel"), &json!({}));
+        // The scheduler counts the request as running a moment before its handler registers
+        // the id for cancelling (it learns the sequence from the submission): until then a
+        // cancel is a 404, so it is retried for a while, not asserted at once.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let c = loop {
+            let c = d.post(&format!("/v1/requests/{id}/cancel"), &json!({}));
+            if c.status != 404 || Instant::now() >= deadline {
+                break c;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
         assert_eq!(c.status, 200, "{id}: {}", c.text());
         let r = whole.join().expect("client");
         assert_eq!(r.status, 200, "{}", r.text());
