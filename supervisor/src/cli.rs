@@ -236,13 +236,10 @@ fn resolve_model(model: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    if args.stages.is_some() || args.requests.is_some() {
-        return generate_pipeline(args);
-    }
-    let tokenizer = Tokenizer::get();
-    let is_chat = args.chat.is_some();
-    let prompt: Vec<u32> = match (&args.prompt, &args.chat, &args.prompt_tokens) {
+/// The prompt's token ids from `--prompt` (raw text), `--chat` (one user message in the
+/// harmony format, dated today) or `--prompt-tokens`.
+fn prompt_of(args: &GenerateArgs, tokenizer: &Tokenizer) -> anyhow::Result<Vec<u32>> {
+    Ok(match (&args.prompt, &args.chat, &args.prompt_tokens) {
         (Some(text), _, _) => tokenizer.encode(text),
         (_, Some(text), _) => Conversation {
             system: SystemOptions {
@@ -252,12 +249,21 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             messages: vec![Message::User(text.clone())],
             ..Conversation::default()
         }
-        .render_for_completion(&tokenizer),
+        .render_for_completion(tokenizer),
         (_, _, Some(ids)) => ids.clone(),
         _ => bail!(
             "give one of --prompt TEXT, --chat TEXT, --prompt-tokens 1,2,3 or --requests FILE"
         ),
-    };
+    })
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    if args.stages.is_some() || args.requests.is_some() {
+        return generate_pipeline(args);
+    }
+    let tokenizer = Tokenizer::get();
+    let is_chat = args.chat.is_some();
+    let prompt = prompt_of(&args, &tokenizer)?;
     let params = SamplingParams {
         temperature: args.temperature,
         top_p: args.top_p,
@@ -348,13 +354,8 @@ fn one() -> f32 {
 /// `generate` through the pipeline: real stage worker processes.
 fn generate_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
     let tokenizer = Tokenizer::get();
-    let lines: Vec<RequestLine> = match (
-        &args.requests,
-        &args.prompt,
-        &args.prompt_tokens,
-        &args.chat,
-    ) {
-        (Some(file), _, _, _) => {
+    let lines: Vec<RequestLine> = match &args.requests {
+        Some(file) => {
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("reading {}", file.display()))?;
             text.lines()
@@ -366,21 +367,8 @@ fn generate_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
                 })
                 .collect::<Result<_, _>>()?
         }
-        (None, p, t, c) => {
-            let prompt = match (p, t, c) {
-                (Some(text), _, _) => tokenizer.encode(text),
-                (_, Some(ids), _) => ids.clone(),
-                (_, _, Some(text)) => Conversation {
-                    system: SystemOptions {
-                        current_date: Some(civil_date(std::time::SystemTime::now())),
-                        ..SystemOptions::default()
-                    },
-                    messages: vec![Message::User(text.clone())],
-                    ..Conversation::default()
-                }
-                .render_for_completion(&tokenizer),
-                _ => bail!("give one of --prompt TEXT, --chat TEXT, --prompt-tokens 1,2,3 or --requests FILE"),
-            };
+        None => {
+            let prompt = prompt_of(&args, &tokenizer)?;
             vec![RequestLine {
                 prompt_tokens: prompt,
                 max_tokens: args.max_tokens,
